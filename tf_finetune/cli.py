@@ -1,0 +1,179 @@
+"""The `tf-finetune` command: absl flags -> a frozen Config -> the library.
+
+Intentionally short. The only module that reads FLAGS. Every flag comes from a field of
+`config.Config`, so each knob is declared once. The first positional word picks the command;
+adding one is adding an entry to COMMANDS.
+"""
+
+import dataclasses
+import logging as std_logging
+import os
+import sys
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up noise out
+
+from absl import flags, logging  # noqa: E402
+
+from tf_finetune import config as config_lib  # noqa: E402
+from tf_finetune.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+PROG = "tf-finetune"
+
+
+def _define_flags() -> None:
+    for f in dataclasses.fields(config_lib.Config):
+        meta = f.metadata
+        if f.name in FLAGS:
+            continue
+        if meta.get("choices"):
+            flags.DEFINE_enum(f.name, f.default, meta["choices"], meta["help"])
+        elif f.type is bool:
+            flags.DEFINE_boolean(f.name, f.default, meta["help"])
+        elif f.type is int:
+            flags.DEFINE_integer(f.name, f.default, meta["help"])
+        elif f.type is float:
+            flags.DEFINE_float(f.name, f.default, meta["help"])
+        else:
+            flags.DEFINE_string(f.name, f.default, meta["help"])
+
+
+_define_flags()
+
+
+def config_from_flags() -> config_lib.Config:
+    """The Config the parsed flags describe (resolved and validated)."""
+    names = [f.name for f in dataclasses.fields(config_lib.Config)]
+    explicit = frozenset(n for n in names if FLAGS[n].present)
+    return config_lib.resolve(config_lib.Config(**{n: FLAGS[n].value for n in names}), explicit)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(config: config_lib.Config) -> int:
+    from tf_finetune import train
+
+    metrics = train.train_and_evaluate(config)
+    _print_train_summary(config, metrics)
+    return 0
+
+
+def cmd_backbones(config: config_lib.Config) -> int:
+    from tf_finetune.backbones import BACKBONES
+
+    print(f"{'name':24s} {'default size':>12s}  preprocessing")
+    for spec in BACKBONES.values():
+        print(f"{spec.name:24s} {spec.default_size:>12d}  {spec.preprocessing}")
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    run: Callable[[config_lib.Config], int]
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(cmd_train, "fine-tune a backbone on your images and export a SavedModel"),
+    "backbones": Command(cmd_backbones, "list the backbone names --backbone accepts"),
+}
+
+
+def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
+    rows = [("model", "accuracy", "loss")]
+    for prefix, label in (
+        ("", "fine-tuned " + config.backbone),
+        ("scratch_", "same net from scratch"),
+    ):
+        for split in ("val", "test"):
+            acc = metrics.get(f"{prefix}{split}_accuracy")
+            if acc is not None:
+                rows.append(
+                    (f"{label} [{split}]", f"{acc:.3f}", f"{metrics[f'{prefix}{split}_loss']:.3f}")
+                )
+    print()
+    for row in rows:
+        print(f"  {row[0]:42s} {row[1]:>9s} {row[2]:>8s}")
+    print(
+        f"\n{len(metrics['class_names'])} classes, {metrics['train_images']} train / "
+        f"{metrics['val_images']} val / {metrics['test_images']} test images, "
+        f"{len(metrics['skipped_files'])} unreadable file(s) skipped, "
+        f"{metrics['wall_time_seconds']:.0f} s."
+    )
+    if config.is_offline_default:
+        how = (
+            "with the backbone frozen"
+            if config.unfreeze == "0"
+            else f"(--unfreeze={config.unfreeze})"
+        )
+        print(
+            "Offline default: real handwritten digits from scikit-learn. digits_cnn was pretrained "
+            f"on the digits 0-4, then fine-tuned {how} on the digits 5-9 from "
+            f"{metrics['train_images'] // len(metrics['class_names'])} images per class."
+        )
+    print(f"Run directory: {config.model_dir}  (metrics.json, flags.cfg, logs/)")
+    print(f"Export:        {metrics['export_path']}")
+
+
+# ----------------------------------------------------------------------------- help
+def usage() -> str:
+    lines = [
+        f"usage: {PROG} COMMAND [--flag=value ...] [--flagfile=FILE]",
+        "",
+        "commands:",
+        *(f"  {name:12s} {c.help}" for name, c in COMMANDS.items()),
+    ]
+    fields = dataclasses.fields(config_lib.Config)
+    for group in config_lib.GROUPS:
+        lines += ["", f"{group} flags:"]
+        for f in fields:
+            if f.metadata["group"] != group:
+                continue
+            choices = f.metadata.get("choices")
+            kind = "|".join(choices) if choices else f.type.__name__
+            lines.append(f"  --{f.name}={f.default!s}  ({kind})")
+            lines.append(f"      {f.metadata['help']}")
+    lines += ["", "  --flagfile=FILE  read flags from FILE (one --flag=value per line; # comments)"]
+    return "\n".join(lines)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str]) -> int:
+    """Parses argv (without the program name) and runs the command; returns the exit code."""
+    if not argv or argv[0] in ("-h", "--help", "help", "--helpfull"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        return _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}.")
+    if any(a in ("-h", "--help", "--helpfull") for a in rest):
+        print(usage())
+        return 0
+    try:
+        positional = FLAGS([PROG, *rest])[1:]
+    except flags.Error as e:
+        return _fail(f"{e}. Run '{PROG} --help' for the flags.")
+    if positional:
+        return _fail(
+            f"unexpected argument(s) {' '.join(positional)}; flags look like --name=value."
+        )
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
+    # Ours at INFO; TensorFlow's own Python logs (SavedModel internals) only when they matter.
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+    try:
+        config = config_from_flags()
+        return COMMANDS[command].run(config)
+    except UserError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; rerun the same command to resume from the last epoch.", 130)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,349 @@
+"""Data sources (image folders, TFDS) -> tf.data pipelines of (pixels, one-hot label).
+
+Every source yields unbatched `(uint8 image [size, size, 3], int32 label)` examples; one
+function (`make_pipeline`) turns them into batches, so folders and TFDS train the same way.
+The decode-and-resize step is shared with the export, so serving sees exactly what training saw.
+"""
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Callable
+
+import tensorflow as tf
+from absl import logging
+
+from tf_finetune.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+VALIDATION_DIRS = ("val", "validation")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a data set, not yet decoded nor batched.
+
+    `source` yields cheap `(key, int32 label)` pairs (a file path, or encoded image bytes) so a
+    large shuffle buffer costs little; `load` turns a key into a uint8 [size, size, 3] image.
+    """
+
+    source: tf.data.Dataset
+    load: Callable[[tf.Tensor], tf.Tensor]
+    count: int
+
+    def examples(self) -> tf.data.Dataset:
+        """Decoded (uint8 image, int32 label) pairs in source order."""
+        load = self.load
+        return self.source.map(lambda x, y: (load(x), y), num_parallel_calls=AUTOTUNE)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    """What a run trains and evaluates on."""
+
+    class_names: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split | None
+    skipped_files: tuple[tuple[str, str], ...] = ()  # (path, reason)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ----------------------------------------------------------------------------- decoding
+def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resizes a uint8 [h, w, 3] image to [size, size, 3] uint8 (bilinear, like Keras' loaders).
+
+    Rounded back to uint8 so cached images are 4x smaller and serving can repeat it exactly.
+    """
+    resized = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 RGB [size, size, 3].
+
+    Grayscale, RGBA and palette images become RGB; an animated GIF gives its first frame.
+    """
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return resize_uint8(image, image_size)
+
+
+# ----------------------------------------------------------------------------- folders
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+    """The files of an image folder, split and labelled, before any decoding."""
+
+    class_names: tuple[str, ...]
+    splits: dict  # split name -> (paths, labels)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_dirs(root: str) -> list[str]:
+    return sorted(
+        d
+        for d in os.listdir(root)
+        if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
+    )
+
+
+def _files_by_class(root: str, class_names) -> tuple[list[str], list[int]]:
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(root, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                if _is_image(filename):
+                    paths.append(os.path.join(dirpath, filename))
+                    labels.append(label)
+    return paths, labels
+
+
+def hash_percent(relative_path: str) -> float:
+    """A stable position in [0, 100) for a file, from its path (as TF Hub's retrain.py did).
+
+    Anything after `_nohash_` in the file name is ignored, so variants of one photo land on the
+    same side; adding files later never moves old ones between train and validation.
+    """
+    key = re.sub(r"_nohash_.*$", "", relative_path.replace(os.sep, "/"))
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
+    return (int(digest, 16) % 100_000) / 1000.0
+
+
+def list_image_folder(root: str, validation_percent: int) -> FolderListing:
+    """Finds classes and files; splits train/val by path hash unless the folder has val/."""
+    subdirs = _class_dirs(root)
+    if "train" in subdirs:
+        class_names = tuple(_class_dirs(os.path.join(root, "train")))
+        splits = {"train": _files_by_class(os.path.join(root, "train"), class_names)}
+        val_dir = next((d for d in VALIDATION_DIRS if d in subdirs), None)
+        if val_dir:
+            splits["val"] = _files_by_class(os.path.join(root, val_dir), class_names)
+        if "test" in subdirs:
+            splits["test"] = _files_by_class(os.path.join(root, "test"), class_names)
+        source_root = os.path.join(root, "train")
+    else:
+        class_names = tuple(subdirs)
+        splits = {"train": _files_by_class(root, class_names)}
+        source_root = root
+    if not class_names:
+        raise UserError(
+            f"--data={root} has no class subfolders: put each class's images in a folder of its own."
+        )
+    if len(class_names) < 2:
+        raise UserError(
+            f"--data={root} has a single class ({class_names[0]}); a classifier needs at least two."
+        )
+    if "val" not in splits:
+        paths, labels = splits["train"]
+        is_val = [hash_percent(os.path.relpath(p, source_root)) < validation_percent for p in paths]
+        splits["train"] = (
+            [p for p, v in zip(paths, is_val) if not v],
+            [x for x, v in zip(labels, is_val) if not v],
+        )
+        splits["val"] = (
+            [p for p, v in zip(paths, is_val) if v],
+            [x for x, v in zip(labels, is_val) if v],
+        )
+    return FolderListing(class_names, splits)
+
+
+def find_unreadable(paths: list[str]) -> list[tuple[str, str]]:
+    """Returns (path, reason) for each file that cannot be decoded as an image.
+
+    All files are decoded once in parallel by tf.data; only the failures are decoded again,
+    one by one, to learn why.
+    """
+    if not paths:
+        return []
+
+    def check(path):
+        image = tf.io.decode_image(
+            tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8
+        )
+        # Reading a value forces the whole decode (a truncated file fails here).
+        return path, tf.shape(image)[0]
+
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(check, num_parallel_calls=AUTOTUNE)
+    ds = ds.ignore_errors()
+    good = {p.decode("utf-8") for p, _ in ds.as_numpy_iterator()}
+    bad = []
+    for path in paths:
+        if path in good:
+            continue
+        try:
+            if os.path.getsize(path) == 0:
+                reason = "empty file (0 bytes)"
+            else:
+                tf.io.decode_image(
+                    tf.io.read_file(path), channels=3, expand_animations=False
+                ).numpy()
+                reason = "could not be decoded"
+        except (tf.errors.OpError, OSError) as e:
+            reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:200]
+        bad.append((path, reason))
+    return bad
+
+
+def _folder_split(paths, labels, image_size) -> Split:
+    ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))
+    return Split(ds, lambda p: decode_and_resize(tf.io.read_file(p), image_size), len(paths))
+
+
+def load_image_folder(root: str, image_size: int, validation_percent: int) -> DataSet:
+    """An image folder -> DataSet, with unreadable files skipped and reported."""
+    listing = list_image_folder(root, validation_percent)
+    all_paths = [p for paths, _ in listing.splits.values() for p in paths]
+    if not all_paths:
+        raise UserError(f"--data={root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, any case).")
+    skipped = find_unreadable(all_paths)
+    if skipped:
+        logging.warning(
+            "Skipping %d unreadable file(s), e.g. %s",
+            len(skipped),
+            "; ".join(f"{p} ({r})" for p, r in skipped[:3]),
+        )
+    bad = {p for p, _ in skipped}
+    splits = {}
+    for name, (paths, labels) in listing.splits.items():
+        kept = [(p, y) for p, y in zip(paths, labels) if p not in bad]
+        if name == "train":
+            seen = {y for _, y in kept}
+            empty = [c for i, c in enumerate(listing.class_names) if i not in seen]
+            if empty:
+                raise UserError(
+                    f"--data={root}: class(es) {', '.join(empty)} have no readable training image."
+                )
+        if not kept:
+            if name == "val":
+                raise UserError(
+                    f"--data={root}: no image fell in the validation split; add images or "
+                    "raise --validation_percent."
+                )
+            continue
+        paths, labels = zip(*kept)
+        splits[name] = _folder_split(list(paths), list(labels), image_size)
+    return DataSet(
+        class_names=listing.class_names,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits.get("test"),
+        skipped_files=tuple(skipped),
+    )
+
+
+# ----------------------------------------------------------------------------- TFDS
+def _carve(ds: tf.data.Dataset, seed: int, percent: int, take_val: bool) -> tf.data.Dataset:
+    """Deterministically assigns each example (by index and seed) to train or validation."""
+
+    def keep(index, _):
+        bucket = tf.strings.to_hash_bucket_fast(
+            tf.strings.join([tf.strings.as_string(index), str(seed)], separator=":"), 100
+        )
+        return (bucket < percent) if take_val else (bucket >= percent)
+
+    return ds.enumerate().filter(keep).map(lambda _, example: example)
+
+
+def _carved_counts(total: int, seed: int, percent: int) -> int:
+    keys = tf.strings.join([tf.strings.as_string(tf.range(total, dtype=tf.int64)), str(seed)], ":")
+    return int(
+        tf.reduce_sum(tf.cast(tf.strings.to_hash_bucket_fast(keys, 100) < percent, tf.int32))
+    )
+
+
+def load_tfds(
+    name: str,
+    image_size: int,
+    train_split: str,
+    val_split: str,
+    test_split: str,
+    validation_percent: int,
+    seed: int,
+    data_dir: str | None = None,
+) -> DataSet:
+    """A TFDS image classification data set -> DataSet (class names from its info)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 - TFDS raises several types for unknown names
+        raise UserError(f"--data=tfds:{name}: {str(e).splitlines()[0]}") from None
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise UserError(
+            f"--data=tfds:{name}: could not download/prepare it ({type(e).__name__}). Offline? "
+            f"Prepare it elsewhere and copy it to {builder.data_dir} (TFDS data dir, set by "
+            "TFDS_DATA_DIR)."
+        ) from None
+    info = builder.info
+    available = set(info.splits.keys())
+    label_feature = info.features["label"]
+    class_names = tuple(label_feature.names)
+    image_key = "image"
+
+    def split_ds(split):
+        # Keep the images encoded until after the shuffle: the buffer then holds bytes.
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        )
+        return ds.map(lambda ex: (ex[image_key], tf.cast(ex["label"], tf.int32)))
+
+    def load(encoded):
+        return decode_and_resize(encoded, image_size)
+
+    def count(split):
+        try:
+            return info.splits[split].num_examples
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--data=tfds:{name}: bad split {split!r} ({e}).") from None
+
+    train_count = count(train_split)
+    val_name = val_split or ("validation" if "validation" in available else "")
+    if val_name:
+        train = Split(split_ds(train_split), load, train_count)
+        val = Split(split_ds(val_name), load, count(val_name))
+    else:
+        n_val = _carved_counts(train_count, seed, validation_percent)
+        full = split_ds(train_split)
+        train = Split(_carve(full, seed, validation_percent, False), load, train_count - n_val)
+        val = Split(_carve(full, seed, validation_percent, True), load, n_val)
+    test_name = test_split or ("test" if "test" in available else "")
+    test = Split(split_ds(test_name), load, count(test_name)) if test_name else None
+    return DataSet(class_names, train, val, test)
+
+
+# ----------------------------------------------------------------------------- pipeline
+def make_pipeline(
+    split: Split, num_classes: int, batch_size: int, training: bool, seed: int
+) -> tf.data.Dataset:
+    """Batches a split: shuffle keys (training only) -> decode in parallel -> batch -> prefetch.
+
+    Evaluation order is deterministic; training order is fixed by the seed.
+    """
+    ds = split.source
+    if training:
+        # Keys are paths or encoded bytes, so shuffling up to 50k of them is cheap.
+        ds = ds.shuffle(min(max(split.count, 1), 50_000), seed=seed, reshuffle_each_iteration=True)
+    load = split.load
+    ds = ds.map(lambda x, y: (load(x), y), num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch_size)
+    ds = ds.map(
+        lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)),
+        num_parallel_calls=AUTOTUNE,
+    )
+    return ds.prefetch(AUTOTUNE)

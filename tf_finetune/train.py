@@ -1,0 +1,263 @@
+"""Training: strategy, data, model compiled under `strategy.scope()`, `fit`, evaluate, export.
+
+A flat list of small functions ending in `train_and_evaluate(config)`.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tf_finetune import backbones, data, digits, export
+from tf_finetune import model as model_lib
+from tf_finetune.config import Config
+
+BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
+
+
+# ----------------------------------------------------------------------------- devices
+def configure_cpu_replicas(cpu_replicas: int) -> None:
+    """Splits the CPU into `cpu_replicas` logical devices (only without GPUs).
+
+    Must run before TensorFlow initializes its devices; a second call with a number that is
+    already in place is a no-op.
+    """
+    if cpu_replicas <= 1 or tf.config.list_physical_devices("GPU"):
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current and len(current) >= cpu_replicas:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
+        )
+    except RuntimeError as e:
+        raise RuntimeError(
+            "--cpu_replicas must be applied before TensorFlow initializes its devices"
+        ) from e
+
+
+def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
+    """MirroredStrategy over all GPUs (or `cpu_replicas` logical CPUs); else one device."""
+    configure_cpu_replicas(cpu_replicas)
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    devices = gpus or cpus[: max(cpu_replicas, 1)]
+    if kind == "one_device":
+        return tf.distribute.OneDeviceStrategy(devices[0])
+    if kind == "mirrored" or len(devices) > 1:
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+# ----------------------------------------------------------------------------- data
+def load_data(config: Config) -> data.DataSet:
+    """The configured source as a DataSet (the offline default writes its PNG folders first)."""
+    if config.is_offline_default:
+        root = digits.write_target_folder(digits.default_data_dir())
+        return data.load_image_folder(root, config.image_size, config.validation_percent)
+    if config.data.startswith("tfds:"):
+        return data.load_tfds(
+            config.data[len("tfds:") :],
+            config.image_size,
+            config.train_split,
+            config.val_split,
+            config.test_split,
+            config.validation_percent,
+            config.seed,
+        )
+    return data.load_image_folder(config.data, config.image_size, config.validation_percent)
+
+
+# ----------------------------------------------------------------------------- model
+def weights_arg(config: Config) -> str | None:
+    return None if config.weights == "none" else config.weights
+
+
+def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(config.learning_rate, momentum=0.9)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
+    return keras.optimizers.Adam(config.learning_rate)
+
+
+def compile_model(model: keras.Model, config: Config, num_classes: int) -> None:
+    metrics = ["accuracy"]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
+    model.compile(
+        optimizer=make_optimizer(config),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=metrics,
+    )
+
+
+def build_model(config: Config, num_classes: int) -> keras.Model:
+    """Builds and compiles the classifier; call inside `strategy.scope()`."""
+    spec = backbones.get_spec(config.backbone)
+    model = model_lib.build_classifier(
+        spec,
+        num_classes,
+        config.image_size,
+        weights_arg(config),
+        config.dropout,
+        config.backbone_alpha,
+    )
+    trainable = model_lib.unfreeze(model, config.unfreeze_layers)
+    if trainable:
+        logging.info(
+            "Training %d backbone layers: %s ...", len(trainable), ", ".join(trainable[:5])
+        )
+    compile_model(model, config, num_classes)
+    return model
+
+
+# ----------------------------------------------------------------------------- fit
+def make_callbacks(config: Config, verbose: int) -> list[keras.callbacks.Callback]:
+    """Best checkpoint, backup for resuming, TensorBoard, CSV history, optional stoppers."""
+    run = config.model_dir
+    os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
+    callbacks = [
+        # Saved every epoch; a rerun of the same command resumes from it. Deleted at the end.
+        keras.callbacks.BackupAndRestore(os.path.join(run, "backup")),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(run, BEST_WEIGHTS),
+            monitor="val_loss",
+            save_best_only=True,
+            save_weights_only=True,
+            verbose=0,
+        ),
+        keras.callbacks.TensorBoard(os.path.join(run, "logs")),
+        keras.callbacks.CSVLogger(os.path.join(run, "history.csv"), append=True),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    if config.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=config.early_stopping_patience, verbose=verbose
+            )
+        )
+    if config.reduce_lr_patience:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.1, patience=config.reduce_lr_patience, verbose=verbose
+            )
+        )
+    return callbacks
+
+
+def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
+    """Keras metrics of `model` on each split, flat: val_accuracy, test_loss, ..."""
+    results = {}
+    for split, ds in pipelines.items():
+        for name, value in model.evaluate(ds, return_dict=True, verbose=0).items():
+            results[f"{split}_{name}"] = float(value)
+    return results
+
+
+def scratch_baseline(
+    config: Config, pipelines: dict, num_classes: int, strategy: tf.distribute.Strategy
+) -> dict[str, float]:
+    """The same network trained from random init on the same data, epochs and seed."""
+    scratch = dataclasses.replace(config, weights="none", unfreeze="all")
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = build_model(scratch, num_classes)
+    model.fit(pipelines["train"], epochs=config.epochs, verbose=0, shuffle=False)
+    evaluated = {k: v for k, v in pipelines.items() if k != "train"}
+    return {f"scratch_{k}": v for k, v in evaluate_splits(model, evaluated).items()}
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(
+    config: Config, extra_callbacks: tuple[keras.callbacks.Callback, ...] = ()
+) -> dict:
+    """Runs one configured training job end to end and returns metrics.json's content.
+
+    Args:
+      config: a resolved config (`config.resolve`).
+      extra_callbacks: added to fit's callbacks (tests use it to interrupt a run).
+    """
+    start = time.time()
+    strategy = make_strategy(config.strategy, config.cpu_replicas)
+    logging.info(
+        "Strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync
+    )
+    os.makedirs(config.model_dir, exist_ok=True)
+    with open(os.path.join(config.model_dir, "flags.cfg"), "w", encoding="utf-8") as f:
+        f.write(config.to_flagfile())
+    if config.backbone == "digits_cnn" and config.weights == "imagenet":
+        digits.pretrained_weights_path()  # pretrain the source task before seeding this run
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+
+    dataset = load_data(config)
+    logging.info(
+        "Data: %d classes, %d train / %d val / %s test images",
+        dataset.num_classes,
+        dataset.train.count,
+        dataset.val.count,
+        dataset.test.count if dataset.test else 0,
+    )
+    pipelines = {
+        "train": data.make_pipeline(
+            dataset.train, dataset.num_classes, config.batch_size, True, config.seed
+        ),
+        "val": data.make_pipeline(
+            dataset.val, dataset.num_classes, config.batch_size, False, config.seed
+        ),
+    }
+    if dataset.test:
+        pipelines["test"] = data.make_pipeline(
+            dataset.test, dataset.num_classes, config.batch_size, False, config.seed
+        )
+
+    with strategy.scope():
+        model = build_model(config, dataset.num_classes)
+    verbose = 1 if sys.stdout.isatty() else 2
+    history = model.fit(
+        pipelines["train"],
+        validation_data=pipelines["val"],
+        epochs=config.epochs,
+        callbacks=make_callbacks(config, verbose) + list(extra_callbacks),
+        verbose=verbose,
+        shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
+    )
+    best = os.path.join(config.model_dir, BEST_WEIGHTS)
+    if os.path.exists(best):
+        model.load_weights(best)  # the exported model is the best one on val_loss
+
+    last_epoch = {k: float(v[-1]) for k, v in history.history.items() if not k.startswith("val_")}
+    metrics = {
+        **{k: last_epoch[k] for k in ("loss", "accuracy") if k in last_epoch},
+        **evaluate_splits(model, {k: v for k, v in pipelines.items() if k != "train"}),
+        "class_names": list(dataset.class_names),
+        "train_images": dataset.train.count,
+        "val_images": dataset.val.count,
+        "test_images": dataset.test.count if dataset.test else 0,
+        "skipped_files": [{"file": p, "reason": r} for p, r in dataset.skipped_files],
+        "epochs": len(history.epoch) and history.epoch[-1] + 1,
+        "backbone": config.backbone,
+        "replicas": strategy.num_replicas_in_sync,
+    }
+    if config.is_offline_default:
+        metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
+    metrics["export_path"] = export.export_saved_model(
+        model, list(dataset.class_names), config.image_size, config.export_base
+    )
+    metrics["wall_time_seconds"] = round(time.time() - start, 1)
+    _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+    return metrics
