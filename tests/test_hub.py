@@ -343,6 +343,27 @@ def test_integer_images_are_refused(modules):
     assert layer(_images(1).astype("float64")).dtype == tf.float32
 
 
+def test_wrong_image_size_is_user_error_at_model_build(modules):
+    layer = HubLayer(modules["vector"])
+    with pytest.raises(UserError, match="resize images to 16x16"):
+        layer(keras.Input((32, 32, 3)))
+    # a module with a dynamic size takes any size
+    assert HubLayer(modules["dynamic"])(np.zeros((1, 24, 24, 3), "float32")).shape == (1, 8)
+
+
+def test_mixed_precision_policy(modules):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = HubLayer(modules["bn"], trainable=True)
+        model = _compile(_image_model(layer))
+        assert layer.compute_dtype == "float32"
+        before = _values(layer)
+        model.fit(_images(16), _labels(16), epochs=1, batch_size=8, verbose=0)
+        assert "conv_kernel" in _changed(before, _values(layer))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -623,6 +644,7 @@ MIRRORED = """
             w.name for w in layer.weights if np.max(np.abs(w.numpy() - before[w.name])) > 1e-7
         )
         kernel = layer.module.variables[0]
+        wrapped = [w.value is v for w, v in zip(layer.weights, layer.module.variables)]
         replicas_equal = all(
             np.array_equal(v.numpy(), kernel.values[0].numpy()) for v in kernel.values
         )
@@ -630,6 +652,7 @@ MIRRORED = """
             "changed": changed,
             "kernel_type": type(kernel).__name__,
             "replicas_in_sync": bool(replicas_equal),
+            "wrapped": all(wrapped) and len(wrapped) == 5,
             "trainable": sorted(w.name for w in layer.trainable_weights),
             "finite": bool(np.isfinite(model.predict(x[:4], verbose=0)).all()),
         }
@@ -655,4 +678,5 @@ def test_mirrored_strategy_two_replicas(modules):
     )
     assert tuned["trainable"] == ["bn_beta", "bn_gamma", "conv_kernel"]
     assert tuned["replicas_in_sync"] and frozen["finite"] and tuned["finite"]
+    assert frozen["wrapped"] and tuned["wrapped"]
     assert "strategy.scope()" in out["outside_scope_error"]

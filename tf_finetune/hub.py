@@ -552,7 +552,7 @@ class HubLayer(keras.layers.Layer):
         self._has_training_argument = signature is None and _has_training_argument(self._func)
         self._signature_inputs = _signature_input_names(self._func) if signature else []
         input_spec = module_input_spec(module, signature)
-        self._module_input_dtype = input_spec.dtype if input_spec is not None else None
+        self._module_input_spec = input_spec
         losses = [] if signature else list(getattr(module, "regularization_losses", None) or [])
         for loss in losses:
             if not callable(loss):
@@ -671,18 +671,28 @@ class HubLayer(keras.layers.Layer):
         return self._func(inputs, training=bool(training), **kwargs)
 
     def _cast_inputs(self, inputs):
-        want = self._module_input_dtype
-        if want is None or isinstance(inputs, dict | list | tuple):
+        spec = self._module_input_spec
+        if spec is None or isinstance(inputs, dict | list | tuple):
             return inputs
-        inputs = tf.convert_to_tensor(inputs) if not tf.is_tensor(inputs) else inputs
-        if inputs.dtype == want:
-            return inputs
-        if want.is_floating and inputs.dtype.is_floating:
-            return tf.cast(inputs, want)
-        if want.is_floating and inputs.dtype.is_integer:
-            raise ValueError(
-                f"HubLayer got {inputs.dtype.name} inputs; TF Hub image modules expect "
-                f"{want.name} values in [0, 1]: convert with tf.cast(x, tf.float32) / 255"
+        inputs = inputs if tf.is_tensor(inputs) else tf.convert_to_tensor(inputs)
+        want = spec.dtype
+        if inputs.dtype != want:
+            if want.is_floating and inputs.dtype.is_floating:
+                inputs = tf.cast(inputs, want)
+            elif want.is_floating and inputs.dtype.is_integer:
+                raise ValueError(
+                    f"HubLayer got {inputs.dtype.name} inputs; TF Hub image modules expect "
+                    f"{want.name} values in [0, 1]: convert with tf.cast(x, tf.float32) / 255"
+                )
+        if not spec.shape.is_compatible_with(inputs.shape):
+            expected = tuple(spec.shape.as_list())
+            hint = ""
+            size = module_image_size(self._module, self._signature)
+            if size is not None:
+                hint = f"; resize images to {size}x{size}"
+            raise UserError(
+                f"the hub module takes inputs of shape {expected}, got "
+                f"{tuple(inputs.shape.as_list())}{hint}"
             )
         return inputs
 
