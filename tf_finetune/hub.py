@@ -205,28 +205,31 @@ def _unreachable(handle: str, reason: str, extra: str = "") -> UserError:
     )
 
 
-def _kagglehub_fallback(handle: str, kaggle_handle: str) -> str | None:
-    """Download ``kaggle_handle`` with kagglehub; None if kagglehub is missing or fails."""
+def _kagglehub_fallback(handle: str, kaggle_handle: str) -> tuple[str | None, str]:
+    """Download ``kaggle_handle`` with kagglehub: (path, "") or (None, what to tell the user).
+
+    Kaggle renumbered some versions, so after the exact handle fails the latest
+    version is tried too (logged).
+    """
     try:
         import kagglehub
     except ImportError:
-        return None
+        return None, f", or `pip install kagglehub` and retry (it downloads {kaggle_handle})"
     candidates = [kaggle_handle]
-    unversioned = kaggle_handle.rsplit("/", 1)[0]
     if kaggle_handle.count("/") == 4:
-        candidates.append(unversioned)
+        candidates.append(kaggle_handle.rsplit("/", 1)[0])
     for candidate in candidates:
         logging.warning(
-            "Downloading %s was refused (HTTP 403 after the tfhub.dev -> Kaggle redirect, "
-            "tensorflow/hub#932); downloading it with kagglehub.model_download(%r) instead.",
+            "Downloading %s was refused (HTTP 403, tensorflow/hub#932: tfhub.dev redirects "
+            "to Kaggle); downloading it with kagglehub.model_download(%r) instead.",
             handle,
             candidate,
         )
         try:
-            return kagglehub.model_download(candidate)
+            return kagglehub.model_download(candidate), ""
         except Exception as error:  # kagglehub raises assorted HTTP/IO errors
             logging.warning("kagglehub.model_download(%r) failed: %s", candidate, error)
-    return None
+    return None, f" (kagglehub could not download {' nor '.join(candidates)} either)"
 
 
 def _resolve_remote(handle: str) -> str:
@@ -236,14 +239,10 @@ def _resolve_remote(handle: str) -> str:
         if error.code == 403:
             kaggle_handle = tfhub_to_kaggle_handle(handle) or kaggle_url_to_handle(handle)
             if kaggle_handle:
-                path = _kagglehub_fallback(handle, kaggle_handle)
+                path, extra = _kagglehub_fallback(handle, kaggle_handle)
                 if path:
                     return path
-                raise _unreachable(
-                    handle,
-                    "HTTP 403, tensorflow/hub#932",
-                    f", or `pip install kagglehub` and retry (tried Kaggle handle {kaggle_handle})",
-                ) from error
+                raise _unreachable(handle, "HTTP 403, tensorflow/hub#932", extra) from error
         raise _unreachable(handle, f"HTTP {error.code}") from error
     except (OSError, ValueError, tf.errors.OpError) as error:
         # urllib.error.URLError (offline, DNS) is an OSError; hub raises ValueError
