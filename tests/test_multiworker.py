@@ -345,3 +345,22 @@ def test_worker_scratch_dir(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError), mw.worker_scratch_dir(model_dir) as d:
         raise RuntimeError("training failed")
     assert os.path.isdir(scratch)  # kept for BackupAndRestore after a failure
+
+
+def test_tfjob_style_tf_config_is_valid():
+    # What the Kubeflow training-operator sets: service addresses, port 2222, extra keys.
+    cfg = mw.parse_tf_config(
+        json.dumps(
+            {
+                "cluster": {
+                    "worker": [
+                        "tf-finetune-mw-worker-0.default.svc:2222",
+                        "tf-finetune-mw-worker-1.default.svc:2222",
+                    ]
+                },
+                "task": {"type": "worker", "index": 1},
+                "environment": "cloud",
+            }
+        )
+    )
+    assert cfg["task"] == {"type": "worker", "index": 1}
