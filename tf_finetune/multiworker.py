@@ -9,6 +9,8 @@ What a caller must do, in this order (see docs/multiworker.md):
 4. ``with worker_scratch_dir(model_dir) as out_dir:`` -- every worker runs the same
    ``fit`` / export code, writing under ``out_dir``: the real ``model_dir`` on the chief,
    a worker-private scratch dir elsewhere (removed when the block exits normally).
+   Put ``BackupAndRestore(os.path.join(out_dir, "backup"))`` and then
+   ``resume_epoch_check()`` first in ``callbacks``.
 
 No other preparation is needed: the model does not have to be built from a sample batch
 before ``fit``; the workaround for the symbolic build does that from a local batch.
