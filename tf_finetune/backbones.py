@@ -94,11 +94,17 @@ def _table() -> dict[str, BackboneSpec]:
                 kwargs=(("include_preprocessing", True),),
             )
         )
-    for size in ("tiny", "small", "base", "large", "xlarge"):
+    for size, constructor in (
+        ("tiny", "ConvNeXtTiny"),
+        ("small", "ConvNeXtSmall"),
+        ("base", "ConvNeXtBase"),
+        ("large", "ConvNeXtLarge"),
+        ("xlarge", "ConvNeXtXLarge"),
+    ):
         specs.append(
             BackboneSpec(
                 f"convnext_{size}",
-                f"ConvNeXt{size.capitalize()}",
+                constructor,
                 "none",
                 224,
                 kwargs=(("include_preprocessing", True),),

@@ -153,6 +153,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help", "--helpfull") for a in rest):
         print(usage())
         return 0
+    FLAGS.unparse_flags()  # main() may run more than once in a process (tests)
     try:
         positional = FLAGS([PROG, *rest])[1:]
     except flags.Error as e:
