@@ -26,7 +26,9 @@ SLOW = {
 def test_every_backbone_builds_and_predicts(name):
     spec = backbones.get_spec(name)
     size = max(spec.min_size, 32)
-    model = model_lib.build_classifier(spec, num_classes=3, image_size=size, weights=None, dropout=0.1)
+    model = model_lib.build_classifier(
+        spec, num_classes=3, image_size=size, weights=None, dropout=0.1
+    )
     assert not model_lib.get_backbone(model).trainable
     assert [w.path for w in model.trainable_weights] == ["predictions/kernel", "predictions/bias"]
     assert model.output_shape == (None, 3)
@@ -41,7 +43,11 @@ def test_every_backbone_builds_and_predicts(name):
     "mode, pixel, expected",
     [
         ("tf", [0.0, 127.5, 255.0], [-1.0, 0.0, 1.0]),
-        ("torch", [255.0, 255.0, 255.0], [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]),
+        (
+            "torch",
+            [255.0, 255.0, 255.0],
+            [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225],
+        ),
         ("caffe", [10.0, 20.0, 30.0], [30 - 103.939, 20 - 116.779, 10 - 123.68]),
         ("none", [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]),
     ],
@@ -55,7 +61,11 @@ def test_table_preprocessing_agrees_with_keras_preprocess_input():
     import keras
 
     pixels = np.random.default_rng(0).uniform(0, 255, (1, 4, 4, 3)).astype("float32")
-    for name, family in [("mobilenet_v2", "mobilenet_v2"), ("resnet50", "resnet50"), ("densenet121", "densenet")]:
+    for name, family in [
+        ("mobilenet_v2", "mobilenet_v2"),
+        ("resnet50", "resnet50"),
+        ("densenet121", "densenet"),
+    ]:
         ours = backbones.Preprocessing(backbones.get_spec(name).preprocessing)(pixels)
         theirs = getattr(keras.applications, family).preprocess_input(pixels.copy())
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-3)

@@ -309,8 +309,14 @@ def load_tfds(
     def count(split):
         try:
             return info.splits[split].num_examples
-        except Exception as e:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - no split metadata (e.g. mock data): count the keys
+            pass
+        try:
+            ds = split_ds(split)
+        except Exception as e:  # noqa: BLE001 - TFDS raises several types for bad splits
             raise UserError(f"--data=tfds:{name}: bad split {split!r} ({e}).") from None
+        n = int(ds.cardinality())
+        return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
 
     train_count = count(train_split)
     val_name = val_split or ("validation" if "validation" in available else "")

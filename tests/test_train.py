@@ -1,0 +1,229 @@
+"""Training: frozen vs unfrozen weights, MirroredStrategy, resume, determinism, the export."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.images import class_image, encode, write_class_folders
+from tf_finetune import backbones, data, train
+from tf_finetune import model as model_lib
+from tf_finetune.config import Config, resolve
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=16)
+
+
+def tiny(folder, model_dir, **overrides) -> Config:
+    values = dict(
+        data=str(folder),
+        backbone="digits_cnn",
+        weights="none",
+        image_size=16,
+        epochs=3,
+        batch_size=8,
+        learning_rate=0.01,
+        unfreeze="all",  # a random backbone: train it all so a few epochs learn the colours
+        model_dir=str(model_dir),
+    )
+    values.update(overrides)
+    return resolve(Config(**values))
+
+
+def _values(weights):
+    return [np.array(w) for w in weights]
+
+
+def _fit_one_epoch(model, folder):
+    dataset = data.load_image_folder(str(folder), 16, 20)
+    model.fit(data.make_pipeline(dataset.train, 3, 8, True, 0), epochs=1, verbose=0)
+
+
+def test_frozen_backbone_is_unchanged_by_fit_and_the_head_learns(folder, tmp_path):
+    config = tiny(folder, tmp_path, unfreeze="0")
+    model = train.build_model(config, 3)
+    backbone = model_lib.get_backbone(model)
+    before_backbone = _values(backbone.weights)  # kernels and BatchNorm statistics
+    before_head = _values(model.get_layer("predictions").weights)
+    _fit_one_epoch(model, folder)
+    for a, b in zip(before_backbone, _values(backbone.weights)):
+        np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(before_head, _values(model.get_layer("predictions").weights))
+    )
+
+
+def test_unfreeze_top_n_trains_exactly_those_layers_and_never_batchnorm(folder, tmp_path):
+    spec = backbones.get_spec("mobilenet_v2")
+    model = model_lib.build_classifier(spec, 3, 32, None, 0.0, alpha=0.35)
+    names = model_lib.unfreeze(model, 3)
+    backbone = model_lib.get_backbone(model)
+    weighted = [
+        l
+        for l in backbone.layers
+        if l.weights and not isinstance(l, keras.layers.BatchNormalization)
+    ]
+    assert names == [l.name for l in weighted[-3:]]
+    trainable_paths = {w.path for w in model.trainable_weights}
+    assert trainable_paths == {
+        w.path for n in names for w in backbone.get_layer(n).trainable_weights
+    } | {
+        "predictions/kernel",
+        "predictions/bias",
+    }
+    train.compile_model(model, tiny(folder, tmp_path), 3)
+    before = {w.path: np.array(w) for w in backbone.weights}
+    dataset = data.load_image_folder(str(folder), 32, 20)
+    model.fit(data.make_pipeline(dataset.train, 3, 8, True, 0), epochs=1, verbose=0)
+    changed = {w.path for w in backbone.weights if not np.array_equal(before[w.path], np.array(w))}
+    expected = {w.path for n in names for w in backbone.get_layer(n).trainable_weights}
+    assert changed == expected  # BN moving statistics included: inference mode throughout
+
+    assert len(model_lib.unfreeze(model, None)) == len(weighted)
+    assert not any(
+        l.trainable for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)
+    )
+    assert model_lib.unfreeze(model, 0) == [] and not backbone.trainable
+
+
+def test_mirrored_strategy_with_two_cpu_replicas(folder, tmp_path):
+    metrics = train.train_and_evaluate(tiny(folder, tmp_path, cpu_replicas=2))
+    assert metrics["replicas"] == 2
+    assert metrics["val_accuracy"] > 0.6  # three solid colours: easy when training works
+
+
+class _Crash(keras.callbacks.Callback):
+    """Simulates a kill right after the first epoch's backup was written."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+
+class _Epochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(epoch)
+
+
+def test_killed_run_resumes_from_its_backup(folder, tmp_path):
+    config = tiny(folder, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, extra_callbacks=(_Crash(),))
+    assert os.path.isdir(tmp_path / "backup")
+    epochs = _Epochs()
+    metrics = train.train_and_evaluate(config, extra_callbacks=(epochs,))
+    assert epochs.seen == [1, 2]  # resumed after the first epoch, not from scratch
+    assert metrics["epochs"] == 3
+    with open(tmp_path / "history.csv") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2]
+    assert not os.path.exists(tmp_path / "backup")  # removed once training completed
+
+
+def test_same_seed_same_numbers(folder, tmp_path):
+    def history(name, **overrides):
+        train.train_and_evaluate(tiny(folder, tmp_path / name, **overrides))
+        return (tmp_path / name / "history.csv").read_text()
+
+    a, b, c = history("a"), history("b"), history("c", seed=7)
+    assert a == b  # every epoch's loss and accuracy, to the last digit
+    assert a != c
+
+
+def test_run_dir_contents_and_flagfile_rerun(folder, tmp_path):
+    config = tiny(folder, tmp_path / "run")
+    metrics = train.train_and_evaluate(config)
+    run = tmp_path / "run"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("accuracy", "loss", "val_accuracy", "val_loss", "wall_time_seconds"):
+        assert isinstance(saved[key], float)
+    assert saved["class_names"] == ["class_0", "class_1", "class_2"]
+    assert saved["train_images"] + saved["val_images"] == 48 and saved["skipped_files"] == []
+    assert (run / "checkpoints" / "best.weights.h5").exists()
+    assert any((run / "logs").rglob("events.out.tfevents.*"))
+    assert "--backbone=digits_cnn" in (run / "flags.cfg").read_text()
+    # A second run exports the next version and never touches the first.
+    first = os.path.join(run, "export", "1")
+    stamp = os.path.getmtime(os.path.join(first, "saved_model.pb"))
+    assert train.train_and_evaluate(config)["export_path"] == os.path.join(run, "export", "2")
+    assert os.path.getmtime(os.path.join(first, "saved_model.pb")) == stamp
+    assert sorted(os.listdir(run / "export")) == ["1", "2"]  # no temporary folder left behind
+
+
+RELOAD = r"""
+import json, sys
+import numpy as np, tensorflow as tf
+export, inputs = sys.argv[1], np.load(sys.argv[2])
+loaded = tf.saved_model.load(export, tags=["serve"])
+out = {}
+fn = loaded.signatures["serving_default"]
+assert set(fn.structured_input_signature[1]) == {"image_bytes"}, fn.structured_input_signature
+for fmt in ("jpeg", "png"):
+    res = fn(image_bytes=tf.constant(list(inputs[fmt])))
+    out[fmt] = res["probabilities"].numpy().tolist()
+    out[fmt + "_names"] = [[n.decode() for n in row] for row in res["top_k_names"].numpy()]
+res = loaded.signatures["predict_images"](images=tf.constant(inputs["pixels"]))
+out["pixels"] = res["probabilities"].numpy().tolist()
+print(json.dumps(out))
+"""
+
+
+def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tmp_path):
+    metrics = train.train_and_evaluate(tiny(folder, tmp_path))
+    export = metrics["export_path"]
+    model = train.build_model(tiny(folder, tmp_path), 3)
+    model.load_weights(tmp_path / train.BEST_WEIGHTS)
+
+    images = [class_image(label, (30, 22), seed=100 + label) for label in (0, 1, 2)]
+    jpegs = [encode(im, "JPEG") for im in images]
+    pngs = [encode(im, "PNG") for im in images]
+    expected = {}
+    for fmt, blobs in (("jpeg", jpegs), ("png", pngs)):
+        pixels = np.stack([data.decode_and_resize(tf.constant(b), 16).numpy() for b in blobs])
+        expected[fmt] = model.predict(pixels.astype("float32"), verbose=0)
+    inputs = tmp_path / "inputs.npz"
+    raw = np.stack([np.asarray(im, dtype="float32") for im in images])
+    np.savez(
+        inputs, jpeg=np.array(jpegs, dtype=object), png=np.array(pngs, dtype=object), pixels=raw
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RELOAD.replace("np.load(sys.argv[2])", "np.load(sys.argv[2], allow_pickle=True)"),
+            export,
+            str(inputs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    for fmt in ("jpeg", "png"):
+        np.testing.assert_allclose(served[fmt], expected[fmt], atol=1e-5)
+        assert [row[0] for row in served[fmt + "_names"]] == [
+            f"class_{i}" for i in np.argmax(expected[fmt], 1)
+        ]
+    # Raw pixels of another size go through the same resize as the bytes.
+    np.testing.assert_allclose(served["pixels"], expected["png"], atol=1e-5)
+    assert metrics["val_accuracy"] > 0.6
+    assert open(os.path.join(export, "assets", "labels.txt")).read().split() == [
+        "class_0",
+        "class_1",
+        "class_2",
+    ]
