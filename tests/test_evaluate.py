@@ -308,6 +308,37 @@ def test_plot_curves_writes_a_valid_png(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # no temporary file left behind
 
 
+def _dashed_gray_columns(png):
+    """x positions of full-height lines of matplotlib's "gray" (the unfreeze marker)."""
+    rgb = mpimg.imread(png)[..., :3]
+    gray = (np.abs(rgb - 128 / 255).max(axis=2) < 0.06).sum(axis=0)
+    return sorted(np.nonzero(gray > 100)[0].tolist())
+
+
+def test_plot_curves_draws_the_unfreeze_line_at_the_boundary(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text(HISTORY_CSV)
+    columns = {}
+    for boundary in (None, 1, 2):
+        out = tmp_path / f"curves_{boundary}.png"
+        evaluate.plot_curves(str(path), str(out), phase_boundary_epoch=boundary)
+        columns[boundary] = _dashed_gray_columns(out)
+    assert columns[None] == []
+    left = [min(columns[b]) for b in (1, 2)]
+    right = [max(columns[b]) for b in (1, 2)]
+    assert right[0] > 550 and left[0] < 550  # one line per panel (the panels split at 550 px)
+    step = left[1] - left[0]
+    assert 90 < step < 130  # one epoch further right: 4 epochs span ~450 px of a panel
+    assert right[1] - right[0] == pytest.approx(step, abs=2)
+
+
+def test_read_history_skips_a_repeated_header(tmp_path):
+    path = tmp_path / "history.csv"
+    lines = HISTORY_CSV.splitlines()
+    path.write_text("\n".join(lines[:3] + lines[:1] + lines[3:]) + "\n")
+    assert evaluate.read_history(str(path))["epoch"] == [0, 1, 2, 3, 4]
+
+
 def test_plot_curves_rejects_a_file_without_epochs(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("loss,accuracy\n1.0,0.5\n")
@@ -444,3 +475,22 @@ def test_write_report_end_to_end(tmp_path):
     assert evaluate.write_report(
         model, ds, NAMES, str(run_dir), split_name="x", history_csv=str(tmp_path / "missing")
     )["files"][0] != str(run_dir / "curves.png")
+
+
+def test_predict_dataset_reads_what_make_pipeline_yields():
+    from tf_finetune import data
+
+    _, pixels, y, pred = color_dataset()
+    images = tf.constant(pixels.astype(np.uint8))
+    split = data.Split(
+        source=tf.data.Dataset.from_tensor_slices((tf.range(10), tf.constant(y, tf.int32))),
+        load=lambda i: tf.gather(images, i),
+        count=10,
+    )
+    pipeline = data.make_pipeline(split, 3, batch_size=4, training=False, seed=0)
+
+    y_true, probs, kept = evaluate.predict_dataset(color_model(), pipeline)
+
+    assert y_true.tolist() == y.tolist()
+    assert probs.argmax(axis=1).tolist() == pred.tolist()
+    assert kept.indices.tolist() == [3, 7, 5, 9]

@@ -322,8 +322,9 @@ def predict_dataset(
         if max_images > 0:
             predicted = _ranking(batch_probs)[:, 0]
             wrong = np.nonzero(predicted != batch_labels)[0]
-            if wrong.size:
-                conf = batch_probs[wrong, predicted[wrong]]
+            conf = batch_probs[wrong, predicted[wrong]]
+            full = kept_conf is not None and len(kept_conf) >= max_images
+            if wrong.size and not (full and conf.max() < kept_conf.min()):
                 pixels = _to_uint8(np.asarray(x)[wrong])
                 if kept_images is None:
                     kept_images, kept_index, kept_conf = pixels, wrong + offset, conf
@@ -570,7 +571,7 @@ def plot_mistakes(
     probs = np.asarray(probabilities, dtype=np.float64)
     y = _as_labels(y_true, len(names))
     n = y.shape[0]
-    if probs.shape[0] != n or (images is not None and len(images) != n):
+    if probs.shape[0] != n or len(images) != n:
         raise ValueError("images, y_true and probabilities must have the same length")
     predicted = _ranking(probs)[:, 0] if n else np.zeros((0,), np.int64)
     order = most_confident_mistakes(y, probs, max_images)
