@@ -494,3 +494,16 @@ def test_predict_dataset_reads_what_make_pipeline_yields():
     assert y_true.tolist() == y.tolist()
     assert probs.argmax(axis=1).tolist() == pred.tolist()
     assert kept.indices.tolist() == [3, 7, 5, 9]
+
+
+def test_predict_dataset_accepts_a_callable_returning_a_dict():
+    model = color_model()
+    ds, pixels, y, _ = color_dataset()
+
+    def signature(images):  # like a SavedModel signature: a dict of outputs
+        return {"probabilities": model(images, training=False), "top_k_indices": None}
+
+    y_true, probs, kept = evaluate.predict_dataset(signature, ds, max_images=1)
+    assert y_true.tolist() == y.tolist()
+    np.testing.assert_allclose(probs, model.predict(pixels, verbose=0), rtol=1e-5)
+    assert kept.indices.tolist() == [3]

@@ -289,13 +289,28 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round(images), 0, 255).astype(np.uint8)
 
 
+def _probabilities(model, pixels) -> np.ndarray:
+    """One batch of probabilities from a Keras model, or any callable (e.g. a SavedModel
+    signature wrapped in a lambda) returning probabilities or a dict holding them."""
+    if hasattr(model, "predict_on_batch"):
+        out = model.predict_on_batch(pixels)
+    else:
+        out = model(pixels)
+    if isinstance(out, dict):
+        out = out["probabilities"]
+    return np.asarray(out, dtype=np.float32)
+
+
 def predict_dataset(
     model, dataset, max_images: int = DEFAULT_KEPT_IMAGES
 ) -> tuple[np.ndarray, np.ndarray, MistakeImages | None]:
     """Runs `model` over a batched dataset once; keeps the worst mistakes' pixels.
 
     Args:
-      model: a Keras model mapping float32 pixels [b, h, w, 3] (0-255) to probabilities [b, C].
+      model: a Keras model mapping float32 pixels [b, h, w, 3] (0-255) to probabilities [b, C]
+        (run with `predict_on_batch`), or any callable doing so; a dict result is read at
+        "probabilities", so `lambda x: loaded.signatures["predict_images"](images=x)` evaluates
+        an exported SavedModel.
       dataset: batched `(pixels, labels)` (extra elements, e.g. sample weights, are ignored),
         labels one-hot [b, C] or integer [b] -- what `data.make_pipeline(training=False)` yields.
       max_images: misclassified images to keep (those with the highest predicted-class
@@ -310,7 +325,7 @@ def predict_dataset(
     offset = 0
     for element in dataset:
         x, y = element[0], element[1]
-        batch_probs = np.asarray(model.predict_on_batch(x), dtype=np.float32)
+        batch_probs = _probabilities(model, x)
         y = np.asarray(y)
         if batch_probs.ndim != 2 or batch_probs.shape[0] != y.shape[0]:
             raise ValueError(
