@@ -1,0 +1,689 @@
+"""The evaluation report: how good the model really is, per class, with plots.
+
+Pure numpy metrics (`classification_report`, `format_report`), one pass of a model over a
+batched dataset (`predict_dataset`), three matplotlib plots written atomically (`plot_curves`,
+`plot_confusion_matrix`, `plot_mistakes`) and `write_report`, which ties them together for one
+split of a run directory.
+
+Plots use matplotlib's object API (`Figure`, no pyplot), so nothing needs a display and no
+global figure state leaks between calls.
+"""
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_TOP_K = (1, 5)
+DEFAULT_KEPT_IMAGES = 256
+
+
+# ----------------------------------------------------------------------------- metrics
+def _as_labels(y_true: np.ndarray, num_classes: int) -> np.ndarray:
+    """Integer labels [n] from integer labels [n] or one-hot / probability rows [n, C]."""
+    y = np.asarray(y_true)
+    if y.ndim == 2:
+        if y.shape[1] != num_classes:
+            raise ValueError(f"y_true has {y.shape[1]} columns, expected {num_classes} classes")
+        y = np.argmax(y, axis=1)
+    if y.ndim != 1:
+        raise ValueError(f"y_true must be labels [n] or one-hot [n, C], got shape {y.shape}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise ValueError("y_true holds non-integer labels")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"y_true has labels outside [0, {num_classes})")
+    return y
+
+
+def _check_probabilities(probabilities: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probabilities must be [n, C], got shape {p.shape}")
+    if p.shape[1] != len(class_names):
+        raise ValueError(
+            f"probabilities have {p.shape[1]} columns but there are {len(class_names)} class names"
+        )
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probabilities contain NaN or infinity")
+    return p
+
+
+def _ranking(probabilities: np.ndarray) -> np.ndarray:
+    """Class indices per row, most probable first; ties go to the lower index (like argmax)."""
+    return np.argsort(-probabilities, axis=1, kind="stable")
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts [C, C]: rows are true classes, columns predicted classes."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    return matrix
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0."""
+    numerator = np.asarray(numerator, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
+    out = np.zeros_like(numerator)
+    np.divide(numerator, denominator, out=out, where=denominator != 0)
+    return out
+
+
+def classification_report(
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    top_k: Sequence[int] = DEFAULT_TOP_K,
+) -> dict:
+    """Accuracy, top-k accuracy, per-class precision/recall/F1, averages and the confusion matrix.
+
+    The prediction is the most probable class (ties: the lower class index, as `np.argmax`).
+
+    Conventions (the same as scikit-learn's `zero_division=0`):
+      * a class that is never predicted has precision 0 (not undefined);
+      * a class with no examples (support 0) has recall 0;
+      * F1 is 0 when precision + recall is 0.
+    `macro_f1` averages F1 over all classes, including classes without examples;
+    `weighted_f1` weights each class's F1 by its support.
+
+    Top-k: `top{k}_accuracy` for every k in `top_k` with k < num_classes (top-C would always be
+    1). The true class must be among the k most probable, ties broken like the prediction, so
+    `top1_accuracy == accuracy`.
+
+    Args:
+      y_true: integer labels [n], or one-hot labels [n, C].
+      probabilities: scores [n, C] (softmax outputs; only their order matters).
+      class_names: C names, in label order.
+      top_k: the k's to report.
+
+    Returns:
+      A JSON-serializable dict: num_examples, num_classes, class_names, accuracy,
+      top{k}_accuracy, per_class {name: {precision, recall, f1, support}},
+      macro_{precision,recall,f1}, weighted_{precision,recall,f1}, confusion_matrix (list of
+      lists, rows = true class, columns = predicted class).
+
+    Raises:
+      ValueError: on no examples, mismatched shapes, labels out of range or non-finite scores.
+    """
+    class_names = [str(n) for n in class_names]
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names are not unique: {class_names}")
+    p = _check_probabilities(probabilities, class_names)
+    num_classes = len(class_names)
+    y = _as_labels(y_true, num_classes)
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"{y.shape[0]} labels but {p.shape[0]} rows of probabilities")
+    n = y.shape[0]
+    if n == 0:
+        raise ValueError("no examples to evaluate")
+
+    ranking = _ranking(p)
+    y_pred = ranking[:, 0]
+    matrix = confusion_matrix(y, y_pred, num_classes)
+    true_positives = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    precision = _safe_divide(true_positives, predicted)
+    recall = _safe_divide(true_positives, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+
+    report = {
+        "num_examples": int(n),
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "accuracy": float(true_positives.sum() / n),
+    }
+    # Position of the true class in each row's ranking.
+    true_rank = np.argmax(ranking == y[:, None], axis=1)
+    for k in sorted(set(int(k) for k in top_k)):
+        if 1 <= k < num_classes:
+            report[f"top{k}_accuracy"] = float(np.mean(true_rank < k))
+    report["per_class"] = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+    report["macro_precision"] = float(precision.mean())
+    report["macro_recall"] = float(recall.mean())
+    report["macro_f1"] = float(f1.mean())
+    report["weighted_precision"] = float(np.sum(precision * support) / n)
+    report["weighted_recall"] = float(np.sum(recall * support) / n)  # equals accuracy
+    report["weighted_f1"] = float(np.sum(f1 * support) / n)
+    report["confusion_matrix"] = matrix.tolist()
+    return report
+
+
+# ----------------------------------------------------------------------------- text
+def _truncate(name: str, width: int) -> str:
+    """`name` cut to `width` characters, a trailing '~' marking the cut."""
+    name = str(name)
+    if len(name) <= width:
+        return name
+    return name[: width - 1] + "~" if width > 1 else name[:width]
+
+
+def _middle_truncate(name: str, width: int) -> str:
+    """`name` cut in the middle to `width` characters ("flower~_12"), keeping its end."""
+    name = str(name)
+    if len(name) <= width or width < 4:
+        return _truncate(name, width)
+    head = width // 2
+    tail = width - 1 - head
+    return name[:head] + "~" + name[len(name) - tail :]
+
+
+def _short_names(names: Sequence[str], width: int) -> list[str] | None:
+    """Names of at most `width` characters that still tell the classes apart, or None.
+
+    Cut at the end, else in the middle (class names often differ only by a suffix).
+    """
+    for cut in (_truncate, _middle_truncate):
+        short = [cut(n, width) for n in names]
+        if len(set(short)) == len(short):
+            return short
+    return None
+
+
+NAME_WIDTH = 28  # longest class name shown in full in the per-class rows
+COLUMN_NAME_WIDTH = 8  # confusion-matrix column headers
+MAX_NAMED_COLUMNS = 10  # more classes: the matrix columns are numbered, to keep it narrow
+
+
+def format_report(report: dict, class_names: Sequence[str]) -> str:
+    """The report as a plain-text table for stdout.
+
+    Per-class precision/recall/F1/support rows, then accuracy (with the counts), top-k, macro
+    and weighted averages, then the confusion matrix (rows = true, columns = predicted).
+    Long names are cut ('~' marks a cut); when cut names would collide, or the matrix has more
+    than MAX_NAMED_COLUMNS classes, rows carry the class index and the columns are numbered.
+    """
+    names = [str(n) for n in class_names]
+    digits = len(str(len(names) - 1))
+    top_keys = sorted(
+        (k for k in report if k.startswith("top") and k.endswith("_accuracy")),
+        key=lambda k: int(k[3 : -len("_accuracy")]),
+    )
+    summary_labels = ["accuracy", "macro avg", "weighted avg"] + [
+        k.replace("_", " ") for k in top_keys
+    ]
+    longest = max(len(n) for n in names)
+    numbered = [_truncate(f"{i:>{digits}d} {n}", NAME_WIDTH) for i, n in enumerate(names)]
+    labels = _short_names(names, min(longest, NAME_WIDTH)) or numbered  # indices disambiguate
+    width = max(max(len(label) for label in labels), *(len(s) for s in summary_labels))
+
+    def line(label, *cells):
+        return f"{label:<{width}s}  " + " ".join(cells)
+
+    def num(value):
+        return f"{value:9.4f}"
+
+    blank = " " * 9
+    lines = [line("class", f"{'precision':>9s}", f"{'recall':>9s}", f"{'f1':>9s}", "support")]
+    for name, label in zip(names, labels):
+        row = report["per_class"][name]
+        lines.append(
+            line(label, num(row["precision"]), num(row["recall"]), num(row["f1"]),
+                 f"{row['support']:7d}")
+        )  # fmt: skip
+    n = report["num_examples"]
+    correct = sum(report["confusion_matrix"][i][i] for i in range(len(names)))
+    lines.append("")
+    lines.append(line("accuracy", num(report["accuracy"]), f" ({correct}/{n} correct)"))
+    for key in top_keys:
+        lines.append(line(key.replace("_", " "), num(report[key])))
+    for kind in ("macro", "weighted"):
+        lines.append(
+            line(
+                f"{kind} avg",
+                num(report[f"{kind}_precision"]) if f"{kind}_precision" in report else blank,
+                num(report[f"{kind}_recall"]) if f"{kind}_recall" in report else blank,
+                num(report[f"{kind}_f1"]),
+                f"{n:7d}",
+            )
+        )
+
+    matrix = report["confusion_matrix"]
+    biggest = max((c for row in matrix for c in row), default=0)
+    column = max(len(str(biggest)), min(longest, COLUMN_NAME_WIDTH))
+    headers = _short_names(names, column) if len(names) <= MAX_NAMED_COLUMNS else None
+    row_labels = labels
+    if headers is None:
+        headers = [str(i) for i in range(len(names))]
+        column = max(len(str(biggest)), digits)
+        row_labels = numbered
+    row_width = max(len(label) for label in row_labels)
+    lines.append("")
+    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    lines.append(f"{'':<{row_width}s}  " + " ".join(f"{h:>{column}s}" for h in headers))
+    for label, row in zip(row_labels, matrix):
+        lines.append(f"{label:<{row_width}s}  " + " ".join(f"{c:>{column}d}" for c in row))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- predictions
+class MistakeImages:
+    """The most confidently misclassified images kept by `predict_dataset`.
+
+    `images` is uint8 [m, h, w, c]; `indices` [m] are their positions in the returned
+    `y_true` / `probabilities`, most confident mistake first.
+    """
+
+    def __init__(self, indices: np.ndarray, images: np.ndarray):
+        self.indices = indices
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(images), 0, 255).astype(np.uint8)
+
+
+def _probabilities(model, pixels) -> np.ndarray:
+    """One batch of probabilities from a Keras model, or any callable (e.g. a SavedModel
+    signature wrapped in a lambda) returning probabilities or a dict holding them."""
+    if hasattr(model, "predict_on_batch"):
+        out = model.predict_on_batch(pixels)
+    else:
+        out = model(pixels)
+    if isinstance(out, dict):
+        out = out["probabilities"]
+    return np.asarray(out, dtype=np.float32)
+
+
+def predict_dataset(
+    model, dataset, max_images: int = DEFAULT_KEPT_IMAGES
+) -> tuple[np.ndarray, np.ndarray, MistakeImages | None]:
+    """Runs `model` over a batched dataset once; keeps the worst mistakes' pixels.
+
+    Args:
+      model: a Keras model mapping float32 pixels [b, h, w, 3] (0-255) to probabilities [b, C]
+        (run with `predict_on_batch`), or any callable doing so; a dict result is read at
+        "probabilities", so `lambda x: loaded.signatures["predict_images"](images=x)` evaluates
+        an exported SavedModel.
+      dataset: batched `(pixels, labels)` (extra elements, e.g. sample weights, are ignored),
+        labels one-hot [b, C] or integer [b] -- what `data.make_pipeline(training=False)` yields.
+      max_images: misclassified images to keep (those with the highest predicted-class
+        probability, as uint8); memory stays bounded by max_images + one batch. 0 keeps none.
+
+    Returns:
+      (y_true int64 [n], probabilities float32 [n, C], MistakeImages or None when max_images
+      is 0). MistakeImages is empty when nothing was misclassified.
+    """
+    labels, probs = [], []
+    kept_images = kept_index = kept_conf = None
+    offset = 0
+    for element in dataset:
+        x, y = element[0], element[1]
+        batch_probs = _probabilities(model, x)
+        y = np.asarray(y)
+        if batch_probs.ndim != 2 or batch_probs.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"model output shape {batch_probs.shape} does not match a batch of {y.shape[0]}"
+            )
+        batch_labels = np.argmax(y, axis=1) if y.ndim == 2 else y.astype(np.int64)
+        labels.append(batch_labels.astype(np.int64))
+        probs.append(batch_probs)
+        if max_images > 0:
+            predicted = _ranking(batch_probs)[:, 0]
+            wrong = np.nonzero(predicted != batch_labels)[0]
+            conf = batch_probs[wrong, predicted[wrong]]
+            full = kept_conf is not None and len(kept_conf) >= max_images
+            if wrong.size and not (full and conf.max() < kept_conf.min()):
+                pixels = _to_uint8(np.asarray(x)[wrong])
+                if kept_images is None:
+                    kept_images, kept_index, kept_conf = pixels, wrong + offset, conf
+                else:
+                    kept_images = np.concatenate([kept_images, pixels])
+                    kept_index = np.concatenate([kept_index, wrong + offset])
+                    kept_conf = np.concatenate([kept_conf, conf])
+                # Most confident first; among equals, dataset order.
+                order = np.lexsort((kept_index, -kept_conf))[:max_images]
+                kept_images, kept_index, kept_conf = (
+                    kept_images[order],
+                    kept_index[order],
+                    kept_conf[order],
+                )
+        offset += y.shape[0]
+
+    if probs:
+        y_true = np.concatenate(labels)
+        probabilities = np.concatenate(probs)
+    else:
+        y_true = np.zeros((0,), np.int64)
+        probabilities = np.zeros((0, 0), np.float32)
+    if max_images <= 0:
+        return y_true, probabilities, None
+    if kept_images is None:
+        return (
+            y_true,
+            probabilities,
+            MistakeImages(np.zeros((0,), np.int64), np.zeros((0,), np.uint8)),
+        )
+    return y_true, probabilities, MistakeImages(kept_index, kept_images)
+
+
+# ----------------------------------------------------------------------------- plots
+def _save_figure(fig, out_png: str) -> str:
+    """Writes `fig` to `out_png` atomically (a temporary file, then os.replace)."""
+    directory = os.path.dirname(out_png)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    tmp = f"{out_png}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out_png)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out_png
+
+
+def _float(value: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan  # Keras writes "NA" for a metric missing from an epoch's logs
+
+
+def read_history(history_csv_path: str) -> dict[str, list[float]]:
+    """A `keras.callbacks.CSVLogger` file as columns, one value per epoch, epochs ascending.
+
+    When an epoch appears more than once (a resumed run appends its rows again), its last row
+    wins. Repeated header lines are skipped; missing or unreadable values become NaN.
+    """
+    rows: dict[int, dict] = {}
+    with open(history_csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "epoch" not in reader.fieldnames:
+            raise ValueError(f"{history_csv_path} has no 'epoch' column (not a CSVLogger file?)")
+        for row in reader:
+            epoch = _float(row.get("epoch"))
+            if math.isnan(epoch):
+                continue  # a header written again, or a broken line
+            rows[int(epoch)] = row
+    columns = [c for c in reader.fieldnames if c != "epoch"]
+    epochs = sorted(rows)
+    history = {"epoch": [float(e) for e in epochs]}
+    for column in columns:
+        history[column] = [_float(rows[e].get(column)) for e in epochs]
+    return history
+
+
+def plot_curves(
+    history_csv_path: str, out_png: str, phase_boundary_epoch: int | None = None
+) -> str:
+    """Loss and accuracy per epoch, train and validation, from a CSVLogger file.
+
+    The x axis counts completed epochs (CSV epoch 0 is plotted at 1).
+
+    Args:
+      history_csv_path: the CSV `keras.callbacks.CSVLogger` wrote.
+      out_png: where to write the PNG.
+      phase_boundary_epoch: the first epoch (0-based, as in the CSV and Keras' `initial_epoch`)
+        of the fine-tuning phase; a dashed line labelled "unfreeze" is drawn just before it.
+
+    Returns:
+      out_png.
+    """
+    from matplotlib.figure import Figure
+
+    history = read_history(history_csv_path)
+    x = [e + 1 for e in history["epoch"]]
+    fig = Figure(figsize=(11, 4.2))
+    panels = fig.subplots(1, 2)
+    for ax, metric in zip(panels, ("loss", "accuracy")):
+        plotted = False
+        for key, label, style in ((metric, "train", "-o"), (f"val_{metric}", "val", "-s")):
+            if key in history and not all(math.isnan(v) for v in history[key]):
+                ax.plot(x, history[key], style, markersize=3, label=label)
+                plotted = True
+        if not plotted:
+            ax.text(
+                0.5,
+                0.5,
+                f"no {metric} in the history",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+        if phase_boundary_epoch is not None:
+            ax.axvline(phase_boundary_epoch + 0.5, color="gray", linestyle="--", label="unfreeze")
+        ax.set_title(metric)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        if metric == "accuracy" and plotted:
+            ax.set_ylim(0, 1.02)
+        if x:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend()
+    fig.tight_layout()
+    return _save_figure(fig, out_png)
+
+
+def plot_confusion_matrix(report: dict, class_names: Sequence[str], out_png: str) -> str:
+    """The confusion matrix, each row normalized by its class's support, counts annotated.
+
+    Colours show the row fraction (recall on the diagonal); the numbers are raw counts. Sized
+    and rotated to stay readable up to about 30 classes; past 40 the counts are left out.
+    """
+    from matplotlib.figure import Figure
+
+    names = _short_names(class_names, 20) or [
+        f"{i}: {_middle_truncate(n, 16)}" for i, n in enumerate(class_names)
+    ]
+    counts = np.asarray(report["confusion_matrix"], dtype=np.int64)
+    num_classes = counts.shape[0]
+    support = counts.sum(axis=1, keepdims=True)
+    normalized = _safe_divide(counts, np.broadcast_to(support, counts.shape))
+
+    side = min(max(5.0, 0.4 * num_classes + 2.5), 24.0)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.subplots()
+    image = ax.imshow(normalized, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    label_size = 10 if num_classes <= 10 else 8 if num_classes <= 20 else 7
+    ax.set_xticks(range(num_classes))
+    ax.set_yticks(range(num_classes))
+    ax.set_xticklabels(
+        names,
+        rotation=45 if num_classes <= 10 else 90,
+        ha="right" if num_classes <= 10 else "center",
+        fontsize=label_size,
+    )
+    ax.set_yticklabels(names, fontsize=label_size)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    accuracy = report.get("accuracy")
+    title = "Confusion matrix"
+    if accuracy is not None:
+        title += (
+            f" (accuracy {accuracy:.3f}, {report.get('num_examples', int(counts.sum()))} images)"
+        )
+    ax.set_title(title)
+    if num_classes <= 40:
+        count_size = 9 if num_classes <= 10 else 7 if num_classes <= 20 else 6
+        for i in range(num_classes):
+            for j in range(num_classes):
+                if counts[i, j] == 0 and num_classes > 15:
+                    continue  # many classes: leave zeros blank to keep the grid readable
+                color = "white" if normalized[i, j] > 0.5 else "black"
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    color=color,
+                    fontsize=count_size,
+                )
+    fig.tight_layout()
+    return _save_figure(fig, out_png)
+
+
+def _display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """An image matplotlib shows faithfully: uint8 as is, 0-255 floats scaled to [0, 1]."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.dtype != np.uint8:
+        image = image.astype(np.float32)
+        image = np.clip(image / 255.0 if image.max(initial=0) > 1.0 else image, 0.0, 1.0)
+    return image, ("gray" if image.ndim == 2 else None)
+
+
+def most_confident_mistakes(
+    y_true: np.ndarray, probabilities: np.ndarray, limit: int | None = None
+) -> np.ndarray:
+    """Indices of the misclassified examples, highest predicted-class probability first.
+
+    Equal confidences keep their order in the data. At most `limit` indices (None: all).
+    """
+    probs = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(y_true)
+    if probs.shape[0] == 0:
+        return np.zeros((0,), np.int64)
+    predicted = _ranking(probs)[:, 0]
+    wrong = np.nonzero(predicted != y)[0]
+    confidence = probs[wrong, predicted[wrong]]
+    return wrong[np.lexsort((wrong, -confidence))][:limit]
+
+
+def plot_mistakes(
+    images: np.ndarray,
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    out_png: str,
+    max_images: int = 16,
+    total_mistakes: int | None = None,
+) -> str:
+    """A grid of the most confidently misclassified images, titled "true: X / pred: Y (0.93)".
+
+    `images`, `y_true` and `probabilities` are aligned (same first dimension); only the
+    misclassified ones are shown, highest predicted-class probability first. Without any
+    mistake, the PNG says so.
+
+    Args:
+      total_mistakes: the number of mistakes in the whole split, for the title, when the arrays
+        hold only a subset (as `predict_dataset` keeps). Default: the mistakes in the arrays.
+    """
+    from matplotlib.figure import Figure
+
+    names = [str(n) for n in class_names]
+    probs = np.asarray(probabilities, dtype=np.float64)
+    y = _as_labels(y_true, len(names))
+    n = y.shape[0]
+    if probs.shape[0] != n or len(images) != n:
+        raise ValueError("images, y_true and probabilities must have the same length")
+    predicted = _ranking(probs)[:, 0] if n else np.zeros((0,), np.int64)
+    order = most_confident_mistakes(y, probs, max_images)
+    total = int(np.sum(predicted != y)) if total_mistakes is None else total_mistakes
+
+    if len(order) == 0:
+        fig = Figure(figsize=(5, 2.5))
+        ax = fig.subplots()
+        ax.axis("off")
+        message = "No misclassified images" if total == 0 else "No misclassified images kept"
+        ax.text(
+            0.5,
+            0.5,
+            f"{message}\n({n} examples)",
+            ha="center",
+            va="center",
+            fontsize=14,
+            transform=ax.transAxes,
+        )
+        return _save_figure(fig, out_png)
+
+    cols = math.ceil(math.sqrt(len(order)))
+    rows = math.ceil(len(order) / cols)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.5))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, order):
+        image, cmap = _display_image(images[i])
+        ax.imshow(image, cmap=cmap, interpolation="nearest")
+        ax.set_title(
+            f"true: {_truncate(names[y[i]], 14)}\npred: {_truncate(names[predicted[i]], 14)} "
+            f"({probs[i, predicted[i]]:.2f})",
+            fontsize=8,
+        )
+    fig.suptitle(f"Most confident mistakes: {len(order)} shown of {total}")
+    fig.tight_layout()
+    return _save_figure(fig, out_png)
+
+
+# ----------------------------------------------------------------------------- report
+def _write_json(path: str, payload: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_report(
+    model,
+    dataset,
+    class_names: Sequence[str],
+    run_dir: str,
+    split_name: str = "val",
+    history_csv: str | None = None,
+    phase_boundary_epoch: int | None = None,
+) -> dict:
+    """Evaluates `model` on one split and writes the report and plots into `run_dir`.
+
+    Writes `curves.png` (only when `history_csv` exists), `confusion_matrix_<split>.png`,
+    `mistakes_<split>.png`, and last `report_<split>.json` (so the JSON's presence means the
+    plots are complete). Per-split plot names keep a val and a test report from overwriting
+    each other.
+
+    Returns:
+      The `classification_report` dict plus `split` and `files` (the paths written, the JSON
+      last); the JSON file holds the same dict.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    y_true, probabilities, kept = predict_dataset(model, dataset)
+    if y_true.shape[0] == 0:
+        raise ValueError(f"the {split_name} split has no examples to evaluate")
+    report = classification_report(y_true, probabilities, class_names)
+    report["split"] = split_name
+    files = []
+    if history_csv and os.path.exists(history_csv):
+        files.append(
+            plot_curves(history_csv, os.path.join(run_dir, "curves.png"), phase_boundary_epoch)
+        )
+    files.append(
+        plot_confusion_matrix(
+            report, class_names, os.path.join(run_dir, f"confusion_matrix_{split_name}.png")
+        )
+    )
+    total_mistakes = report["num_examples"] - int(np.trace(np.asarray(report["confusion_matrix"])))
+    files.append(
+        plot_mistakes(
+            kept.images,
+            y_true[kept.indices],
+            probabilities[kept.indices],
+            class_names,
+            os.path.join(run_dir, f"mistakes_{split_name}.png"),
+            total_mistakes=total_mistakes,
+        )
+    )
+    report_path = os.path.join(run_dir, f"report_{split_name}.json")
+    files.append(report_path)
+    report["files"] = files
+    _write_json(report_path, report)
+    return report
