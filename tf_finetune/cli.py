@@ -58,6 +58,15 @@ def cmd_train(config: config_lib.Config) -> int:
     return 0
 
 
+def cmd_evaluate(config: config_lib.Config) -> int:
+    from tf_finetune import train
+
+    report = train.evaluate_run(config, config.split)
+    print(report["text"])
+    print(f"\nReport and plots: {', '.join(report['files'])}")
+    return 0
+
+
 def cmd_backbones(config: config_lib.Config) -> int:
     from tf_finetune.backbones import BACKBONES
 
@@ -75,6 +84,11 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, "fine-tune a backbone on your images and export a SavedModel"),
+    "evaluate": Command(
+        cmd_evaluate,
+        "report accuracy, per-class precision/recall/F1, confusion matrix and plots of a run "
+        "(its flags.cfg gives the data and model; flags override)",
+    ),
     "backbones": Command(cmd_backbones, "list the backbone names --backbone accepts"),
 }
 
@@ -137,6 +151,30 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _ours_or_important(record: std_logging.LogRecord) -> bool:
+    return (
+        record.levelno >= std_logging.WARNING or f"{os.sep}tf_finetune{os.sep}" in record.pathname
+    )
+
+
+def _configure_logging() -> None:
+    """Our INFO lines; TensorFlow's own INFO (SavedModel internals) only at WARNING and up."""
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
+    handler = logging.get_absl_handler()
+    if _ours_or_important not in handler.filters:
+        handler.addFilter(_ours_or_important)
+
+
+def _with_run_flagfile(command: str, argv: list[str]) -> list[str]:
+    """For commands that act on a finished run: its flags.cfg first, the user's flags after."""
+    if command == "train":
+        return argv
+    model_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("--model_dir=")), None)
+    saved = os.path.join(model_dir, "flags.cfg") if model_dir else None
+    return [f"--flagfile={saved}", *argv] if saved and os.path.exists(saved) else argv
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
@@ -155,17 +193,14 @@ def main(argv: list[str]) -> int:
         return 0
     FLAGS.unparse_flags()  # main() may run more than once in a process (tests)
     try:
-        positional = FLAGS([PROG, *rest])[1:]
+        positional = FLAGS([PROG, *_with_run_flagfile(command, rest)])[1:]
     except flags.Error as e:
         return _fail(f"{e}. Run '{PROG} --help' for the flags.")
     if positional:
         return _fail(
             f"unexpected argument(s) {' '.join(positional)}; flags look like --name=value."
         )
-    logging.use_absl_handler()
-    logging.set_verbosity(logging.INFO)
-    # Ours at INFO; TensorFlow's own Python logs (SavedModel internals) only when they matter.
-    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+    _configure_logging()
     try:
         config = config_from_flags()
         return COMMANDS[command].run(config)

@@ -48,6 +48,9 @@ class Config:
         "data",
     )
     image_size: int = _field(0, "Square input size in pixels. 0: the backbone's default.", "data")
+    split: str = _field(
+        "test", "The split 'tf-finetune evaluate' reports on.", "data", ("val", "test")
+    )
 
     # --- model ---
     backbone: str = _field(

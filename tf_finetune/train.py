@@ -8,12 +8,13 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import backbones, data, digits, export
+from tf_finetune import backbones, data, digits, evaluate, export
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 
@@ -162,6 +163,64 @@ def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
     return results
 
 
+def evaluate_and_report(
+    model: keras.Model, config: Config, dataset: data.DataSet, pipelines: dict
+) -> dict:
+    """Keras metrics plus the per-class report and plots for val and test, into the run dir.
+
+    Validation picked the best checkpoint, so only the test numbers are unbiased.
+    """
+    evaluated = {k: v for k, v in pipelines.items() if k != "train"}
+    results = evaluate_splits(model, evaluated)
+    history_csv = os.path.join(config.model_dir, "history.csv")
+    for split, ds in evaluated.items():
+        report = evaluate.write_report(
+            model,
+            ds,
+            list(dataset.class_names),
+            config.model_dir,
+            split_name=split,
+            history_csv=history_csv if os.path.exists(history_csv) else None,
+        )
+        results[f"{split}_macro_f1"] = report["macro_f1"]
+        results[f"{split}_weighted_f1"] = report["weighted_f1"]
+        logging.info("%s report:\n%s", split, evaluate.format_report(report, dataset.class_names))
+    return results
+
+
+def evaluate_run(config: Config, split: str) -> dict:
+    """Re-evaluates a finished run's best checkpoint on `split` (val or test) of `config.data`."""
+    from tf_finetune.errors import UserError
+
+    best = os.path.join(config.model_dir, BEST_WEIGHTS)
+    if not os.path.exists(best):
+        raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
+    strategy = make_strategy(config.strategy, config.cpu_replicas)
+    dataset = load_data(config)
+    chosen = {"val": dataset.val, "test": dataset.test}[split]
+    if chosen is None:
+        raise UserError(f"the data has no {split} split; use --split=val.")
+    with strategy.scope():
+        model = build_model(config, dataset.num_classes)
+    with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed here
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(best)
+    pipeline = data.make_pipeline(
+        chosen, dataset.num_classes, config.batch_size, False, config.seed
+    )
+    history_csv = os.path.join(config.model_dir, "history.csv")
+    report = evaluate.write_report(
+        model,
+        pipeline,
+        list(dataset.class_names),
+        config.model_dir,
+        split_name=split,
+        history_csv=history_csv if os.path.exists(history_csv) else None,
+    )
+    report["text"] = evaluate.format_report(report, dataset.class_names)
+    return report
+
+
 def scratch_baseline(
     config: Config, pipelines: dict, num_classes: int, strategy: tf.distribute.Strategy
 ) -> dict[str, float]:
@@ -243,7 +302,7 @@ def train_and_evaluate(
     last_epoch = {k: float(v[-1]) for k, v in history.history.items() if not k.startswith("val_")}
     metrics = {
         **{k: last_epoch[k] for k in ("loss", "accuracy") if k in last_epoch},
-        **evaluate_splits(model, {k: v for k, v in pipelines.items() if k != "train"}),
+        **evaluate_and_report(model, config, dataset, pipelines),
         "class_names": list(dataset.class_names),
         "train_images": dataset.train.count,
         "val_images": dataset.val.count,
