@@ -205,7 +205,7 @@ def main(argv: list[str]) -> int:
         config = config_from_flags()
         return COMMANDS[command].run(config)
     except UserError as e:
-        return _fail(str(e))
+        return _fail(str(e), getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume from the last epoch.", 130)
 

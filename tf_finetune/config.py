@@ -11,7 +11,7 @@ import os
 from tf_finetune.errors import UserError
 
 # Topics, in the order `--help` shows them.
-GROUPS = ("data", "model", "training", "distribution", "output")
+GROUPS = ("data", "model", "training", "regularization", "distribution", "output", "tune")
 
 
 def _field(default, help: str, group: str, choices: tuple[str, ...] | None = None):
@@ -71,7 +71,9 @@ class Config:
     unfreeze: str = _field(
         "0",
         "0: backbone frozen (the default); N: also train the top N backbone layers that have "
-        "weights; all: train the whole backbone. BatchNormalization always stays frozen.",
+        "weights; a fraction like 0.3: the top 30% of them (rounded up); all: the whole "
+        "backbone. BatchNormalization always stays frozen. With --warmup_epochs this is "
+        "phase 2. 'tf-finetune compare' takes a list (0,20,all).",
         "model",
     )
 
@@ -83,11 +85,82 @@ class Config:
     weight_decay: float = _field(1e-4, "Weight decay for --optimizer=adamw.", "training")
     label_smoothing: float = _field(0.0, "Label smoothing (0 to 1).", "training")
     seed: int = _field(42, "Random seed: the same seed gives the same numbers on CPU.", "training")
+    warmup_epochs: int = _field(
+        0,
+        "Two-phase fine-tuning: train only the head (backbone frozen) for N epochs, then "
+        "unfreeze per --unfreeze until --epochs (which counts both phases). 0: one phase.",
+        "training",
+    )
+    fine_tune_learning_rate: float = _field(
+        0.0,
+        "Learning rate of phase 2 (after --warmup_epochs). 0: --learning_rate / 10.",
+        "training",
+    )
+    lr_schedule: str = _field(
+        "constant",
+        "Learning rate over each phase: constant, cosine (to 0 at the phase's end) or "
+        "exponential (to 1/100 at the phase's end); after --warmup_steps of linear warmup.",
+        "training",
+        ("constant", "cosine", "exponential"),
+    )
+    warmup_steps: int = _field(
+        0, "Linear learning-rate warmup over the first N steps of each phase.", "training"
+    )
+    precision: str = _field(
+        "float32",
+        "Compute precision (keras.mixed_precision policy); the output layer stays float32. "
+        "mixed_float16 pays off on recent NVIDIA GPUs, mixed_bfloat16 on TPUs and new CPUs.",
+        "training",
+        ("float32", "mixed_float16", "mixed_bfloat16"),
+    )
+    jit_compile: bool = _field(
+        False, "Compile the train step with XLA (turns op determinism off).", "training"
+    )
     early_stopping_patience: int = _field(
         0, "Stop after N epochs without val_loss improvement (0: off).", "training"
     )
     reduce_lr_patience: int = _field(
         0, "Divide the learning rate by 10 after N epochs without improvement (0: off).", "training"
+    )
+
+    # --- regularization ---
+    augment: str = _field(
+        "none",
+        "Random augmentation of training batches (Keras preprocessing layers in the training "
+        "input pipeline, never in the export): light = flip, rotation, zoom; strong = also "
+        "translation and contrast, larger ranges.",
+        "regularization",
+        ("none", "light", "strong"),
+    )
+    mixup: float = _field(
+        0.0,
+        "Mixup alpha (e.g. 0.2): blend pairs of training images and labels. 0: off.",
+        "regularization",
+    )
+    cutmix: float = _field(
+        0.0,
+        "CutMix alpha (e.g. 1.0): paste a box of another training image, labels by area. "
+        "0: off. With --mixup too, each batch uses one of them at random.",
+        "regularization",
+    )
+    class_weight: str = _field(
+        "none",
+        "balanced: weight each class's loss by n_images / (n_classes * n_images_of_class), "
+        "for imbalanced folders.",
+        "regularization",
+        ("none", "balanced"),
+    )
+    ema: float = _field(
+        0.0,
+        "Keep an exponential moving average of the weights with this momentum (e.g. 0.999); "
+        "it is evaluated beside the best checkpoint. 0: off.",
+        "regularization",
+    )
+    average_checkpoints: int = _field(
+        0,
+        "Also average the weights of the best K epochs by val_loss (as timm does) and "
+        "evaluate that model beside the best checkpoint. 0: off.",
+        "regularization",
     )
 
     # --- distribution ---
@@ -113,6 +186,29 @@ class Config:
     export_dir: str = _field(
         "", "Base directory of the SavedModel versions. Empty: <model_dir>/export.", "output"
     )
+    min_accuracy: float = _field(
+        0.0,
+        "Refuse to export when the final model's accuracy (test split if any, else "
+        "validation) is below this, e.g. 0.9: exit 3, the run directory kept. 0: off.",
+        "output",
+    )
+
+    # --- tune (tf-finetune tune; each a comma list of choices, or LOW:HIGH for a range) ---
+    tuner: str = _field(
+        "random",
+        "Search algorithm of 'tf-finetune tune' (KerasTuner).",
+        "tune",
+        ("random", "grid", "bayesian", "hyperband"),
+    )
+    max_trials: int = _field(10, "Trials 'tf-finetune tune' runs (not for hyperband).", "tune")
+    tune_learning_rate: str = _field(
+        "", "Learning rates to try, e.g. 1e-4:1e-2 (log-uniform) or 1e-3,1e-2.", "tune"
+    )
+    tune_dropout: str = _field("", "Dropout rates to try, e.g. 0.1:0.5 or 0,0.2.", "tune")
+    tune_unfreeze: str = _field("", "--unfreeze values to try, e.g. 0,20,all.", "tune")
+    tune_augment: str = _field("", "--augment values to try, e.g. none,light.", "tune")
+    tune_batch_size: str = _field("", "Batch sizes to try, e.g. 16,32,64.", "tune")
+    tune_label_smoothing: str = _field("", "Label smoothing to try, e.g. 0,0.1.", "tune")
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -124,9 +220,18 @@ class Config:
         return self.export_dir or os.path.join(self.model_dir, "export")
 
     @property
-    def unfreeze_layers(self) -> int | None:
-        """Top backbone layers to train: 0 = frozen, None = all."""
-        return None if self.unfreeze == "all" else int(self.unfreeze)
+    def unfreeze_layers(self) -> int | float | None:
+        """What to train in the backbone: 0 = frozen, N top layers, a float fraction, None = all."""
+        return parse_unfreeze(self.unfreeze)
+
+    @property
+    def two_phase(self) -> bool:
+        """Head first with the backbone frozen, then fine-tuning (see `phases.plan`)."""
+        return self.warmup_epochs > 0 and self.unfreeze_layers != 0
+
+    @property
+    def fine_tune_lr(self) -> float:
+        return self.fine_tune_learning_rate or self.learning_rate / 10
 
     def to_flagfile(self) -> str:
         """The resolved config as absl flagfile lines: `--flagfile=<it>` reruns the run."""
@@ -138,6 +243,33 @@ class Config:
             else:
                 lines.append(f"--{f.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+def parse_unfreeze(value: str) -> int | float | None:
+    """'all' -> None, '20' -> 20, '0.3' -> 0.3 (a fraction of the layers).
+
+    Raises:
+      UserError: for anything else (including a list: only 'compare' takes one).
+    """
+    if value == "all":
+        return None
+    if value.isdigit():
+        return int(value)
+    if "," in value:
+        raise UserError(
+            f"--unfreeze={value} is a list: 'tf-finetune compare' runs one variant per value; "
+            "train takes one (0, N, a fraction like 0.3, or all)."
+        )
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(
+            f"--unfreeze must be 0, a number of top layers, a fraction in (0, 1] like 0.3, "
+            f"or all; got {value!r}."
+        )
+    return fraction
 
 
 def validate(config: Config) -> None:
@@ -166,10 +298,9 @@ def validate(config: Config) -> None:
         raise UserError(f"--backbone_alpha must be positive, got {config.backbone_alpha}.")
     if config.weight_decay < 0:
         raise UserError(f"--weight_decay must be >= 0, got {config.weight_decay}.")
-    if config.unfreeze != "all" and not (config.unfreeze.isdigit()):
-        raise UserError(
-            f"--unfreeze must be 0, a number of top layers, or all; got {config.unfreeze!r}."
-        )
+    for value in config.unfreeze.split(","):  # a list only reaches 'compare'
+        parse_unfreeze(value)
+    validate_training_options(config)
     for name in ("early_stopping_patience", "reduce_lr_patience"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must be >= 0 (0 turns it off).")
@@ -185,6 +316,36 @@ def validate(config: Config) -> None:
     weights = config.weights
     if weights not in ("imagenet", "none") and not os.path.isfile(weights):
         raise UserError(f"--weights={weights}: not imagenet, none, or an existing weights file.")
+
+
+def validate_training_options(config: Config) -> None:
+    """The fine-tuning, regularization, gate and search flags (issue 4)."""
+    if config.warmup_epochs < 0 or config.warmup_steps < 0:
+        raise UserError("--warmup_epochs and --warmup_steps must be >= 0 (0 turns them off).")
+    if config.two_phase and config.warmup_epochs >= config.epochs:
+        raise UserError(
+            f"--warmup_epochs={config.warmup_epochs} leaves no fine-tuning epoch: --epochs counts "
+            f"both phases, so set it above {config.warmup_epochs}."
+        )
+    if config.fine_tune_learning_rate < 0:
+        raise UserError("--fine_tune_learning_rate must be positive (0: --learning_rate / 10).")
+    for name in ("mixup", "cutmix"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name} is a Beta distribution alpha: > 0 turns it on, 0 off.")
+    if not 0.0 <= config.ema < 1.0:
+        raise UserError(f"--ema is a momentum in [0, 1) like 0.999 (0: off), got {config.ema}.")
+    if config.average_checkpoints < 0:
+        raise UserError("--average_checkpoints must be >= 0 (0: off).")
+    if not 0.0 <= config.min_accuracy <= 1.0:
+        raise UserError(f"--min_accuracy is in [0, 1] like 0.9, got {config.min_accuracy}.")
+    if config.reduce_lr_patience and (config.lr_schedule != "constant" or config.warmup_steps):
+        raise UserError(
+            "--reduce_lr_patience cannot change a scheduled learning rate (--lr_schedule="
+            f"{config.lr_schedule}, --warmup_steps={config.warmup_steps}): the schedule sets it "
+            "every step; use one or the other."
+        )
+    if config.max_trials < 1:
+        raise UserError("--max_trials must be at least 1.")
 
 
 # The offline default's own settings, used where the user did not set the flag. The digits

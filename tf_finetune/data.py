@@ -353,3 +353,19 @@ def make_pipeline(
         num_parallel_calls=AUTOTUNE,
     )
     return ds.prefetch(AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------- class balance
+def class_counts(split: Split, num_classes: int) -> list[int]:
+    """Examples per class in `split`, from its labels alone (no image is decoded)."""
+    counts = split.source.map(lambda _, y: tf.one_hot(y, num_classes, dtype=tf.int64)).reduce(
+        tf.zeros([num_classes], tf.int64), lambda total, onehot: total + onehot
+    )
+    return [int(c) for c in counts.numpy()]
+
+
+def balanced_class_weights(counts: list[int]) -> dict[int, float]:
+    """`--class_weight=balanced`: n / (k * n_c), so every class weighs the same in the loss
+    (scikit-learn's "balanced"). A class without examples gets weight 0."""
+    total, k = sum(counts), len(counts)
+    return {c: (total / (k * n) if n else 0.0) for c, n in enumerate(counts)}

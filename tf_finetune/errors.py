@@ -1,4 +1,4 @@
-"""The one exception a user can cause."""
+"""The exceptions a user can cause."""
 
 
 class UserError(Exception):
@@ -7,3 +7,12 @@ class UserError(Exception):
     The CLI prints its message as one line and exits non-zero, without a traceback.
     The message must say what to do.
     """
+
+
+class BelowMinAccuracy(UserError):
+    """The trained model missed `--min_accuracy`: nothing exported, the run dir kept.
+
+    Its own exit code lets a pipeline tell "trained fine, not good enough" from a bad flag.
+    """
+
+    exit_code = 3

@@ -293,7 +293,9 @@ def _probabilities(model, pixels) -> np.ndarray:
     """One batch of probabilities from a Keras model, or any callable (e.g. a SavedModel
     signature wrapped in a lambda) returning probabilities or a dict holding them."""
     if hasattr(model, "predict_on_batch"):
-        out = model.predict_on_batch(pixels)
+        # Not predict_on_batch: under a MirroredStrategy it runs the whole batch on every
+        # replica and concatenates the results (2 replicas: twice the rows).
+        out = model(pixels, training=False)
     else:
         out = model(pixels)
     if isinstance(out, dict):

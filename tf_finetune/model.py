@@ -1,5 +1,7 @@
 """Model assembly: raw pixels -> preprocessing -> frozen backbone -> named head layers."""
 
+import math
+
 import keras
 
 from tf_finetune import backbones
@@ -41,10 +43,20 @@ def get_backbone(model: keras.Model) -> keras.Model:
     return nested[0]
 
 
-def unfreeze(model: keras.Model, top_layers: int | None) -> list[str]:
-    """Makes the top `top_layers` backbone layers that have weights trainable (None: all).
+def unfreeze(model: keras.Model, top_layers: int | float | None) -> list[str]:
+    """Makes the top backbone layers that have weights trainable.
 
-    BatchNormalization layers stay frozen whatever the depth (see `build_classifier`).
+    BatchNormalization layers stay frozen whatever the depth: trainable BN would update its
+    moving statistics from the new task's small batches, and unfreezing them would also let
+    the optimizer move gamma/beta away from the statistics the upper layers were trained
+    with; the backbone is called with training=False (see `build_classifier`), so BN runs in
+    inference mode and the pretrained features are not wrecked in the first fine-tuning steps
+    (the Keras transfer-learning guide's advice).
+
+    Args:
+      model: built by `build_classifier`.
+      top_layers: 0 = frozen, N = the top N weighted non-BN layers, a float in (0, 1] = that
+        fraction of them (rounded up), None = all of them.
 
     Returns:
       The names of the backbone layers that are now trainable.
@@ -53,6 +65,13 @@ def unfreeze(model: keras.Model, top_layers: int | None) -> list[str]:
     if top_layers == 0:
         backbone.trainable = False
         return []
+    if isinstance(top_layers, float):
+        weighted = [
+            layer
+            for layer in backbone.layers
+            if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        top_layers = max(1, math.ceil(top_layers * len(weighted)))
     backbone.trainable = True
     chosen = []
     for layer in reversed(backbone.layers):

@@ -6,19 +6,36 @@ A flat list of small functions ending in `train_and_evaluate(config)`.
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import backbones, data, digits, evaluate, export
+from tf_finetune import (
+    augment,
+    averaging,
+    backbones,
+    data,
+    digits,
+    evaluate,
+    export,
+    phases,
+    schedules,
+)
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
+from tf_finetune.errors import BelowMinAccuracy
 
 BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
+# The weights that were evaluated and exported, when they are not the best checkpoint's
+# (an EMA or an average won on val_loss); `evaluate` prefers them.
+FINAL_WEIGHTS = os.path.join("checkpoints", "final.weights.h5")
+TOP_CHECKPOINTS = os.path.join("checkpoints", "top")
 
 
 # ----------------------------------------------------------------------------- devices
@@ -81,65 +98,151 @@ def weights_arg(config: Config) -> str | None:
     return None if config.weights == "none" else config.weights
 
 
-def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    config: Config, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0
+) -> keras.optimizers.Optimizer:
+    """The configured optimizer at `learning_rate` (a float or schedule; 0: --learning_rate)."""
+    rate = learning_rate or config.learning_rate
+    # Keras keeps the EMA in the optimizer (restored by BackupAndRestore with the rest of its
+    # state) and swaps it into the model when fit ends.
+    ema = {"use_ema": True, "ema_momentum": config.ema} if config.ema else {}
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(config.learning_rate, momentum=0.9)
+        return keras.optimizers.SGD(rate, momentum=0.9, **ema)
     if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
-    return keras.optimizers.Adam(config.learning_rate)
+        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay, **ema)
+    return keras.optimizers.Adam(rate, **ema)
 
 
-def compile_model(model: keras.Model, config: Config, num_classes: int) -> None:
+def compile_model(
+    model: keras.Model,
+    config: Config,
+    num_classes: int,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
+) -> None:
     metrics = ["accuracy"]
     if num_classes > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
     model.compile(
-        optimizer=make_optimizer(config),
+        optimizer=make_optimizer(config, learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=metrics,
+        jit_compile=config.jit_compile,
     )
 
 
-def build_model(config: Config, num_classes: int) -> keras.Model:
-    """Builds and compiles the classifier; call inside `strategy.scope()`."""
-    spec = backbones.get_spec(config.backbone)
-    model = model_lib.build_classifier(
-        spec,
-        num_classes,
-        config.image_size,
-        weights_arg(config),
-        config.dropout,
-        config.backbone_alpha,
-    )
-    trainable = model_lib.unfreeze(model, config.unfreeze_layers)
+def prepare_phase(
+    model: keras.Model,
+    config: Config,
+    num_classes: int,
+    phase: phases.Phase,
+    steps_per_epoch: int = 1,
+) -> None:
+    """Sets the phase's trainable layers and compiles; call inside `strategy.scope()`.
+
+    Recompiling after changing `trainable` is what makes the change take effect in `fit`.
+    """
+    trainable = model_lib.unfreeze(model, phase.unfreeze)
     if trainable:
         logging.info(
-            "Training %d backbone layers: %s ...", len(trainable), ", ".join(trainable[:5])
+            "Phase %s: training %d backbone layers: %s ...",
+            phase.name,
+            len(trainable),
+            ", ".join(trainable[:5]),
         )
-    compile_model(model, config, num_classes)
+    steps = steps_per_epoch * (phase.epochs - phase.initial_epoch)
+    rate = schedules.learning_rate(
+        phase.learning_rate, config.lr_schedule, steps, config.warmup_steps
+    )
+    compile_model(model, config, num_classes, rate)
+
+
+def build_model(
+    config: Config, num_classes: int, phase: phases.Phase | None = None, steps_per_epoch: int = 1
+) -> keras.Model:
+    """Builds and compiles the classifier for `phase` (default: the last, i.e. the final
+    trainable layers); call inside `strategy.scope()`."""
+    spec = backbones.get_spec(config.backbone)
+    # The policy applies to the layers built now; restored after so nothing else inherits it.
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.precision)
+    try:
+        model = model_lib.build_classifier(
+            spec,
+            num_classes,
+            config.image_size,
+            weights_arg(config),
+            config.dropout,
+            config.backbone_alpha,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    prepare_phase(model, config, num_classes, phase or phases.plan(config)[-1], steps_per_epoch)
     return model
 
 
 # ----------------------------------------------------------------------------- fit
-def make_callbacks(config: Config, verbose: int) -> list[keras.callbacks.Callback]:
-    """Best checkpoint, backup for resuming, TensorBoard, CSV history, optional stoppers."""
+class _SaveRunState(keras.callbacks.Callback):
+    """Records the running phase and the best val_loss so far in backup/state.json.
+
+    Runs after ModelCheckpoint (so the best value matches the best file) and before
+    BackupAndRestore writes the epoch's backup.
+    """
+
+    def __init__(self, model_dir: str, phase: int, checkpoint: keras.callbacks.ModelCheckpoint):
+        super().__init__()
+        self.model_dir, self.phase, self.checkpoint = model_dir, phase, checkpoint
+
+    def on_epoch_end(self, epoch, logs=None):
+        best = self.checkpoint.best
+        best = float(best) if best is not None and np.isfinite(best) else None
+        phases.save_state(self.model_dir, phases.State(self.phase, best))
+
+
+def make_callbacks(
+    config: Config,
+    verbose: int,
+    phase: phases.Phase | None = None,
+    best_val_loss: float | None = None,
+    last_phase: bool = True,
+) -> list[keras.callbacks.Callback]:
+    """Best checkpoint, backup for resuming, TensorBoard, CSV history, optional stoppers.
+
+    Args:
+      phase: the fit call these are for (default: a one-phase run).
+      best_val_loss: the best so far in this run (a resumed run, or phase 2): only a better
+        epoch replaces the best checkpoint.
+      last_phase: EarlyStopping only stops the last phase (the head warmup always runs out).
+    """
     run = config.model_dir
+    phase = phase or phases.plan(config)[-1]
     os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        os.path.join(run, BEST_WEIGHTS),
+        monitor="val_loss",
+        save_best_only=True,
+        save_weights_only=True,
+        initial_value_threshold=best_val_loss,
+        verbose=0,
+    )
     callbacks = [
-        # Saved every epoch; a rerun of the same command resumes from it. Deleted at the end.
-        keras.callbacks.BackupAndRestore(os.path.join(run, "backup")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(run, BEST_WEIGHTS),
-            monitor="val_loss",
-            save_best_only=True,
-            save_weights_only=True,
-            verbose=0,
+        checkpoint,
+        _SaveRunState(run, phase.index, checkpoint),
+        # Saved every epoch; a rerun of the same command resumes from it. Deleted at the end
+        # of the run (by phases.finish), not of the phase: the state says what comes next.
+        keras.callbacks.BackupAndRestore(
+            phases.backup_dir(run, phase.index), delete_checkpoint=False
         ),
         keras.callbacks.TensorBoard(os.path.join(run, "logs")),
         keras.callbacks.CSVLogger(os.path.join(run, "history.csv"), append=True),
         keras.callbacks.TerminateOnNaN(),
     ]
-    if config.early_stopping_patience:
+    if config.average_checkpoints:
+        callbacks.append(
+            averaging.KeepBestCheckpoints(
+                os.path.join(run, TOP_CHECKPOINTS), config.average_checkpoints
+            )
+        )
+    if config.early_stopping_patience and last_phase:
         callbacks.append(
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=config.early_stopping_patience, verbose=verbose
@@ -164,7 +267,11 @@ def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
 
 
 def evaluate_and_report(
-    model: keras.Model, config: Config, dataset: data.DataSet, pipelines: dict
+    model: keras.Model,
+    config: Config,
+    dataset: data.DataSet,
+    pipelines: dict,
+    phase_boundary_epoch: int | None = None,
 ) -> dict:
     """Keras metrics plus the per-class report and plots for val and test, into the run dir.
 
@@ -181,6 +288,7 @@ def evaluate_and_report(
             config.model_dir,
             split_name=split,
             history_csv=history_csv if os.path.exists(history_csv) else None,
+            phase_boundary_epoch=phase_boundary_epoch,
         )
         results[f"{split}_macro_f1"] = report["macro_f1"]
         results[f"{split}_weighted_f1"] = report["weighted_f1"]
@@ -188,11 +296,17 @@ def evaluate_and_report(
     return results
 
 
+def phase_boundary(config: Config) -> int | None:
+    """The first fine-tuning epoch of a two-phase run (curves.png marks it), else None."""
+    return config.warmup_epochs if config.two_phase else None
+
+
 def evaluate_run(config: Config, split: str) -> dict:
-    """Re-evaluates a finished run's best checkpoint on `split` (val or test) of `config.data`."""
+    """Re-evaluates a finished run's final weights on `split` (val or test) of `config.data`."""
     from tf_finetune.errors import UserError
 
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
+    final = os.path.join(config.model_dir, FINAL_WEIGHTS)
     if not os.path.exists(best):
         raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
     strategy = make_strategy(config.strategy, config.cpu_replicas)
@@ -204,7 +318,7 @@ def evaluate_run(config: Config, split: str) -> dict:
         model = build_model(config, dataset.num_classes)
     with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed here
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(best)
+        model.load_weights(final if os.path.exists(final) else best)
     pipeline = data.make_pipeline(
         chosen, dataset.num_classes, config.batch_size, False, config.seed
     )
@@ -216,16 +330,157 @@ def evaluate_run(config: Config, split: str) -> dict:
         config.model_dir,
         split_name=split,
         history_csv=history_csv if os.path.exists(history_csv) else None,
+        phase_boundary_epoch=phase_boundary(config),
     )
     report["text"] = evaluate.format_report(report, dataset.class_names)
     return report
+
+
+def make_pipelines(config: Config, dataset: data.DataSet) -> dict[str, tf.data.Dataset]:
+    """train (shuffled, augmented per the flags), val and, if any, test batches."""
+    train_ds = data.make_pipeline(
+        dataset.train, dataset.num_classes, config.batch_size, True, config.seed
+    )
+    pipelines = {
+        "train": augment.augment_training_pipeline(
+            train_ds, config.augment, config.mixup, config.cutmix, config.seed
+        ),
+        "val": data.make_pipeline(
+            dataset.val, dataset.num_classes, config.batch_size, False, config.seed
+        ),
+    }
+    if dataset.test:
+        pipelines["test"] = data.make_pipeline(
+            dataset.test, dataset.num_classes, config.batch_size, False, config.seed
+        )
+    return pipelines
+
+
+def _load_quietly(model: keras.Model, path: str) -> None:
+    with warnings.catch_warnings():  # optimizer state of another compile is not needed
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
+
+
+def fit_phases(
+    config: Config,
+    dataset: data.DataSet,
+    pipelines: dict,
+    strategy: tf.distribute.Strategy,
+    extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
+    verbose: int = 2,
+) -> tuple[keras.Model, list[keras.callbacks.History]]:
+    """Builds the model and runs the phases of `config`, resuming an unfinished run.
+
+    Returns:
+      The model as fit left it (with `--ema`, holding the EMA weights) and one History per
+      phase run in this call.
+    """
+    plan = phases.plan(config)
+    state = phases.load_state(config.model_dir)
+    if state is None:  # a new run: nothing of an earlier run in this dir may leak in
+        shutil.rmtree(os.path.join(config.model_dir, TOP_CHECKPOINTS), ignore_errors=True)
+        state = phases.State()
+    else:
+        logging.info("Resuming an unfinished run in phase %d of %d", state.phase, len(plan))
+    steps = phases.steps_per_epoch(dataset.train.count, config.batch_size)
+    class_weight = (
+        data.balanced_class_weights(data.class_counts(dataset.train, dataset.num_classes))
+        if config.class_weight == "balanced"
+        else None
+    )
+    with strategy.scope():
+        model = build_model(config, dataset.num_classes, plan[state.phase - 1], steps)
+    if state.phase > 1:
+        # Where phase 1 ended; this phase's own backup (if any) then restores later epochs.
+        _load_quietly(model, phases.phase_end_weights(config.model_dir, state.phase - 1))
+    histories = []
+    best_val_loss = state.best_val_loss
+    for phase in plan[state.phase - 1 :]:
+        last = phase is plan[-1]
+        if histories:  # the first phase of this call was prepared by build_model
+            with strategy.scope():
+                prepare_phase(model, config, dataset.num_classes, phase, steps)
+        model._initial_epoch = None  # set by an earlier fit's BackupAndRestore; not ours
+        callbacks = make_callbacks(config, verbose, phase, best_val_loss, last)
+        history = model.fit(
+            pipelines["train"],
+            validation_data=pipelines["val"],
+            initial_epoch=phase.initial_epoch,
+            epochs=phase.epochs,
+            class_weight=class_weight,
+            callbacks=callbacks + list(extra_callbacks),
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
+        )
+        histories.append(history)
+        best = callbacks[0].best
+        best_val_loss = float(best) if best is not None and np.isfinite(best) else best_val_loss
+        if not last:
+            # Order matters for a kill at any point: weights, then the state, then the backup.
+            phases.save_phase_end(model, config.model_dir, phase.index)
+            phases.save_state(config.model_dir, phases.State(phase.index + 1, best_val_loss))
+            shutil.rmtree(phases.backup_dir(config.model_dir, phase.index), ignore_errors=True)
+    phases.finish(config.model_dir)
+    return model, histories
+
+
+def candidate_weights(
+    model: keras.Model, config: Config, pipelines: dict
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """Evaluates the best checkpoint, the EMA and the best-K average side by side.
+
+    Leaves the winner (lowest val_loss: validation chooses, test stays honest) in `model`.
+
+    Returns:
+      The winner's name and each candidate's val/test metrics.
+    """
+    evaluated = {k: v for k, v in pipelines.items() if k != "train"}
+    weights, results = {}, {}
+    if config.ema:  # fit has just swapped the EMA into the model
+        weights["ema"] = model.get_weights()
+        results["ema"] = evaluate_splits(model, evaluated)
+    if config.average_checkpoints:
+        keeper = averaging.KeepBestCheckpoints(
+            os.path.join(config.model_dir, TOP_CHECKPOINTS), config.average_checkpoints
+        )
+        if keeper.paths():
+            averaging.average_weights(model, keeper.paths())
+            name = f"average_of_best_{len(keeper.paths())}"
+            weights[name] = model.get_weights()
+            results[name] = evaluate_splits(model, evaluated)
+    best = os.path.join(config.model_dir, BEST_WEIGHTS)
+    if os.path.exists(best):
+        _load_quietly(model, best)  # the exported model is the best one on val_loss
+        weights["best_checkpoint"] = model.get_weights()
+        if results:
+            results["best_checkpoint"] = evaluate_splits(model, evaluated)
+    if not results:
+        return "best_checkpoint", {}
+    winner = min(results, key=lambda name: results[name]["val_loss"])
+    model.set_weights(weights[winner])
+    final = os.path.join(config.model_dir, FINAL_WEIGHTS)
+    if winner == "best_checkpoint":
+        if os.path.exists(final):
+            os.remove(final)
+    else:
+        tmp = final.replace(".weights.h5", ".tmp.weights.h5")
+        model.save_weights(tmp)
+        os.replace(tmp, final)
+    return winner, results
+
+
+def gate_accuracy(metrics: dict) -> tuple[str, float]:
+    """The accuracy --min_accuracy checks: test's when there is a test split, else val's."""
+    split = "test" if "test_accuracy" in metrics else "val"
+    return split, metrics[f"{split}_accuracy"]
 
 
 def scratch_baseline(
     config: Config, pipelines: dict, num_classes: int, strategy: tf.distribute.Strategy
 ) -> dict[str, float]:
     """The same network trained from random init on the same data, epochs and seed."""
-    scratch = dataclasses.replace(config, weights="none", unfreeze="all")
+    scratch = dataclasses.replace(config, weights="none", unfreeze="all", warmup_epochs=0)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(scratch, num_classes)
@@ -271,52 +526,52 @@ def train_and_evaluate(
         dataset.val.count,
         dataset.test.count if dataset.test else 0,
     )
-    pipelines = {
-        "train": data.make_pipeline(
-            dataset.train, dataset.num_classes, config.batch_size, True, config.seed
-        ),
-        "val": data.make_pipeline(
-            dataset.val, dataset.num_classes, config.batch_size, False, config.seed
-        ),
-    }
-    if dataset.test:
-        pipelines["test"] = data.make_pipeline(
-            dataset.test, dataset.num_classes, config.batch_size, False, config.seed
-        )
-
-    with strategy.scope():
-        model = build_model(config, dataset.num_classes)
+    pipelines = make_pipelines(config, dataset)
     verbose = 1 if sys.stdout.isatty() else 2
-    history = model.fit(
-        pipelines["train"],
-        validation_data=pipelines["val"],
-        epochs=config.epochs,
-        callbacks=make_callbacks(config, verbose) + list(extra_callbacks),
-        verbose=verbose,
-        shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
-    )
-    best = os.path.join(config.model_dir, BEST_WEIGHTS)
-    if os.path.exists(best):
-        model.load_weights(best)  # the exported model is the best one on val_loss
+    model, histories = fit_phases(config, dataset, pipelines, strategy, extra_callbacks, verbose)
+    exported_weights, candidates = candidate_weights(model, config, pipelines)
 
-    last_epoch = {k: float(v[-1]) for k, v in history.history.items() if not k.startswith("val_")}
+    history = histories[-1].history
+    last_epoch = {k: float(v[-1]) for k, v in history.items() if v and not k.startswith("val_")}
+    epochs = histories[-1].epoch
     metrics = {
         **{k: last_epoch[k] for k in ("loss", "accuracy") if k in last_epoch},
-        **evaluate_and_report(model, config, dataset, pipelines),
+        **evaluate_and_report(model, config, dataset, pipelines, phase_boundary(config)),
         "class_names": list(dataset.class_names),
         "train_images": dataset.train.count,
         "val_images": dataset.val.count,
         "test_images": dataset.test.count if dataset.test else 0,
         "skipped_files": [{"file": p, "reason": r} for p, r in dataset.skipped_files],
-        "epochs": len(history.epoch) and history.epoch[-1] + 1,
+        "epochs": epochs[-1] + 1 if epochs else config.epochs,
+        "phase_boundary_epoch": phase_boundary(config),
         "backbone": config.backbone,
         "replicas": strategy.num_replicas_in_sync,
+        "trainable_parameters": count_parameters(model.trainable_weights),
     }
+    if candidates:
+        metrics["candidates"] = candidates
+        metrics["exported_weights"] = exported_weights
     if config.is_offline_default:
         metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
+    metrics_path = os.path.join(config.model_dir, "metrics.json")
+    if config.min_accuracy:
+        split, accuracy = gate_accuracy(metrics)
+        metrics["min_accuracy"] = {"split": split, "accuracy": accuracy, "bar": config.min_accuracy}
+        if accuracy < config.min_accuracy:
+            metrics["export_path"] = None
+            metrics["wall_time_seconds"] = round(time.time() - start, 1)
+            _write_json(metrics_path, metrics)
+            raise BelowMinAccuracy(
+                f"{split} accuracy {accuracy:.4f} is below --min_accuracy={config.min_accuracy}: "
+                f"not exported; the run is kept in {config.model_dir}."
+            )
     metrics["export_path"] = export.export_saved_model(
         model, list(dataset.class_names), config.image_size, config.export_base
     )
     metrics["wall_time_seconds"] = round(time.time() - start, 1)
-    _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+    _write_json(metrics_path, metrics)
     return metrics
+
+
+def count_parameters(weights) -> int:
+    return int(sum(np.prod(w.shape) for w in weights))
