@@ -38,34 +38,79 @@ def make_augmentation(level: str, seed: int) -> keras.Sequential | None:
     return keras.Sequential(layers, name=f"augment_{level}")
 
 
-def make_mixing(mixup: float, cutmix: float, seed: int):
+def _beta(alpha: float, shape, seed: int) -> tf.Tensor:
+    """Beta(alpha, alpha) samples from two Gamma draws."""
+    a = tf.random.gamma(shape, alpha, seed=seed)
+    b = tf.random.gamma(shape, alpha, seed=seed + 1)
+    return a / (a + b)
+
+
+def cutmix(images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: int):
+    """CutMix (Yun et al. 2019) on a batch: each image gets a box pasted from another image of
+    the batch; its label becomes the two one-hot labels weighted by the pixels' true areas.
+
+    Not `keras.layers.CutMix`: it weights labels by the box's fractional area while whole pixels
+    are pasted (up to ~10% off at 16 px), and draws alpha from U(0, factor) rather than
+    Beta(alpha, alpha). Here, as timm's `correct_lam`, the label weight is the pasted area.
+    """
+    shape = tf.shape(images)
+    n, h, w = shape[0], shape[1], shape[2]
+    lam = _beta(alpha, [n], seed)
+    cut = tf.sqrt(1.0 - lam)
+    cut_h = tf.cast(tf.round(cut * tf.cast(h, tf.float32)), tf.int32)
+    cut_w = tf.cast(tf.round(cut * tf.cast(w, tf.float32)), tf.int32)
+    cy = tf.random.uniform([n], 0, h, tf.int32, seed=seed + 2)
+    cx = tf.random.uniform([n], 0, w, tf.int32, seed=seed + 3)
+    y0, y1 = (
+        tf.clip_by_value(cy - cut_h // 2, 0, h),
+        tf.clip_by_value(cy + cut_h - cut_h // 2, 0, h),
+    )
+    x0, x1 = (
+        tf.clip_by_value(cx - cut_w // 2, 0, w),
+        tf.clip_by_value(cx + cut_w - cut_w // 2, 0, w),
+    )
+    rows = tf.range(h)[None, :, None]
+    cols = tf.range(w)[None, None, :]
+    inside = (
+        (rows >= y0[:, None, None])
+        & (rows < y1[:, None, None])
+        & (cols >= x0[:, None, None])
+        & (cols < x1[:, None, None])
+    )
+    partner = tf.random.shuffle(tf.range(n), seed=seed + 4)
+    mixed = tf.where(inside[..., None], tf.gather(images, partner), images)
+    area = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / tf.cast(h * w, tf.float32)
+    labels = (1.0 - area[:, None]) * labels + area[:, None] * tf.gather(labels, partner)
+    return mixed, labels
+
+
+def make_mixing(mixup: float, cutmix_alpha: float, seed: int):
     """A batch function (images, one-hot labels) -> mixed images and labels, or None.
 
-    Uses `keras.layers.MixUp` / `keras.layers.CutMix`, which mix each image with another one of
-    the batch and its one-hot label by the same weight, so each label row still sums to 1.
-    With both on, each batch uses one of the two, chosen at random (as timm does).
+    MixUp is `keras.layers.MixUp` (image and label blended by the same weight); CutMix is
+    `cutmix`. Either way each label row still sums to 1. With both on, each batch uses one of
+    the two, chosen at random (as timm does).
     """
     mixers = []
     if mixup > 0:
-        mixers.append(keras.layers.MixUp(alpha=mixup, seed=seed + 10))
-    if cutmix > 0:
-        mixers.append(keras.layers.CutMix(factor=cutmix, seed=seed + 11))
+        layer = keras.layers.MixUp(alpha=mixup, seed=seed + 10)
+
+        def apply_mixup(images, labels):
+            out = layer({"images": images, "labels": labels}, training=True)
+            return tf.cast(out["images"], tf.float32), tf.cast(out["labels"], tf.float32)
+
+        mixers.append(apply_mixup)
+    if cutmix_alpha > 0:
+        mixers.append(lambda images, labels: cutmix(images, labels, cutmix_alpha, seed + 20))
     if not mixers:
         return None
-
-    def apply(layer, images, labels):
-        out = layer({"images": images, "labels": labels}, training=True)
-        return tf.cast(out["images"], tf.float32), tf.cast(out["labels"], tf.float32)
-
     if len(mixers) == 1:
-        return lambda images, labels: apply(mixers[0], images, labels)
+        return mixers[0]
 
     def either(images, labels):
         coin = tf.random.uniform([], seed=seed + 12)
         return tf.cond(
-            coin < 0.5,
-            lambda: apply(mixers[0], images, labels),
-            lambda: apply(mixers[1], images, labels),
+            coin < 0.5, lambda: mixers[0](images, labels), lambda: mixers[1](images, labels)
         )
 
     return either

@@ -489,6 +489,22 @@ def scratch_baseline(
     return {f"scratch_{k}": v for k, v in evaluate_splits(model, evaluated).items()}
 
 
+def seed_everything(config: Config) -> None:
+    """Seeds Python, NumPy and TF; op determinism on unless XLA is asked for.
+
+    Keras silently drops `jit_compile=True` while op determinism is on (not every XLA kernel
+    is deterministic), so `--jit_compile` turns it off, also after an earlier run in this
+    process turned it on (TF has no public switch back).
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    keras.utils.set_random_seed(config.seed)
+    if config.jit_compile:
+        tf_config.disable_op_determinism()
+    else:
+        tf.config.experimental.enable_op_determinism()
+
+
 def _write_json(path: str, payload: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -515,8 +531,7 @@ def train_and_evaluate(
         f.write(config.to_flagfile())
     if config.backbone == "digits_cnn" and config.weights == "imagenet":
         digits.pretrained_weights_path()  # pretrain the source task before seeding this run
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
+    seed_everything(config)
 
     dataset = load_data(config)
     logging.info(
