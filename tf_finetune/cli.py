@@ -67,6 +67,29 @@ def cmd_evaluate(config: config_lib.Config) -> int:
     return 0
 
 
+def cmd_tune(config: config_lib.Config) -> int:
+    from tf_finetune import tune
+
+    result = tune.tune(config)
+    print(f"\nTrials ranked by val_accuracy (best checkpoint of each):\n{result['table']}")
+    print(f"\nBest trial as flags: {result['flagfile']}")
+    print(f"Rerun it in full:    {PROG} train --flagfile={result['flagfile']}")
+    return 0
+
+
+def cmd_compare(config: config_lib.Config) -> int:
+    from tf_finetune import compare
+
+    result = compare.compare(config)
+    print(
+        f"\nSame data, seed and budget ({config.epochs} epochs"
+        + (f", {config.warmup_epochs} of them head-only" if config.warmup_epochs else "")
+        + f"), one row per --unfreeze value:\n{result['table']}"
+    )
+    print(f"\nRuns and compare.json in {config.model_dir}")
+    return 0
+
+
 def cmd_backbones(config: config_lib.Config) -> int:
     from tf_finetune.backbones import BACKBONES
 
@@ -88,6 +111,16 @@ COMMANDS: dict[str, Command] = {
         cmd_evaluate,
         "report accuracy, per-class precision/recall/F1, confusion matrix and plots of a run "
         "(its flags.cfg gives the data and model; flags override)",
+    ),
+    "tune": Command(
+        cmd_tune,
+        "search hyperparameters with KerasTuner over the --tune_* flags; writes the best trial "
+        "as a flagfile for train",
+    ),
+    "compare": Command(
+        cmd_compare,
+        "train one variant per --unfreeze value (e.g. 0,20,all) on the same data, seed and "
+        "budget; print val accuracy, loss, trainable parameters and seconds per epoch",
     ),
     "backbones": Command(cmd_backbones, "list the backbone names --backbone accepts"),
 }

@@ -278,6 +278,12 @@ def validate(config: Config) -> None:
     Raises:
       UserError: one line saying what is wrong and what to do.
     """
+    for f in dataclasses.fields(config):  # the CLI checks these; library callers may not
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise UserError(
+                f"--{f.name}={getattr(config, f.name)}: must be one of {', '.join(choices)}."
+            )
     positive = ("epochs", "batch_size", "cpu_replicas")
     for name in positive:
         if getattr(config, name) < 1:

@@ -362,6 +362,30 @@ def _load_quietly(model: keras.Model, path: str) -> None:
         model.load_weights(path)
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch (training and validation), by epoch number."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: dict[int, float] = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds[epoch] = round(time.perf_counter() - self._start, 2)
+
+
+@dataclasses.dataclass
+class Fit:
+    """What `fit_phases` leaves: the model as fit left it (with `--ema`, holding the EMA
+    weights), one History per phase run in this call, and each epoch's seconds."""
+
+    model: keras.Model
+    histories: list[keras.callbacks.History]
+    epoch_seconds: dict[int, float]
+
+
 def fit_phases(
     config: Config,
     dataset: data.DataSet,
@@ -369,13 +393,8 @@ def fit_phases(
     strategy: tf.distribute.Strategy,
     extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
     verbose: int = 2,
-) -> tuple[keras.Model, list[keras.callbacks.History]]:
-    """Builds the model and runs the phases of `config`, resuming an unfinished run.
-
-    Returns:
-      The model as fit left it (with `--ema`, holding the EMA weights) and one History per
-      phase run in this call.
-    """
+) -> Fit:
+    """Builds the model and runs the phases of `config`, resuming an unfinished run."""
     plan = phases.plan(config)
     state = phases.load_state(config.model_dir)
     if state is None:  # a new run: nothing of an earlier run in this dir may leak in
@@ -395,6 +414,7 @@ def fit_phases(
         # Where phase 1 ended; this phase's own backup (if any) then restores later epochs.
         _load_quietly(model, phases.phase_end_weights(config.model_dir, state.phase - 1))
     histories = []
+    timer = EpochTimer()
     best_val_loss = state.best_val_loss
     for phase in plan[state.phase - 1 :]:
         last = phase is plan[-1]
@@ -409,12 +429,12 @@ def fit_phases(
             initial_epoch=phase.initial_epoch,
             epochs=phase.epochs,
             class_weight=class_weight,
-            callbacks=callbacks + list(extra_callbacks),
+            callbacks=[timer, *callbacks, *extra_callbacks],
             verbose=verbose,
             shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
         )
         histories.append(history)
-        best = callbacks[0].best
+        best = callbacks[0].best  # the ModelCheckpoint
         best_val_loss = float(best) if best is not None and np.isfinite(best) else best_val_loss
         if not last:
             # Order matters for a kill at any point: weights, then the state, then the backup.
@@ -422,7 +442,15 @@ def fit_phases(
             phases.save_state(config.model_dir, phases.State(phase.index + 1, best_val_loss))
             shutil.rmtree(phases.backup_dir(config.model_dir, phase.index), ignore_errors=True)
     phases.finish(config.model_dir)
-    return model, histories
+    return Fit(model, histories, timer.seconds)
+
+
+def best_checkpoint_scores(model: keras.Model, config: Config, pipelines: dict) -> dict:
+    """val_* metrics of the run's best checkpoint (loaded into `model`), for tune and compare."""
+    best = os.path.join(config.model_dir, BEST_WEIGHTS)
+    if os.path.exists(best):
+        _load_quietly(model, best)
+    return evaluate_splits(model, {"val": pipelines["val"]})
 
 
 def candidate_weights(
@@ -522,6 +550,7 @@ def train_and_evaluate(
       extra_callbacks: added to fit's callbacks (tests use it to interrupt a run).
     """
     start = time.time()
+    phases.plan(config)  # a list of --unfreeze values fails here, before any work
     strategy = make_strategy(config.strategy, config.cpu_replicas)
     logging.info(
         "Strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync
@@ -543,7 +572,8 @@ def train_and_evaluate(
     )
     pipelines = make_pipelines(config, dataset)
     verbose = 1 if sys.stdout.isatty() else 2
-    model, histories = fit_phases(config, dataset, pipelines, strategy, extra_callbacks, verbose)
+    fit = fit_phases(config, dataset, pipelines, strategy, extra_callbacks, verbose)
+    model, histories = fit.model, fit.histories
     exported_weights, candidates = candidate_weights(model, config, pipelines)
 
     history = histories[-1].history
@@ -562,6 +592,8 @@ def train_and_evaluate(
         "backbone": config.backbone,
         "replicas": strategy.num_replicas_in_sync,
         "trainable_parameters": count_parameters(model.trainable_weights),
+        # This call's epochs only (a resumed run did not time the earlier ones).
+        "epoch_seconds": {str(e): t for e, t in sorted(fit.epoch_seconds.items())},
     }
     if candidates:
         metrics["candidates"] = candidates
