@@ -131,12 +131,18 @@ def test_phase_two_learning_rate_defaults_to_a_tenth(folder, tmp_path):
 
 
 class _CrashAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
+    """A kill at the end of `epoch` (its backup written), or at its beginning (none yet)."""
+
+    def __init__(self, epoch, at_begin=False):
         super().__init__()
-        self.epoch = epoch
+        self.epoch, self.at_begin = epoch, at_begin
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.at_begin and epoch == self.epoch:
+            raise KeyboardInterrupt
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
+        if not self.at_begin and epoch == self.epoch:
             raise KeyboardInterrupt
 
 
@@ -161,7 +167,7 @@ def test_resumed_phase_two_starts_from_phase_one_weights(folder, tmp_path):
     seen = _Trainable()
     # Killed during phase 2's first epoch, before its backup: phase 2 restarts from phase 1's end.
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, extra_callbacks=(seen, _CrashBegin(2)))
+        train.train_and_evaluate(config, extra_callbacks=(seen, _CrashAt(2, at_begin=True)))
     assert phases.load_state(str(tmp_path)).phase == 2
     assert not os.path.exists(phases.backup_dir(str(tmp_path), 1))  # phase 1's backup is gone
     phase1_end = seen.kernels[1]
@@ -169,16 +175,6 @@ def test_resumed_phase_two_starts_from_phase_one_weights(folder, tmp_path):
     train.train_and_evaluate(config, extra_callbacks=(start,))
     for a, b in zip(phase1_end, start.kernels):
         np.testing.assert_array_equal(a, b)
-
-
-class _CrashBegin(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 class _Start(keras.callbacks.Callback):
