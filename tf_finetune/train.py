@@ -518,7 +518,7 @@ def scratch_baseline(
 
 
 def seed_everything(config: Config) -> None:
-    """Seeds Python, NumPy and TF; op determinism on unless XLA is asked for.
+    """Seeds Python, NumPy and TF; op determinism on CPU unless XLA is asked for.
 
     Keras silently drops `jit_compile=True` while op determinism is on (not every XLA kernel
     is deterministic), so `--jit_compile` turns it off, also after an earlier run in this
@@ -529,7 +529,9 @@ def seed_everything(config: Config) -> None:
     keras.utils.set_random_seed(config.seed)
     if config.jit_compile:
         tf_config.disable_op_determinism()
-    else:
+    elif not tf.config.list_physical_devices("GPU"):
+        # Same seed, same numbers on CPU. Not on GPUs: some kernels have no deterministic
+        # version there and would raise, and the deterministic ones are slower.
         tf.config.experimental.enable_op_determinism()
 
 
