@@ -393,3 +393,26 @@ def test_jit_compile_turns_op_determinism_off_so_keras_keeps_xla(folder, tmp_pat
         train.seed_everything(tiny(folder, tmp_path))
     assert tf_config.is_op_determinism_enabled()
     assert train.build_model(tiny(folder, tmp_path), 3).jit_compile is False
+
+
+def test_layer_lr_decay_scales_each_layers_rate_under_mirrored_strategy(folder, tmp_path):
+    config = tiny(folder, tmp_path, unfreeze="all", learning_rate=0.01, layer_lr_decay=0.5)
+    strategy = train.make_strategy("mirrored", 2)
+    with strategy.scope():
+        model = train.build_model(config, 3)
+    backbone = model_lib.get_backbone(model)
+    kernels = {
+        "predictions": model.get_layer("predictions").kernel,
+        **{n: backbone.get_layer(n).kernel for n in ("conv1", "conv2", "conv3")},
+    }
+    before = {n: np.array(k) for n, k in kernels.items()}
+    dataset = data.load_image_folder(str(folder), 16, 20)
+    model.fit(
+        data.make_pipeline(dataset.train, 3, 8, True, 0), epochs=1, steps_per_epoch=1, verbose=0
+    )
+    # Adam's first step moves each weight by ~rate (g / |g|): the median shows each layer's rate.
+    rate = {n: float(np.median(np.abs(np.array(k) - before[n]))) for n, k in kernels.items()}
+    assert rate["predictions"] == pytest.approx(0.01, rel=0.05)
+    assert rate["conv3"] == pytest.approx(0.005, rel=0.05)
+    assert rate["conv2"] == pytest.approx(0.0025, rel=0.05)
+    assert rate["conv1"] == pytest.approx(0.00125, rel=0.05)

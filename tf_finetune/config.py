@@ -96,6 +96,12 @@ class Config:
         "Learning rate of phase 2 (after --warmup_epochs). 0: --learning_rate / 10.",
         "training",
     )
+    layer_lr_decay: float = _field(
+        1.0,
+        "Discriminative fine-tuning: the k-th trainable backbone layer from the top learns at "
+        "decay**k of the rate (e.g. 0.95); the head at the full rate. 1: off.",
+        "training",
+    )
     lr_schedule: str = _field(
         "constant",
         "Learning rate over each phase: constant, cosine (to 0 at the phase's end) or "
@@ -332,6 +338,10 @@ def validate_training_options(config: Config) -> None:
         raise UserError(
             f"--warmup_epochs={config.warmup_epochs} leaves no fine-tuning epoch: --epochs counts "
             f"both phases, so set it above {config.warmup_epochs}."
+        )
+    if not 0.0 < config.layer_lr_decay <= 1.0:
+        raise UserError(
+            f"--layer_lr_decay is in (0, 1] like 0.95 (1: off), got {config.layer_lr_decay}."
         )
     if config.fine_tune_learning_rate < 0:
         raise UserError("--fine_tune_learning_rate must be positive (0: --learning_rate / 10).")

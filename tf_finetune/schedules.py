@@ -1,4 +1,4 @@
-"""Learning rate over a training phase: linear warmup, then constant, cosine or exponential.
+"""Learning rates: a warmup + constant/cosine/exponential schedule per phase, and per-layer rates.
 
 One serializable `keras.optimizers.schedules.LearningRateSchedule`, so a checkpoint or a saved
 optimizer config describes it fully. The step counter is the optimizer's own `iterations`,
@@ -66,3 +66,47 @@ def learning_rate(
     if kind == "constant" and not warmup_steps:
         return base
     return WarmupSchedule(base, kind, total_steps, warmup_steps)
+
+
+# ----------------------------------------------------------------------------- per-layer rates
+class _LayerwiseRates:
+    """Mixin for a Keras optimizer: each variable's learning rate times its own multiplier.
+
+    Multipliers are keyed by variable path and resolved to the optimizer's variable indices
+    in `build`, so they also work with mirrored variables (the update step sees per-replica
+    components, which `_get_variable_index` maps back).
+    """
+
+    def __init__(self, *args, multipliers: dict[str, float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._multipliers_by_path = dict(multipliers)
+        self._multipliers: list[float] = []
+
+    def build(self, variables):
+        super().build(variables)
+        self._multipliers = [self._multipliers_by_path.get(v.path, 1.0) for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        multiplier = self._multipliers[self._get_variable_index(variable)]
+        if multiplier != 1.0:
+            learning_rate = learning_rate * multiplier
+        return super().update_step(gradient, variable, learning_rate)
+
+
+def with_layer_rates(
+    optimizer_class: type[keras.optimizers.Optimizer], multipliers: dict[str, float], **kwargs
+) -> keras.optimizers.Optimizer:
+    """`optimizer_class(**kwargs)` whose variables at `multipliers`' paths train at that
+    fraction of the learning rate (the others at the full rate)."""
+    layerwise = type(f"Layerwise{optimizer_class.__name__}", (_LayerwiseRates, optimizer_class), {})
+    return layerwise(multipliers=multipliers, **kwargs)
+
+
+def layer_decay_multipliers(layers: list, decay: float) -> dict[str, float]:
+    """Discriminative fine-tuning: the k-th trainable layer from the top trains at decay**k of
+    the head's rate (`layers` ordered bottom to top, as `model.unfreeze` returns them)."""
+    return {
+        w.path: decay**k
+        for k, layer in enumerate(reversed(layers), start=1)
+        for w in layer.trainable_weights
+    }

@@ -99,18 +99,28 @@ def weights_arg(config: Config) -> str | None:
 
 
 def make_optimizer(
-    config: Config, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0
+    config: Config,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
+    multipliers: dict[str, float] | None = None,
 ) -> keras.optimizers.Optimizer:
-    """The configured optimizer at `learning_rate` (a float or schedule; 0: --learning_rate)."""
-    rate = learning_rate or config.learning_rate
-    # Keras keeps the EMA in the optimizer (restored by BackupAndRestore with the rest of its
-    # state) and swaps it into the model when fit ends.
-    ema = {"use_ema": True, "ema_momentum": config.ema} if config.ema else {}
+    """The configured optimizer at `learning_rate` (a float or schedule; 0: --learning_rate).
+
+    `multipliers` (variable path -> factor) scale some variables' rates (--layer_lr_decay).
+    """
+    kwargs = {"learning_rate": learning_rate or config.learning_rate}
+    if config.ema:
+        # Keras keeps the EMA in the optimizer (restored by BackupAndRestore with the rest of
+        # its state) and swaps it into the model when fit ends.
+        kwargs.update(use_ema=True, ema_momentum=config.ema)
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9, **ema)
-    if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay, **ema)
-    return keras.optimizers.Adam(rate, **ema)
+        optimizer_class, kwargs["momentum"] = keras.optimizers.SGD, 0.9
+    elif config.optimizer == "adamw":
+        optimizer_class, kwargs["weight_decay"] = keras.optimizers.AdamW, config.weight_decay
+    else:
+        optimizer_class = keras.optimizers.Adam
+    if multipliers:
+        return schedules.with_layer_rates(optimizer_class, multipliers, **kwargs)
+    return optimizer_class(**kwargs)
 
 
 def compile_model(
@@ -118,12 +128,13 @@ def compile_model(
     config: Config,
     num_classes: int,
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
+    multipliers: dict[str, float] | None = None,
 ) -> None:
     metrics = ["accuracy"]
     if num_classes > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
     model.compile(
-        optimizer=make_optimizer(config, learning_rate),
+        optimizer=make_optimizer(config, learning_rate, multipliers),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=metrics,
         jit_compile=config.jit_compile,
@@ -153,7 +164,12 @@ def prepare_phase(
     rate = schedules.learning_rate(
         phase.learning_rate, config.lr_schedule, steps, config.warmup_steps
     )
-    compile_model(model, config, num_classes, rate)
+    multipliers = None
+    if trainable and config.layer_lr_decay < 1.0:
+        backbone = model_lib.get_backbone(model)
+        layers = [backbone.get_layer(name) for name in trainable]
+        multipliers = schedules.layer_decay_multipliers(layers, config.layer_lr_decay)
+    compile_model(model, config, num_classes, rate, multipliers)
 
 
 def build_model(
