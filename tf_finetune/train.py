@@ -413,6 +413,10 @@ def fit_phases(
     """Builds the model and runs the phases of `config`, resuming an unfinished run."""
     plan = phases.plan(config)
     state = phases.load_state(config.model_dir)
+    if state is not None and state.phase > len(plan):
+        logging.warning("The unfinished run in %s had more phases: starting anew", config.model_dir)
+        phases.finish(config.model_dir)
+        state = None
     if state is None:  # a new run: nothing of an earlier run in this dir may leak in
         shutil.rmtree(os.path.join(config.model_dir, TOP_CHECKPOINTS), ignore_errors=True)
         state = phases.State()
