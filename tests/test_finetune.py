@@ -366,6 +366,9 @@ def test_ema_and_checkpoint_average_are_evaluated_beside_the_best(folder, tmp_pa
     assert len(set(losses.values())) == 3, losses  # three different models
     assert metrics["exported_weights"] == min(losses, key=losses.get)
     assert metrics["val_loss"] == pytest.approx(losses[metrics["exported_weights"]], rel=1e-5)
+    # `evaluate` finds the exported weights when they are not the best checkpoint's.
+    final_exists = (tmp_path / train.FINAL_WEIGHTS).exists()
+    assert final_exists == (metrics["exported_weights"] != "best_checkpoint")
 
     # The average is the element-wise mean of the two kept files.
     top = tmp_path / train.TOP_CHECKPOINTS

@@ -484,6 +484,9 @@ def candidate_weights(
       The winner's name and each candidate's val/test metrics.
     """
     evaluated = {k: v for k, v in pipelines.items() if k != "train"}
+    final = os.path.join(config.model_dir, FINAL_WEIGHTS)
+    if os.path.exists(final):
+        os.remove(final)  # an earlier run's choice; rewritten below if this run's differs
     weights, results = {}, {}
     if config.ema:  # fit has just swapped the EMA into the model
         weights["ema"] = model.get_weights()
@@ -507,11 +510,7 @@ def candidate_weights(
         return "best_checkpoint", {}
     winner = min(results, key=lambda name: results[name]["val_loss"])
     model.set_weights(weights[winner])
-    final = os.path.join(config.model_dir, FINAL_WEIGHTS)
-    if winner == "best_checkpoint":
-        if os.path.exists(final):
-            os.remove(final)
-    else:
+    if winner != "best_checkpoint":
         tmp = final.replace(".weights.h5", ".tmp.weights.h5")
         model.save_weights(tmp)
         os.replace(tmp, final)
