@@ -105,7 +105,13 @@ def test_search_space_lists_and_ranges():
 
 def test_compare_prints_a_row_per_variant_and_writes_json(folder, tmp_path, capsys):
     run = tmp_path / "cmp"
-    argv = ["compare", *_tiny_flags(folder, run), "--unfreeze=0,1,all", "--learning_rate=0.01"]
+    argv = [
+        "compare",
+        *_tiny_flags(folder, run),
+        "--unfreeze=0,1,all",
+        "--warmup_epochs=1",  # each unfrozen variant: 1 head-only epoch, then 1 fine-tuning
+        "--learning_rate=0.01",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     table = out.split("one row per --unfreeze value:")[1].strip().splitlines()

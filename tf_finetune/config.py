@@ -334,7 +334,9 @@ def validate_training_options(config: Config) -> None:
     """The fine-tuning, regularization, gate and search flags (issue 4)."""
     if config.warmup_epochs < 0 or config.warmup_steps < 0:
         raise UserError("--warmup_epochs and --warmup_steps must be >= 0 (0 turns them off).")
-    if config.two_phase and config.warmup_epochs >= config.epochs:
+    # Each --unfreeze value (compare takes a list) that unfreezes anything makes two phases.
+    unfreezes = any(parse_unfreeze(v) != 0 for v in config.unfreeze.split(","))
+    if config.warmup_epochs and unfreezes and config.warmup_epochs >= config.epochs:
         raise UserError(
             f"--warmup_epochs={config.warmup_epochs} leaves no fine-tuning epoch: --epochs counts "
             f"both phases, so set it above {config.warmup_epochs}."
