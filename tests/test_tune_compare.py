@@ -28,6 +28,7 @@ def _tiny_flags(folder, model_dir, epochs=2):
     ]
 
 
+@pytest.mark.slow  # two searches and a full train: ~20-40 s on 2 busy cores
 def test_tune_runs_two_trials_ranks_them_and_its_flagfile_trains(folder, tmp_path, capsys):
     run = tmp_path / "search"
     argv = [
