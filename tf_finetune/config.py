@@ -83,6 +83,14 @@ class Config:
     weight_decay: float = _field(1e-4, "Weight decay for --optimizer=adamw.", "training")
     label_smoothing: float = _field(0.0, "Label smoothing (0 to 1).", "training")
     seed: int = _field(42, "Random seed: the same seed gives the same numbers on CPU.", "training")
+    cache: str = _field(
+        "auto",
+        "Frozen backbone and no augmentation: compute its features once and train the head on "
+        "them (memory: in RAM; disk: memory-mapped files in $KERAS_HOME/tf_finetune_features, "
+        "reused across runs). auto: memory when they fit in 2 GB, else disk; none: never.",
+        "training",
+        ("auto", "memory", "disk", "none"),
+    )
     early_stopping_patience: int = _field(
         0, "Stop after N epochs without val_loss improvement (0: off).", "training"
     )
@@ -169,6 +177,11 @@ def validate(config: Config) -> None:
     if config.unfreeze != "all" and not (config.unfreeze.isdigit()):
         raise UserError(
             f"--unfreeze must be 0, a number of top layers, or all; got {config.unfreeze!r}."
+        )
+    if config.cache in ("memory", "disk") and config.unfreeze != "0":
+        raise UserError(
+            f"--cache={config.cache} needs a frozen backbone (--unfreeze=0): the features of a "
+            "backbone that trains change every step. Use --cache=auto or none."
         )
     for name in ("early_stopping_patience", "reduce_lr_patience"):
         if getattr(config, name) < 0:

@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import backbones, data, digits, evaluate, export
+from tf_finetune import backbones, data, digits, evaluate, export, features
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 
@@ -121,15 +121,17 @@ def build_model(config: Config, num_classes: int) -> keras.Model:
 
 
 # ----------------------------------------------------------------------------- fit
-def make_callbacks(config: Config, verbose: int) -> list[keras.callbacks.Callback]:
+def make_callbacks(
+    config: Config, verbose: int, best_weights: str = BEST_WEIGHTS, backup: str = "backup"
+) -> list[keras.callbacks.Callback]:
     """Best checkpoint, backup for resuming, TensorBoard, CSV history, optional stoppers."""
     run = config.model_dir
     os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
     callbacks = [
         # Saved every epoch; a rerun of the same command resumes from it. Deleted at the end.
-        keras.callbacks.BackupAndRestore(os.path.join(run, "backup")),
+        keras.callbacks.BackupAndRestore(os.path.join(run, backup)),
         keras.callbacks.ModelCheckpoint(
-            os.path.join(run, BEST_WEIGHTS),
+            os.path.join(run, best_weights),
             monitor="val_loss",
             save_best_only=True,
             save_weights_only=True,
@@ -152,6 +154,86 @@ def make_callbacks(config: Config, verbose: int) -> list[keras.callbacks.Callbac
             )
         )
     return callbacks
+
+
+# Features above this size go to disk with --cache=auto.
+MEMORY_CACHE_BYTES = 2 * 1024**3
+HEAD_BEST_WEIGHTS = os.path.join("checkpoints", "head_best.weights.h5")
+
+
+def cache_mode(config: Config, feature_dim: int, count: int) -> str:
+    """none, memory or disk: whether (and where) to train the head on cached features."""
+    if config.unfreeze != "0":
+        if config.cache == "auto":
+            logging.info("Backbone unfrozen: training end to end on pixels (no feature cache).")
+        return "none"
+    if config.cache == "auto":
+        return "memory" if feature_dim * count * 4 <= MEMORY_CACHE_BYTES else "disk"
+    return config.cache
+
+
+def _cache_key(config: Config, split: data.Split, name: str) -> str:
+    weights = config.weights
+    if os.path.isfile(weights):
+        stat = os.stat(weights)
+        weights = f"{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
+    parts = {
+        "backbone": config.backbone,
+        "alpha": config.backbone_alpha,
+        "weights": weights,
+        "image_size": config.image_size,
+        "split": name,
+        "format": 1,
+    }
+    return f"{config.backbone}_{config.image_size}_{name}_" + features.fingerprint(
+        parts, split.source.map(lambda key, _: key)
+    )
+
+
+def fit_on_cached_features(
+    model: keras.Model,
+    config: Config,
+    dataset: data.DataSet,
+    strategy: tf.distribute.Strategy,
+    mode: str,
+    verbose: int,
+    extra_callbacks=(),
+) -> keras.callbacks.History:
+    """Trains the head of `model` on backbone features computed once (see features.py).
+
+    Leaves `model` (which shares the head's layers) with the best head weights, and writes them
+    as the full model's best checkpoint so `evaluate` and `export` find the usual file.
+    """
+    with strategy.scope():
+        extractor, head = features.split_classifier(model)
+        compile_model(head, config, dataset.num_classes)
+    cache_dir = None
+    if mode == "disk":
+        from keras.src.backend import config as keras_config
+
+        cache_dir = os.path.join(keras_config.keras_home(), "tf_finetune_features")
+    logging.info("Computing backbone features once (--cache=%s)", mode)
+    cached = {}
+    for name, split in (("train", dataset.train), ("val", dataset.val)):
+        pipeline = data.make_pipeline(
+            split, dataset.num_classes, config.batch_size, False, config.seed
+        )
+        key = _cache_key(config, split, name) if cache_dir else ""
+        cached[name] = features.cached_extract(extractor, pipeline, split.count, cache_dir, key)
+    history = head.fit(
+        features.dataset(cached["train"], config.batch_size, True, config.seed),
+        validation_data=features.dataset(cached["val"], config.batch_size, False, config.seed),
+        epochs=config.epochs,
+        callbacks=make_callbacks(config, verbose, HEAD_BEST_WEIGHTS, "backup_head")
+        + list(extra_callbacks),
+        verbose=verbose,
+        shuffle=False,
+    )
+    head_best = os.path.join(config.model_dir, HEAD_BEST_WEIGHTS)
+    if os.path.exists(head_best):
+        head.load_weights(head_best)
+        model.save_weights(os.path.join(config.model_dir, BEST_WEIGHTS))
+    return history
 
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
@@ -287,14 +369,20 @@ def train_and_evaluate(
     with strategy.scope():
         model = build_model(config, dataset.num_classes)
     verbose = 1 if sys.stdout.isatty() else 2
-    history = model.fit(
-        pipelines["train"],
-        validation_data=pipelines["val"],
-        epochs=config.epochs,
-        callbacks=make_callbacks(config, verbose) + list(extra_callbacks),
-        verbose=verbose,
-        shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
-    )
+    mode = cache_mode(config, model.get_layer("pooler").output.shape[-1], dataset.train.count)
+    if mode != "none":
+        history = fit_on_cached_features(
+            model, config, dataset, strategy, mode, verbose, extra_callbacks
+        )
+    else:
+        history = model.fit(
+            pipelines["train"],
+            validation_data=pipelines["val"],
+            epochs=config.epochs,
+            callbacks=make_callbacks(config, verbose) + list(extra_callbacks),
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
+        )
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     if os.path.exists(best):
         model.load_weights(best)  # the exported model is the best one on val_loss
