@@ -65,12 +65,18 @@ def fingerprint(parts: dict, split_keys: tf.data.Dataset) -> str:
 
 
 def _batches(pipeline: tf.data.Dataset, extractor: keras.Model):
+    # One compiled graph for the whole pass: calling the model eagerly runs op by op.
+    forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
     for x, y in pipeline:
-        yield np.asarray(extractor(x, training=False), np.float32), np.asarray(y, np.float32)
+        yield np.asarray(forward(x), np.float32), np.asarray(y, np.float32)
 
 
 def extract(
-    extractor: keras.Model, pipeline: tf.data.Dataset, count: int, path: str | None = None
+    extractor: keras.Model,
+    pipeline: tf.data.Dataset,
+    count: int,
+    path: str | None = None,
+    verbose: int = 1,
 ) -> Features:
     """Runs the extractor over a batched, unshuffled (pixels, one-hot) pipeline once.
 
@@ -128,16 +134,17 @@ def cached_extract(
     count: int,
     cache_dir: str | None,
     key: str,
+    verbose: int = 1,
 ) -> Features:
     """`extract`, reusing `<cache_dir>/<key>` when it is there (disk mode)."""
     if cache_dir is None:
-        return extract(extractor, pipeline, count)
+        return extract(extractor, pipeline, count, verbose=verbose)
     path = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(path, "labels.npy")):
         logging.info("Reusing cached features %s", path)
         return load(path)
     os.makedirs(cache_dir, exist_ok=True)
-    return extract(extractor, pipeline, count, path)
+    return extract(extractor, pipeline, count, path, verbose)
 
 
 def dataset(features: Features, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:

@@ -219,7 +219,9 @@ def fit_on_cached_features(
             split, dataset.num_classes, config.batch_size, False, config.seed
         )
         key = _cache_key(config, split, name) if cache_dir else ""
-        cached[name] = features.cached_extract(extractor, pipeline, split.count, cache_dir, key)
+        cached[name] = features.cached_extract(
+            extractor, pipeline, split.count, cache_dir, key, verbose=1 if verbose == 1 else 0
+        )
     history = head.fit(
         features.dataset(cached["train"], config.batch_size, True, config.seed),
         validation_data=features.dataset(cached["val"], config.batch_size, False, config.seed),
