@@ -355,13 +355,19 @@ def train_and_evaluate(
         dataset.val.count,
         dataset.test.count if dataset.test else 0,
     )
+    # Training on pixels (a backbone that trains): decode each image once and keep it in RAM
+    # when the split fits. A frozen backbone trains on cached features instead.
+    keep = config.unfreeze != "0" and config.cache != "none"
     pipelines = {
-        "train": data.make_pipeline(
-            dataset.train, dataset.num_classes, config.batch_size, True, config.seed
-        ),
-        "val": data.make_pipeline(
-            dataset.val, dataset.num_classes, config.batch_size, False, config.seed
-        ),
+        name: data.make_pipeline(
+            split,
+            dataset.num_classes,
+            config.batch_size,
+            name == "train",
+            config.seed,
+            keep and data.fits_in_memory(split, config.image_size, data.IMAGE_CACHE_BYTES // 2),
+        )
+        for name, split in (("train", dataset.train), ("val", dataset.val))
     }
     if dataset.test:
         pipelines["test"] = data.make_pipeline(
