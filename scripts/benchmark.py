@@ -16,7 +16,8 @@ Sections:
      wall time and val accuracy, ours (feature cache) vs the recipe;
   c. full fine-tuning throughput (images/s), ours vs the recipe;
   d. the export: serving_default latency for one image and throughput for a batch of 32;
-  e. peak RSS of a head-only run with --cache=memory, disk and none (child processes).
+  e. peak RSS of a head-only run with --cache=memory, disk and none (child processes);
+  f. precision on this CPU: mixed_bfloat16 vs float32 (throughput and accuracy).
 """
 
 import argparse
@@ -275,6 +276,44 @@ def bench_export(folder, image_size, workdir) -> dict:
     }
 
 
+def bench_precision(folder, image_size, batch, steps, epochs, workdir) -> dict:
+    """float32 vs mixed_bfloat16 on this CPU: full fine-tune and feature-extraction images/s,
+    and the val accuracy of a cached head-only run."""
+    results = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            keras.utils.set_random_seed(1337)
+            config = ours_config(
+                folder, image_size, batch, epochs, workdir / f"p_{policy}", cache="memory"
+            )
+            dataset = train.load_data(config)
+            model = train.build_model(config, dataset.num_classes)
+            start = time.perf_counter()
+            train.fit_on_cached_features(
+                model, config, dataset, tf.distribute.get_strategy(), "memory", 0
+            )
+            head_only_seconds = time.perf_counter() - start
+            val = data.make_pipeline(dataset.val, dataset.num_classes, batch, False, 0)
+            accuracy = model.evaluate(val, return_dict=True, verbose=0)["accuracy"]
+
+            config = ours_config(
+                folder, image_size, batch, 1, workdir / f"pf_{policy}", unfreeze="all"
+            )
+            model = train.build_model(config, dataset.num_classes)
+            times = _StepTimes()
+            pipeline = data.make_pipeline(dataset.train, dataset.num_classes, batch, True, 0)
+            model.fit(pipeline.take(steps), epochs=1, verbose=0, callbacks=[times])
+            results[policy] = {
+                "head_only_seconds": head_only_seconds,
+                "head_only_val_accuracy": accuracy,
+                "full_finetune_images_per_s": batch / statistics.median(times.seconds[2:]),
+            }
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    return results
+
+
 RSS_CHILD = r"""
 import resource, sys
 sys.path.insert(0, sys.argv[1])
@@ -322,7 +361,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, to check it runs")
     parser.add_argument("--json", default="benchmark.json", help="where to write the results")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip (a,b,c,d,e)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip (a,b,c,d,e,f)")
     args = parser.parse_args()
     if not WEIGHTS.exists() or not FLOWERS.is_dir():
         sys.exit(f"benchmark.py needs {SHARED} (real weights and photos) beside the checkout.")
@@ -349,6 +388,10 @@ def main() -> None:
         )
     if "d" not in skip:
         results["d_export_flowers_128"] = bench_export(FLOWERS, 128, work)
+    if "f" not in skip:
+        results["f_precision_flowers_128"] = bench_precision(
+            FLOWERS, 128, 32, 8 if args.quick else 20, epochs, work
+        )
     if "e" not in skip:
         results["e_peak_rss_mb_generated"] = bench_rss(generated, 224, work)
     results["benchmark_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -423,6 +466,29 @@ def print_table(r: dict, epochs: int) -> None:
                 "-",
                 "-",
                 "serving_default, JPEG bytes",
+            )
+        )
+    if "f_precision_flowers_128" in r:
+        f32, bf16 = (
+            r["f_precision_flowers_128"]["float32"],
+            r["f_precision_flowers_128"]["mixed_bfloat16"],
+        )
+        rows.append(
+            (
+                "bf16 vs f32: full fine-tune img/s",
+                f"{bf16['full_finetune_images_per_s']:.1f}",
+                f"{f32['full_finetune_images_per_s']:.1f}",
+                f"{bf16['full_finetune_images_per_s'] / f32['full_finetune_images_per_s']:.2f}x",
+                "ours both; 'recipe' column = float32",
+            )
+        )
+        rows.append(
+            (
+                "bf16 vs f32: head-only s / val acc",
+                f"{bf16['head_only_seconds']:.1f} / {bf16['head_only_val_accuracy']:.3f}",
+                f"{f32['head_only_seconds']:.1f} / {f32['head_only_val_accuracy']:.3f}",
+                f"{f32['head_only_seconds'] / bf16['head_only_seconds']:.2f}x",
+                "cached features",
             )
         )
     if "e_peak_rss_mb_generated" in r:
