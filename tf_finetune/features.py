@@ -64,6 +64,11 @@ def fingerprint(parts: dict, split_keys: tf.data.Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+class _Silent:
+    def add(self, n: int) -> None:
+        pass
+
+
 def _batches(pipeline: tf.data.Dataset, extractor: keras.Model):
     # One compiled graph for the whole pass: calling the model eagerly runs op by op.
     forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
