@@ -40,11 +40,16 @@ def read_metrics(model_dir: str) -> dict:
         return json.load(f)
 
 
-def load_best_model(config: Config, class_names: list[str]) -> keras.Model:
-    """The run's model with the weights of its best checkpoint."""
+def best_checkpoint(config: Config) -> str:
     best = os.path.join(config.model_dir, train.BEST_WEIGHTS)
     if not os.path.exists(best):
         raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
+    return best
+
+
+def load_best_model(config: Config, class_names: list[str]) -> keras.Model:
+    """The run's model with the weights of its best checkpoint."""
+    best = best_checkpoint(config)
     # weights="none": the checkpoint holds every weight; no download nor pretraining needed.
     model = train.build_model(dataclasses.replace(config, weights="none"), len(class_names))
     with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
@@ -206,6 +211,7 @@ def export_run(config: Config) -> dict:
       {"path": what was written, "format": ..., "rows": [(name, size bytes, val accuracy)]
       for TFLite (float first), "card": the model card path, "serving_config": path or None}.
     """
+    best_checkpoint(config)  # before any data is read
     metrics = read_metrics(config.model_dir)
     need_data = config.format == "tflite" or "class_names" not in metrics
     dataset = train.load_data(config) if need_data else None
@@ -232,6 +238,8 @@ def export_run(config: Config) -> dict:
     elif config.format == "keras":
         folder = _default_dir(config, "keras")
         result["path"] = os.path.join(folder, "model.keras")
+        # A built optimizer, so the file reloads without an optimizer-mismatch warning.
+        model.optimizer.build(model.trainable_variables)
         _write_new(result["path"], model.save)
         entry = {"file": "model.keras", "size_bytes": os.path.getsize(result["path"])}
         result["card"] = _side_files(folder, class_names, card, entry)
