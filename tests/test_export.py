@@ -6,10 +6,12 @@ signatures are read from the MetaGraphDef as `saved_model_cli show --all` does, 
 and gRPC paths run against tests/fake_tf_serving.py (a test double).
 """
 
+import base64
 import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 import keras
 import numpy as np
@@ -401,3 +403,15 @@ def test_flagfile_leaves_out_export_and_predict_knobs(config):
     text = config.to_flagfile()
     assert "--backbone=digits_cnn" in text
     assert "--quantize" not in text and "--server" not in text and "--json" not in text
+
+
+def test_readme_curl_body_is_answered_by_the_rest_test_double(run, keras_model, photos):
+    blob = (photos / "c1.jpg").read_bytes()
+    body = json.dumps({"instances": [{"b64": base64.b64encode(blob).decode()}]}).encode()
+    with FakeRestServer(FakeModelStore("photos", run / "export")) as fake:
+        request = urllib.request.Request(f"{fake.url}/v1/models/photos:predict", data=body)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            (prediction,) = json.loads(response.read())["predictions"]
+    expected = keras_model.predict(_decoded(blob)[None], verbose=0)[0]
+    np.testing.assert_allclose(prediction["probabilities"], expected, atol=1e-5)
+    assert prediction["top_k_names"][0] == CLASSES[int(expected.argmax())]
