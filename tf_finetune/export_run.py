@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -88,7 +89,15 @@ def convert_tflite(
         int8 (int8 weights and activations, uint8 pixels in, calibrated on `representative`).
       representative: for int8, yields [image batch] lists of float32 pixels.
     """
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    with tempfile.TemporaryDirectory() as saved:
+        # from_keras_model does the same but prints every captured variable to stdout.
+        model.export(saved, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serve"])
+        _configure(converter, quantize, representative)
+        return converter.convert()
+
+
+def _configure(converter, quantize: str, representative) -> None:
     if quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == "float16":
@@ -100,7 +109,6 @@ def convert_tflite(
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # Pixels are 0-255 already: a uint8 input takes them as they are (scale ~1, zero 0).
         converter.inference_input_type = tf.uint8
-    return converter.convert()
 
 
 def _interpreter(tflite_model: bytes) -> tf.lite.Interpreter:

@@ -722,7 +722,7 @@ def make_predictor(args: PredictArgs) -> Predictor:
     if args.model:
         if args.version is not None:
             raise UserError(
-                "--version works with --server/--grpc; for --model pass the version dir"
+                "--model_version works with --server/--grpc; for --model pass the version dir"
             )
         return LocalPredictor(args.model)
     if args.server:
