@@ -414,7 +414,12 @@ def train_and_evaluate(
     if config.is_offline_default:
         metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
     metrics["export_path"] = export.export_saved_model(
-        model, list(dataset.class_names), config.image_size, config.export_base
+        model,
+        list(dataset.class_names),
+        config.image_size,
+        config.export_base,
+        version=config.export_version,
+        card=export.run_card(config, list(dataset.class_names), metrics),
     )
     metrics["wall_time_seconds"] = round(time.time() - start, 1)
     _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
