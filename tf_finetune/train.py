@@ -24,9 +24,11 @@ from tf_finetune import (
     digits,
     evaluate,
     export,
+    features,
     phases,
     schedules,
 )
+from tf_finetune import config as config_lib
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import BelowMinAccuracy
@@ -179,8 +181,10 @@ def build_model(
     trainable layers); call inside `strategy.scope()`."""
     spec = backbones.get_spec(config.backbone)
     # The policy applies to the layers built now; restored after so nothing else inherits it.
+    # float32 (the default) leaves a policy the caller set globally in place.
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(config.precision)
+    if config.precision != "float32":
+        keras.mixed_precision.set_global_policy(config.precision)
     try:
         model = model_lib.build_classifier(
             spec,
@@ -220,6 +224,7 @@ def make_callbacks(
     phase: phases.Phase | None = None,
     best_val_loss: float | None = None,
     last_phase: bool = True,
+    best_weights: str = BEST_WEIGHTS,
 ) -> list[keras.callbacks.Callback]:
     """Best checkpoint, backup for resuming, TensorBoard, CSV history, optional stoppers.
 
@@ -228,12 +233,13 @@ def make_callbacks(
       best_val_loss: the best so far in this run (a resumed run, or phase 2): only a better
         epoch replaces the best checkpoint.
       last_phase: EarlyStopping only stops the last phase (the head warmup always runs out).
+      best_weights: where the best checkpoint goes (the head's own file on cached features).
     """
     run = config.model_dir
     phase = phase or phases.plan(config)[-1]
     os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
     checkpoint = keras.callbacks.ModelCheckpoint(
-        os.path.join(run, BEST_WEIGHTS),
+        os.path.join(run, best_weights),
         monitor="val_loss",
         save_best_only=True,
         save_weights_only=True,
@@ -271,6 +277,114 @@ def make_callbacks(
             )
         )
     return callbacks
+
+
+# Features above this size go to disk with --cache=auto.
+MEMORY_CACHE_BYTES = 2 * 1024**3
+HEAD_BEST_WEIGHTS = os.path.join("checkpoints", "head_best.weights.h5")
+
+
+def cache_mode(
+    config: Config, feature_dim: int, count: int, phase: phases.Phase | None = None
+) -> str:
+    """none, memory or disk: whether (and where) `phase` trains the head on cached features.
+
+    Only a head-only phase (a frozen backbone: `--unfreeze=0`, or phase 1 of `--warmup_epochs`)
+    whose training images are never changed (no augmentation, mixup, cutmix) and that needs
+    no whole-model state (EMA, checkpoint averaging) can. Default phase: the run's last.
+    """
+    phase = phase or phases.plan(config)[-1]
+    if phase.unfreeze != 0 or not config_lib.augmentation_free(config):
+        if config.cache == "auto":
+            logging.info("Phase %s trains end to end on pixels (no feature cache).", phase.name)
+        return "none"
+    if config.cache == "auto":
+        return "memory" if feature_dim * count * 4 <= MEMORY_CACHE_BYTES else "disk"
+    return config.cache
+
+
+def _cache_key(config: Config, split: data.Split, name: str) -> str:
+    weights = config.weights
+    if os.path.isfile(weights):
+        stat = os.stat(weights)
+        weights = f"{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
+    parts = {
+        "backbone": config.backbone,
+        "alpha": config.backbone_alpha,
+        "weights": weights,
+        "image_size": config.image_size,
+        "split": name,
+        "format": 1,
+    }
+    return f"{config.backbone}_{config.image_size}_{name}_" + features.fingerprint(
+        parts, split.source.map(lambda key, _: key)
+    )
+
+
+def fit_on_cached_features(
+    model: keras.Model,
+    config: Config,
+    dataset: data.DataSet,
+    strategy: tf.distribute.Strategy,
+    mode: str,
+    verbose: int,
+    extra_callbacks=(),
+    *,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    phase: phases.Phase | None = None,
+    steps_per_epoch: int = 1,
+    class_weight: dict | None = None,
+) -> keras.callbacks.History:
+    """Trains the head of `model` on backbone features computed once (see features.py).
+
+    Runs `phase`'s epochs (default: the run's only phase) with `callbacks` (default:
+    `make_callbacks(best_weights=HEAD_BEST_WEIGHTS)` plus `extra_callbacks`). Leaves `model`
+    (which shares the head's layers) with the best head weights, and writes them as the full
+    model's best checkpoint so `evaluate`, `export` and a following fine-tuning phase find the
+    usual file.
+    """
+    phase = phase or phases.plan(config)[-1]
+    if callbacks is None:
+        callbacks = make_callbacks(config, verbose, phase, best_weights=HEAD_BEST_WEIGHTS)
+        callbacks += list(extra_callbacks)
+    with strategy.scope():
+        extractor, head = features.split_classifier(model)
+        steps = steps_per_epoch * (phase.epochs - phase.initial_epoch)
+        rate = schedules.learning_rate(
+            phase.learning_rate, config.lr_schedule, steps, config.warmup_steps
+        )
+        compile_model(head, config, dataset.num_classes, rate)
+    cache_dir = None
+    if mode == "disk":
+        from keras.src.backend import config as keras_config
+
+        cache_dir = os.path.join(keras_config.keras_home(), "tf_finetune_features")
+    logging.info("Computing backbone features once (--cache=%s)", mode)
+    cached = {}
+    for name, split in (("train", dataset.train), ("val", dataset.val)):
+        pipeline = data.make_pipeline(
+            split, dataset.num_classes, config.batch_size, False, config.seed
+        )
+        key = _cache_key(config, split, name) if cache_dir else ""
+        cached[name] = features.cached_extract(
+            extractor, pipeline, split.count, cache_dir, key, verbose=1 if verbose == 1 else 0
+        )
+    head._initial_epoch = None  # see fit_phases
+    history = head.fit(
+        features.dataset(cached["train"], config.batch_size, True, config.seed),
+        validation_data=features.dataset(cached["val"], config.batch_size, False, config.seed),
+        initial_epoch=phase.initial_epoch,
+        epochs=phase.epochs,
+        class_weight=class_weight,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,
+    )
+    head_best = os.path.join(config.model_dir, HEAD_BEST_WEIGHTS)
+    if os.path.exists(head_best):
+        head.load_weights(head_best)
+        model.save_weights(os.path.join(config.model_dir, BEST_WEIGHTS))
+    return history
 
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
@@ -354,16 +468,26 @@ def evaluate_run(config: Config, split: str) -> dict:
 
 def make_pipelines(config: Config, dataset: data.DataSet) -> dict[str, tf.data.Dataset]:
     """train (shuffled, augmented per the flags), val and, if any, test batches."""
-    train_ds = data.make_pipeline(
-        dataset.train, dataset.num_classes, config.batch_size, True, config.seed
+    # Training on pixels (a backbone that trains, or augmented images): decode each image once
+    # and keep it in RAM when the split fits. A frozen phase trains on cached features instead.
+    on_pixels = config.unfreeze != "0" or not config_lib.augmentation_free(config)
+    keep = on_pixels and config.cache != "none"
+    train_ds, val_ds = (
+        data.make_pipeline(
+            split,
+            dataset.num_classes,
+            config.batch_size,
+            training,
+            config.seed,
+            keep and data.fits_in_memory(split, config.image_size, data.IMAGE_CACHE_BYTES // 2),
+        )
+        for split, training in ((dataset.train, True), (dataset.val, False))
     )
     pipelines = {
         "train": augment.augment_training_pipeline(
             train_ds, config.augment, config.mixup, config.cutmix, config.seed
         ),
-        "val": data.make_pipeline(
-            dataset.val, dataset.num_classes, config.batch_size, False, config.seed
-        ),
+        "val": val_ds,
     }
     if dataset.test:
         pipelines["test"] = data.make_pipeline(
@@ -442,17 +566,34 @@ def fit_phases(
             with strategy.scope():
                 prepare_phase(model, config, dataset.num_classes, phase, steps)
         model._initial_epoch = None  # set by an earlier fit's BackupAndRestore; not ours
-        callbacks = make_callbacks(config, verbose, phase, best_val_loss, last)
-        history = model.fit(
-            pipelines["train"],
-            validation_data=pipelines["val"],
-            initial_epoch=phase.initial_epoch,
-            epochs=phase.epochs,
-            class_weight=class_weight,
-            callbacks=[timer, *callbacks, *extra_callbacks],
-            verbose=verbose,
-            shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
-        )
+        feature_dim = model.get_layer("pooler").output.shape[-1]
+        mode = cache_mode(config, feature_dim, dataset.train.count, phase)
+        best_weights = HEAD_BEST_WEIGHTS if mode != "none" else BEST_WEIGHTS
+        callbacks = make_callbacks(config, verbose, phase, best_val_loss, last, best_weights)
+        if mode != "none":
+            history = fit_on_cached_features(
+                model,
+                config,
+                dataset,
+                strategy,
+                mode,
+                verbose,
+                callbacks=[timer, *callbacks, *extra_callbacks],
+                phase=phase,
+                steps_per_epoch=steps,
+                class_weight=class_weight,
+            )
+        else:
+            history = model.fit(
+                pipelines["train"],
+                validation_data=pipelines["val"],
+                initial_epoch=phase.initial_epoch,
+                epochs=phase.epochs,
+                class_weight=class_weight,
+                callbacks=[timer, *callbacks, *extra_callbacks],
+                verbose=verbose,
+                shuffle=False,  # the pipeline shuffles with the seed; Keras cannot shuffle a Dataset
+            )
         histories.append(history)
         best = callbacks[0].best  # the ModelCheckpoint
         best_val_loss = float(best) if best is not None and np.isfinite(best) else best_val_loss
@@ -634,7 +775,12 @@ def train_and_evaluate(
                 f"not exported; the run is kept in {config.model_dir}."
             )
     metrics["export_path"] = export.export_saved_model(
-        model, list(dataset.class_names), config.image_size, config.export_base
+        model,
+        list(dataset.class_names),
+        config.image_size,
+        config.export_base,
+        version=config.export_version,
+        card=export.run_card(config, list(dataset.class_names), metrics),
     )
     metrics["wall_time_seconds"] = round(time.time() - start, 1)
     _write_json(metrics_path, metrics)
