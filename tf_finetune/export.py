@@ -8,7 +8,9 @@ is never overwritten.
 Signatures (tag `serve`):
   serving_default: image_bytes (tf.string [batch], encoded JPEG/PNG/GIF/BMP)
   predict_images:  images (float32 [batch, h, w, 3], 0-255 pixels of any size)
-both returning probabilities [batch, classes], top_k_indices, top_k_names, top_k_scores.
+or, for a text model (one whose input is tf.string):
+  serving_default: text (tf.string [batch])
+all returning probabilities [batch, classes], top_k_indices, top_k_names, top_k_scores.
 """
 
 import os
@@ -77,6 +79,29 @@ def build_archive(
     return archive
 
 
+def build_text_archive(
+    model: keras.Model, class_names: list[str], top_k: int = 5
+) -> keras.export.ExportArchive:
+    """The serving graph around a text `model` (tf.string [batch] -> probabilities)."""
+    k = min(top_k, len(class_names))
+    names = tf.constant(list(class_names))
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def serve_text(text):
+        probabilities = model(text, training=False)
+        return _outputs(tf.cast(probabilities, tf.float32), names, k)
+
+    archive.add_endpoint("serving_default", serve_text)
+    return archive
+
+
+def is_text_model(model: keras.Model) -> bool:
+    """Whether `model` takes a batch of strings."""
+    return len(model.inputs) == 1 and model.inputs[0].dtype == "string"
+
+
 def export_saved_model(
     model: keras.Model,
     class_names: list[str],
@@ -93,7 +118,11 @@ def export_saved_model(
     tmp = os.path.join(export_base, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_archive(model, class_names, image_size).write_out(tmp, verbose=False)
+        if is_text_model(model):
+            archive = build_text_archive(model, class_names)
+        else:
+            archive = build_archive(model, class_names, image_size)
+        archive.write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
         with open(os.path.join(tmp, "assets", LABELS_FILE), "w", encoding="utf-8") as f:
             f.write("\n".join(class_names) + "\n")

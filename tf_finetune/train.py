@@ -14,9 +14,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import backbones, data, digits, evaluate, export
+from tf_finetune import backbones, data, digits, evaluate, export, hub_model, text_data
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
+from tf_finetune.errors import UserError
 
 BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
 
@@ -60,6 +61,19 @@ def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
 # ----------------------------------------------------------------------------- data
 def load_data(config: Config) -> data.DataSet:
     """The configured source as a DataSet (the offline default writes its PNG folders first)."""
+    if text_data.is_text_source(config):
+        dataset = text_data.load(config)
+        if not hub_model.is_text_model(config):
+            raise UserError(
+                f"--data={config.data} is text; pass a TF Hub text module as --backbone "
+                "(e.g. https://tfhub.dev/google/nnlm-en-dim50/2), see configs/imdb_nnlm.cfg."
+            )
+        return dataset
+    if hub_model.is_text_model(config):
+        raise UserError(
+            f"--backbone={config.backbone} is a text module but --data={config.data or '(digits)'} "
+            "holds images; pass a .csv/.tsv file or a TFDS text data set."
+        )
     if config.is_offline_default:
         root = digits.write_target_folder(digits.default_data_dir())
         return data.load_image_folder(root, config.image_size, config.validation_percent)
@@ -74,6 +88,24 @@ def load_data(config: Config) -> data.DataSet:
             config.seed,
         )
     return data.load_image_folder(config.data, config.image_size, config.validation_percent)
+
+
+def skip_batches_smaller_than(
+    ds: tf.data.Dataset, replicas: int, count: int, batch_size: int
+) -> tf.data.Dataset:
+    """Drops training batches too small to give every replica an example.
+
+    MirroredStrategy splits each batch across replicas; a last batch smaller than the
+    number of replicas leaves one empty and its backward pass fails (`Matrix size-incompatible:
+    In[0]: [0,C]`, tensorflow#45594). At most replicas-1 examples are skipped per epoch, and
+    the reshuffle puts different ones last each epoch.
+    """
+    last = count % batch_size
+    if replicas <= 1 or last == 0 or last >= replicas:
+        return ds
+    # Keras needs the number of steps up front (else it warns that the data ran out).
+    ds = ds.filter(lambda x, y: tf.shape(y)[0] >= replicas)
+    return ds.apply(tf.data.experimental.assert_cardinality(count // batch_size))
 
 
 # ----------------------------------------------------------------------------- model
@@ -102,6 +134,10 @@ def compile_model(model: keras.Model, config: Config, num_classes: int) -> None:
 
 def build_model(config: Config, num_classes: int) -> keras.Model:
     """Builds and compiles the classifier; call inside `strategy.scope()`."""
+    if hub_model.is_hub_backbone(config.backbone):
+        model = hub_model.build_classifier(config, num_classes)
+        compile_model(model, config, num_classes)
+        return model
     spec = backbones.get_spec(config.backbone)
     model = model_lib.build_classifier(
         spec,
@@ -190,8 +226,6 @@ def evaluate_and_report(
 
 def evaluate_run(config: Config, split: str) -> dict:
     """Re-evaluates a finished run's best checkpoint on `split` (val or test) of `config.data`."""
-    from tf_finetune.errors import UserError
-
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     if not os.path.exists(best):
         raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
@@ -261,7 +295,12 @@ def train_and_evaluate(
     if config.backbone == "digits_cnn" and config.weights == "imagenet":
         digits.pretrained_weights_path()  # pretrain the source task before seeding this run
     keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
+    if hub_model.can_be_deterministic(config):
+        tf.config.experimental.enable_op_determinism()
+    else:
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()  # a previous run in this process may have enabled it
 
     dataset = load_data(config)
     logging.info(
@@ -272,8 +311,13 @@ def train_and_evaluate(
         dataset.test.count if dataset.test else 0,
     )
     pipelines = {
-        "train": data.make_pipeline(
-            dataset.train, dataset.num_classes, config.batch_size, True, config.seed
+        "train": skip_batches_smaller_than(
+            data.make_pipeline(
+                dataset.train, dataset.num_classes, config.batch_size, True, config.seed
+            ),
+            strategy.num_replicas_in_sync,
+            dataset.train.count,
+            config.batch_size,
         ),
         "val": data.make_pipeline(
             dataset.val, dataset.num_classes, config.batch_size, False, config.seed
@@ -312,7 +356,7 @@ def train_and_evaluate(
         "backbone": config.backbone,
         "replicas": strategy.num_replicas_in_sync,
     }
-    if config.is_offline_default:
+    if config.is_offline_default and not hub_model.is_hub_backbone(config.backbone):
         metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
     metrics["export_path"] = export.export_saved_model(
         model, list(dataset.class_names), config.image_size, config.export_base
