@@ -329,7 +329,9 @@ def test_text_module_on_tfds_imdb_reviews_mock_data(modules, tmp_path):
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=24):
-        config = config_for(tmp_path, backbone=modules["text"], data="tfds:imdb_reviews")
+        config = config_for(
+            tmp_path, backbone=modules["text"], data="tfds:imdb_reviews", test_split="test"
+        )
         metrics = train.train_and_evaluate(config)
     assert metrics["class_names"] == ["neg", "pos"]
     assert metrics["train_images"] + metrics["val_images"] == 24

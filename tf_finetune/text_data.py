@@ -60,10 +60,13 @@ def read_table(
     path: str, text_column: str, label_column: str
 ) -> tuple[list[str], list[str], list[int]]:
     """(texts, labels, line numbers) of a CSV/TSV file; UserError with file:line on bad rows."""
-    delimiter = "\t" if path.lower().endswith(".tsv") else ","
-    other = "," if delimiter == "\t" else "\t"
-    kind = "tab-separated" if other == "\t" else "comma-separated"
-    hint = f"it looks {kind}: name the file {'.tsv' if other == chr(9) else '.csv'}"
+    tsv = path.lower().endswith(".tsv")
+    delimiter, other = ("\t", ",") if tsv else (",", "\t")
+    hint = (
+        "it looks comma-separated: name the file .csv"
+        if tsv
+        else ("it looks tab-separated: name the file .tsv")
+    )
     texts, labels, lines = [], [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter)

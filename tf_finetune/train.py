@@ -4,6 +4,7 @@ A flat list of small functions ending in `train_and_evaluate(config)`.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -54,8 +55,19 @@ def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
     if kind == "one_device":
         return tf.distribute.OneDeviceStrategy(devices[0])
     if kind == "mirrored" or len(devices) > 1:
-        return tf.distribute.MirroredStrategy(devices)
+        return _mirrored(tuple(devices))
     return tf.distribute.get_strategy()
+
+
+@functools.cache
+def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per device set and process.
+
+    A second MirroredStrategy over the same devices restarts the collective instance keys,
+    which then collide with the first one's ("Shape mismatch in the collective instance
+    100") when a process trains twice (tests, notebooks).
+    """
+    return tf.distribute.MirroredStrategy(list(devices))
 
 
 # ----------------------------------------------------------------------------- data
