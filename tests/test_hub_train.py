@@ -444,3 +444,36 @@ def test_text_data_with_an_image_backbone_is_one_line(tmp_path, capsys):
     )
     _, err = capsys.readouterr()
     assert code == 2 and "is text; pass a TF Hub text module" in err
+
+
+# ----------------------------------------------------------------------------- distribution
+def test_a_last_batch_smaller_than_the_replicas_is_skipped_not_fatal():
+    strategy = train.make_strategy("auto", 2)
+    assert strategy is train.make_strategy("auto", 2)  # one strategy per device set
+    x = np.random.default_rng(0).random((17, 4)).astype("float32")
+    y = np.eye(2, dtype="float32")[np.arange(17) % 2]
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # 8, 8, 1: one replica gets none
+    ds = train.skip_batches_smaller_than(ds, strategy.num_replicas_in_sync, 17, 8)
+    assert int(ds.cardinality()) == 2 and [int(b[1].shape[0]) for b in ds] == [8, 8]
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile("sgd", "categorical_crossentropy")
+    model.fit(ds, epochs=1, verbose=0)  # without the skip: "Matrix size-incompatible"
+    unchanged = tf.data.Dataset.range(10).batch(4)
+    assert train.skip_batches_smaller_than(unchanged, 2, 10, 4) is unchanged  # last batch: 2
+
+
+@pytest.mark.parametrize(
+    "name", ["flowers_hub_mobilenet_v2.cfg", "imdb_nnlm.cfg", "ag_news_bert.cfg"]
+)
+def test_hub_presets_parse_and_say_what_to_expect(name):
+    path = os.path.join(REPO, "configs", name)
+    text = open(path).read()
+    assert "# Command: tf-finetune train --flagfile=configs/" + name in text
+    assert "Expect:" in text and "Not run here" in text
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["tf-finetune", f"--flagfile={path}"])
+    values = {f: cli.FLAGS[f].value for f in Config.__dataclass_fields__}
+    cli.FLAGS.unparse_flags()
+    config = Config(**values)
+    assert hub_model.is_hub_backbone(config.backbone) and config.data.startswith("tfds:")
