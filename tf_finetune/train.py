@@ -307,7 +307,9 @@ def train_and_evaluate(
     if config.backbone == "digits_cnn" and config.weights == "imagenet":
         digits.pretrained_weights_path()  # pretrain the source task before seeding this run
     keras.utils.set_random_seed(config.seed)
-    if hub_model.can_be_deterministic(config):
+    if not tf.config.list_physical_devices("GPU") and hub_model.can_be_deterministic(config):
+        # Same seed, same numbers on CPU. Not on GPUs: some kernels have no deterministic
+        # version there and would raise, and the deterministic ones are slower.
         tf.config.experimental.enable_op_determinism()
     else:
         from tensorflow.python.framework import config as tf_config
