@@ -272,7 +272,10 @@ class _BertEncoder(_Trackable):
     def __call__(self, inputs, training=False):
         x = tf.gather(self.embeddings, inputs["input_word_ids"])
         if training:
-            x = tf.nn.dropout(x, rate=0.1)
+            # Dropout with an explicitly unseeded op (seed=seed2=0), as in modules exported
+            # without a global seed, whatever seed the process that saves this has set.
+            keep = tf.raw_ops.RandomUniform(shape=tf.shape(x), dtype=tf.float32, seed=0, seed2=0)
+            x = tf.where(keep >= 0.1, x / 0.9, tf.zeros_like(x))
         mask = tf.cast(inputs["input_mask"], tf.float32)[:, :, None]
         mean = tf.reduce_sum(x * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
         pooled = tf.tanh(tf.matmul(mean, self.pooler))
