@@ -154,19 +154,23 @@ def save_batchnorm_module(
     return str(path)
 
 
+def _vocabulary(vocab_file):
+    """One token per line -> its line number (the file becomes a SavedModel asset)."""
+    return tf.lookup.TextFileInitializer(
+        vocab_file,
+        key_dtype=tf.string,
+        key_index=tf.lookup.TextFileIndex.WHOLE_LINE,
+        value_dtype=tf.int64,
+        value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
+    )
+
+
 class _TextEmbedding(_Trackable):
     """Whitespace tokens -> vocabulary lookup (asset file) -> embedding -> mean."""
 
     def __init__(self, vocab_file, dim, seed):
         super().__init__()
-        init = tf.lookup.TextFileInitializer(
-            vocab_file,
-            key_dtype=tf.string,
-            key_index=tf.lookup.TextFileIndex.WHOLE_LINE,
-            value_dtype=tf.int64,
-            value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
-        )
-        self.table = tf.lookup.StaticVocabularyTable(init, num_oov_buckets=1)
+        self.table = tf.lookup.StaticVocabularyTable(_vocabulary(vocab_file), num_oov_buckets=1)
         self.embeddings = tf.Variable(_init([len(VOCAB) + 1, dim], seed), name="embeddings")
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
@@ -223,14 +227,7 @@ SEQ_LENGTH = 8
 class _BertPreprocessor(_Trackable):
     def __init__(self, vocab_file, seq_length):
         super().__init__()
-        init = tf.lookup.TextFileInitializer(
-            vocab_file,
-            key_dtype=tf.string,
-            key_index=tf.lookup.TextFileIndex.WHOLE_LINE,
-            value_dtype=tf.int64,
-            value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
-        )
-        self.table = tf.lookup.StaticHashTable(init, default_value=3)  # [UNK]
+        self.table = tf.lookup.StaticHashTable(_vocabulary(vocab_file), default_value=3)  # [UNK]
         self.seq_length = seq_length
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])

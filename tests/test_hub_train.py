@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tests import hub_fixtures as fx
 from tests.images import class_image, encode, write_class_folders
+from tests.test_train import _Crash, _Epochs  # a kill after epoch 0; the epochs run
 from tf_finetune import cli, data, hub_model, train
 from tf_finetune.config import Config, resolve
 from tf_finetune.errors import UserError
@@ -178,21 +179,6 @@ def test_frozen_under_two_replicas(modules, folder, tmp_path):
     assert metrics["replicas"] == 2 and _changed(watch.before, watch.after) == set()
 
 
-class _Crash(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0:
-            raise KeyboardInterrupt
-
-
-class _Epochs(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.seen.append(epoch)
-
-
 @pytest.mark.slow
 def test_finetuned_hub_run_resumes_and_restores_the_best_checkpoint(modules, folder, tmp_path):
     config = config_for(
@@ -349,7 +335,7 @@ def test_tfds_text_features_are_detected_and_named(tmp_path):
         with pytest.raises(UserError, match="text features are title, description"):
             text_data.load_tfds_text("ag_news_subset", "text", "label", "train", "", "", 20, 0)
         dataset = text_data.load_tfds_text(
-            "ag_news_subset", "title,description", "label", "train", "", "", 20, 0
+            "ag_news_subset", "title,description", "label", "train", "", "test", 20, 0
         )
         assert dataset.num_classes == 4 and dataset.test.count == 6
         texts, labels = next(iter(data.make_pipeline(dataset.test, 4, 6, False, 0)))

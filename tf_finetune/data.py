@@ -124,6 +124,16 @@ def hash_percent(relative_path: str) -> float:
     return (int(digest, 16) % 100_000) / 1000.0
 
 
+def partition(keys: list, labels: list, is_val: list[bool]) -> tuple[tuple, tuple]:
+    """((train keys, train labels), (val keys, val labels)) by the `is_val` mask."""
+    train = (
+        [k for k, v in zip(keys, is_val) if not v],
+        [y for y, v in zip(labels, is_val) if not v],
+    )
+    val = ([k for k, v in zip(keys, is_val) if v], [y for y, v in zip(labels, is_val) if v])
+    return train, val
+
+
 def list_image_folder(root: str, validation_percent: int) -> FolderListing:
     """Finds classes and files; splits train/val by path hash unless the folder has val/."""
     subdirs = _class_dirs(root)
@@ -151,14 +161,7 @@ def list_image_folder(root: str, validation_percent: int) -> FolderListing:
     if "val" not in splits:
         paths, labels = splits["train"]
         is_val = [hash_percent(os.path.relpath(p, source_root)) < validation_percent for p in paths]
-        splits["train"] = (
-            [p for p, v in zip(paths, is_val) if not v],
-            [x for x, v in zip(labels, is_val) if not v],
-        )
-        splits["val"] = (
-            [p for p, v in zip(paths, is_val) if v],
-            [x for x, v in zip(labels, is_val) if v],
-        )
+        splits["train"], splits["val"] = partition(paths, labels, is_val)
     return FolderListing(class_names, splits)
 
 

@@ -172,14 +172,7 @@ def load_table(
     if "val" not in splits:
         texts, ids = splits["train"]
         is_val = [_hash_percent(t) < validation_percent for t in texts]
-        splits["train"] = (
-            [t for t, v in zip(texts, is_val) if not v],
-            [y for y, v in zip(ids, is_val) if not v],
-        )
-        splits["val"] = (
-            [t for t, v in zip(texts, is_val) if v],
-            [y for y, v in zip(ids, is_val) if v],
-        )
+        splits["train"], splits["val"] = data.partition(texts, ids, is_val)
         if not splits["val"][0]:
             raise UserError(
                 f"--data={source}: no row fell in the validation split; add rows or raise "
