@@ -144,7 +144,9 @@ def test_signature_is_read_without_loading(modules):
 # ----------------------------------------------------------------------------- images
 def test_frozen_hub_module_is_unchanged_by_training(modules, folder, tmp_path):
     watch = Watch()
-    config = config_for(tmp_path, backbone=modules["bn"], data=str(folder), epochs=3)
+    # --cache=none: fit on pixels through the frozen module (the feature cache would only
+    # train the head, see test_cli_trains_a_hub_image_backbone).
+    config = config_for(tmp_path, backbone=modules["bn"], data=str(folder), epochs=3, cache="none")
     metrics = train.train_and_evaluate(config, extra_callbacks=(watch,))
     assert _changed(watch.before, watch.after) == set()  # kernels and moving statistics
     assert len(watch.before) == 5
@@ -174,7 +176,9 @@ def test_finetuned_hub_module_changes_under_two_replicas(modules, folder, tmp_pa
 @pytest.mark.slow
 def test_frozen_under_two_replicas(modules, folder, tmp_path):
     watch = Watch()
-    config = config_for(tmp_path, backbone=modules["vector"], data=str(folder), cpu_replicas=2)
+    config = config_for(
+        tmp_path, backbone=modules["vector"], data=str(folder), cpu_replicas=2, cache="none"
+    )
     metrics = train.train_and_evaluate(config, extra_callbacks=(watch,))
     assert metrics["replicas"] == 2 and _changed(watch.before, watch.after) == set()
 

@@ -11,7 +11,9 @@ import os
 from tf_finetune.errors import UserError
 
 # Topics, in the order `--help` shows them.
-GROUPS = ("data", "model", "training", "distribution", "output")
+GROUPS = ("data", "model", "training", "distribution", "output", "export", "predict")
+# Groups of knobs that act on a finished run, not on how it trains: flags.cfg leaves them out.
+NOT_IN_FLAGFILE = ("export", "predict")
 
 
 def _field(default, help: str, group: str, choices: tuple[str, ...] | None = None):
@@ -100,6 +102,14 @@ class Config:
     weight_decay: float = _field(1e-4, "Weight decay for --optimizer=adamw.", "training")
     label_smoothing: float = _field(0.0, "Label smoothing (0 to 1).", "training")
     seed: int = _field(42, "Random seed: the same seed gives the same numbers on CPU.", "training")
+    cache: str = _field(
+        "auto",
+        "Frozen backbone and no augmentation: compute its features once and train the head on "
+        "them (memory: in RAM; disk: memory-mapped files in $KERAS_HOME/tf_finetune_features, "
+        "reused across runs). auto: memory when they fit in 2 GB, else disk; none: never.",
+        "training",
+        ("auto", "memory", "disk", "none"),
+    )
     early_stopping_patience: int = _field(
         0, "Stop after N epochs without val_loss improvement (0: off).", "training"
     )
@@ -131,6 +141,55 @@ class Config:
         "", "Base directory of the SavedModel versions. Empty: <model_dir>/export.", "output"
     )
 
+    # --- export (tf-finetune export) ---
+    format: str = _field(
+        "saved_model",
+        "What 'tf-finetune export' writes from the run's best checkpoint: a SavedModel version "
+        "for TF Serving, a .keras file, or a .tflite file (in <model_dir>/keras or /tflite).",
+        "export",
+        ("saved_model", "keras", "tflite"),
+    )
+    quantize: str = _field(
+        "none",
+        "TFLite quantization: dynamic (int8 weights), float16, or int8 (full integer, "
+        "calibrated on training images). Prints size and validation accuracy beside float's.",
+        "export",
+        ("none", "dynamic", "float16", "int8"),
+    )
+    export_version: int = _field(
+        0, "SavedModel version to write (never overwrites one). 0: the next free version.", "export"
+    )
+    serving_config: str = _field(
+        "",
+        "Also write TF Serving's models.config here, serving the export base as "
+        "/models/<model_name> (the layout scripts/serve.sh mounts).",
+        "export",
+    )
+
+    # --- predict (tf-finetune predict [inputs ...]) ---
+    model: str = _field(
+        "",
+        "An export dir (a version dir, or the base holding 1/, 2/ ...) or a run dir (its latest "
+        "export), predicted in process.",
+        "predict",
+    )
+    server: str = _field(
+        "", "TF Serving REST URL (e.g. http://localhost:8501) to send the images to.", "predict"
+    )
+    grpc: str = _field("", "TF Serving gRPC host:port (e.g. localhost:8500).", "predict")
+    model_name: str = _field(
+        "model",
+        "The name TF Serving serves the model as (--server, --grpc, --serving_config).",
+        "predict",
+    )
+    model_version: str = _field(
+        "",
+        "TF Serving version number or label to ask for (--server, --grpc). Empty: latest.",
+        "predict",
+    )
+    top_k: int = _field(5, "How many classes to show per image.", "predict")
+    json: bool = _field(False, "Print the predictions as JSON.", "predict")
+
     # ---------------------------------------------------------------- derived values
     @property
     def is_offline_default(self) -> bool:
@@ -149,6 +208,8 @@ class Config:
         """The resolved config as absl flagfile lines: `--flagfile=<it>` reruns the run."""
         lines = ["# Written by tf-finetune: rerun with --flagfile=<this file>."]
         for f in dataclasses.fields(self):
+            if f.metadata["group"] in NOT_IN_FLAGFILE:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 lines.append(f"--{f.name}" if value else f"--no{f.name}")
@@ -192,6 +253,11 @@ def validate(config: Config) -> None:
         raise UserError(
             f"--unfreeze must be 0, a number of top layers, or all; got {config.unfreeze!r}."
         )
+    if config.cache in ("memory", "disk") and config.unfreeze != "0":
+        raise UserError(
+            f"--cache={config.cache} needs a frozen backbone (--unfreeze=0): the features of a "
+            "backbone that trains change every step. Use --cache=auto or none."
+        )
     for name in ("early_stopping_patience", "reduce_lr_patience"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must be >= 0 (0 turns it off).")
@@ -205,6 +271,21 @@ def validate(config: Config) -> None:
             )
     if config.data.startswith("tfds:") and not config.data[5:]:
         raise UserError("--data=tfds:NAME needs a dataset name, e.g. tfds:tf_flowers.")
+    if config.quantize != "none" and config.format != "tflite":
+        raise UserError(f"--quantize={config.quantize} needs --format=tflite.")
+    if config.export_version < 0:
+        raise UserError(
+            f"--export_version must be >= 1 (0: the next free one), got {config.export_version}."
+        )
+    if config.export_version and config.format == "saved_model":
+        pinned = os.path.join(config.export_base, str(config.export_version))
+        if os.path.exists(pinned):
+            raise UserError(
+                f"export version {pinned} exists and versions are never overwritten; pass "
+                "another --export_version, or none for the next free one."
+            )
+    if config.top_k < 1:
+        raise UserError(f"--top_k must be at least 1, got {config.top_k}.")
     weights = config.weights
     if weights not in ("imagenet", "none") and not os.path.isfile(weights):
         raise UserError(f"--weights={weights}: not imagenet, none, or an existing weights file.")

@@ -370,19 +370,45 @@ def load_tfds(
 
 
 # ----------------------------------------------------------------------------- pipeline
+# Decoded images are kept in RAM when the whole split takes at most this much (uint8).
+IMAGE_CACHE_BYTES = 1024**3
+
+
+def fits_in_memory(split: Split, image_size: int, budget: int = IMAGE_CACHE_BYTES) -> bool:
+    """Whether the decoded uint8 images of `split` fit the in-memory cache budget."""
+    return split.count * image_size * image_size * 3 <= budget
+
+
 def make_pipeline(
-    split: Split, num_classes: int, batch_size: int, training: bool, seed: int
+    split: Split,
+    num_classes: int,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    cache_images: bool = False,
 ) -> tf.data.Dataset:
     """Batches a split: shuffle keys (training only) -> decode in parallel -> batch -> prefetch.
 
     Evaluation order is deterministic; training order is fixed by the seed.
+
+    Args:
+      cache_images: decode each image once and keep the uint8 result in memory for later
+        epochs (use `fits_in_memory` to decide; the shuffle buffer then holds decoded images,
+        so the peak is up to twice the split's decoded size).
     """
-    ds = split.source
-    if training:
-        # Keys are paths or encoded bytes, so shuffling up to 50k of them is cheap.
-        ds = ds.shuffle(min(max(split.count, 1), 50_000), seed=seed, reshuffle_each_iteration=True)
     load = split.load
-    ds = ds.map(lambda x, y: (load(x), y), num_parallel_calls=AUTOTUNE)
+    if cache_images:
+        ds = split.source.map(lambda x, y: (load(x), y), num_parallel_calls=AUTOTUNE).cache()
+        if training:
+            ds = ds.shuffle(max(split.count, 1), seed=seed, reshuffle_each_iteration=True)
+    else:
+        ds = split.source
+        if training:
+            # Keys are paths or encoded bytes, so shuffling up to 50k of them is cheap.
+            ds = ds.shuffle(
+                min(max(split.count, 1), 50_000), seed=seed, reshuffle_each_iteration=True
+            )
+        ds = ds.map(lambda x, y: (load(x), y), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size)
     ds = ds.map(
         # Pixels become float32; text stays tf.string.

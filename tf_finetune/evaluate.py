@@ -15,7 +15,9 @@ import math
 import os
 from collections.abc import Sequence
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 DEFAULT_TOP_K = (1, 5)
 DEFAULT_KEPT_IMAGES = 256
@@ -299,22 +301,26 @@ def _keep(inputs) -> np.ndarray:
     return inputs.astype(object) if _is_text(inputs) else _to_uint8(inputs)
 
 
-def _predictor(model):
-    """A Keras model as a compiled inference call; any other callable as it is.
-
-    Not `predict_on_batch`: for a model built under MirroredStrategy, Keras 3 feeds the whole
-    batch to every replica and concatenates, returning replicas x batch rows.
-    """
-    if not hasattr(model, "predict_on_batch"):
-        return model
-    import tensorflow as tf
-
-    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+_FORWARD: dict = {}  # the compiled forward pass of the last model seen
 
 
-def _probabilities(predict, pixels) -> np.ndarray:
-    """One batch of probabilities from `_predictor(model)`: probabilities or a dict holding them."""
-    out = predict(pixels)
+def _probabilities(model, pixels) -> np.ndarray:
+    """One batch of probabilities from a Keras model, or any callable (e.g. a SavedModel
+    signature wrapped in a lambda) returning probabilities or a dict holding them."""
+    if isinstance(model, keras.Model):
+        # Not predict_on_batch: under MirroredStrategy (Keras 3.15) it returns each replica's
+        # rows twice. A plain compiled forward pass runs on one device and is exact.
+        forward = _FORWARD.get(id(model))
+        if forward is None:
+            forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            _FORWARD.clear()
+            _FORWARD[id(model)] = forward
+        pixels = tf.convert_to_tensor(pixels)
+        if pixels.dtype != tf.string:  # text models take strings as they are
+            pixels = tf.cast(pixels, tf.float32)
+        out = forward(pixels)
+    else:
+        out = model(pixels)
     if isinstance(out, dict):
         out = out["probabilities"]
     return np.asarray(out, dtype=np.float32)
@@ -327,7 +333,7 @@ def predict_dataset(
 
     Args:
       model: a Keras model mapping float32 pixels [b, h, w, 3] (0-255) to probabilities [b, C]
-        (run as a compiled `model(x, training=False)`), or any callable doing so; a dict result is read at
+        (run with `predict_on_batch`), or any callable doing so; a dict result is read at
         "probabilities", so `lambda x: loaded.signatures["predict_images"](images=x)` evaluates
         an exported SavedModel.
       dataset: batched `(pixels, labels)` (extra elements, e.g. sample weights, are ignored),
@@ -343,11 +349,10 @@ def predict_dataset(
     kept_images = kept_index = kept_conf = None
     offset = 0
     text = False
-    predict = _predictor(model)
     for element in dataset:
         x, y = element[0], element[1]
         text = _is_text(np.asarray(x))
-        batch_probs = _probabilities(predict, x)
+        batch_probs = _probabilities(model, x)
         y = np.asarray(y)
         if batch_probs.ndim != 2 or batch_probs.shape[0] != y.shape[0]:
             raise ValueError(

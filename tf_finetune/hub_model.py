@@ -250,12 +250,15 @@ def build_classifier(config, num_classes: int) -> keras.Model:
             config.backbone,
         )
     x = backbone(x)
-    # Feature maps still need pooling; feature vectors, pooled outputs and logits do not.
+    # Feature maps still need pooling; feature vectors, pooled outputs and logits do not, but
+    # keep a layer named `pooler`: feature caching (features.py) cuts the model there.
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="pooler")(x)
     elif len(x.shape) == 3:
         x = keras.layers.GlobalAveragePooling1D(name="pooler")(x)
-    elif len(x.shape) != 2:
+    elif len(x.shape) == 2:
+        x = keras.layers.Identity(name="pooler")(x)
+    else:
         raise UserError(f"--backbone={config.backbone} returns shape {x.shape}; need [batch, n].")
     x = keras.layers.Dropout(config.dropout, name="output_dropout")(x)
     outputs = keras.layers.Dense(

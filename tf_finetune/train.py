@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import backbones, data, digits, evaluate, export, hub_model, text_data
+from tf_finetune import backbones, data, digits, evaluate, export, features, hub_model, text_data
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
@@ -70,6 +70,24 @@ def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
     return tf.distribute.MirroredStrategy(list(devices))
 
 
+def skip_batches_smaller_than(
+    ds: tf.data.Dataset, replicas: int, count: int, batch_size: int
+) -> tf.data.Dataset:
+    """Drops training batches too small to give every replica an example.
+
+    MirroredStrategy splits each batch across replicas; a last batch smaller than the
+    number of replicas leaves one empty and its backward pass fails (`Matrix size-incompatible:
+    In[0]: [0,C]`, tensorflow#45594). At most replicas-1 examples are skipped per epoch, and
+    the reshuffle puts different ones last each epoch.
+    """
+    last = count % batch_size
+    if replicas <= 1 or last == 0 or last >= replicas:
+        return ds
+    # Keras needs the number of steps up front (else it warns that the data ran out).
+    ds = ds.filter(lambda x, y: tf.shape(y)[0] >= replicas)
+    return ds.apply(tf.data.experimental.assert_cardinality(count // batch_size))
+
+
 # ----------------------------------------------------------------------------- data
 def load_data(config: Config) -> data.DataSet:
     """The configured source as a DataSet (the offline default writes its PNG folders first)."""
@@ -100,24 +118,6 @@ def load_data(config: Config) -> data.DataSet:
             config.seed,
         )
     return data.load_image_folder(config.data, config.image_size, config.validation_percent)
-
-
-def skip_batches_smaller_than(
-    ds: tf.data.Dataset, replicas: int, count: int, batch_size: int
-) -> tf.data.Dataset:
-    """Drops training batches too small to give every replica an example.
-
-    MirroredStrategy splits each batch across replicas; a last batch smaller than the
-    number of replicas leaves one empty and its backward pass fails (`Matrix size-incompatible:
-    In[0]: [0,C]`, tensorflow#45594). At most replicas-1 examples are skipped per epoch, and
-    the reshuffle puts different ones last each epoch.
-    """
-    last = count % batch_size
-    if replicas <= 1 or last == 0 or last >= replicas:
-        return ds
-    # Keras needs the number of steps up front (else it warns that the data ran out).
-    ds = ds.filter(lambda x, y: tf.shape(y)[0] >= replicas)
-    return ds.apply(tf.data.experimental.assert_cardinality(count // batch_size))
 
 
 # ----------------------------------------------------------------------------- model
@@ -169,15 +169,17 @@ def build_model(config: Config, num_classes: int) -> keras.Model:
 
 
 # ----------------------------------------------------------------------------- fit
-def make_callbacks(config: Config, verbose: int) -> list[keras.callbacks.Callback]:
+def make_callbacks(
+    config: Config, verbose: int, best_weights: str = BEST_WEIGHTS, backup: str = "backup"
+) -> list[keras.callbacks.Callback]:
     """Best checkpoint, backup for resuming, TensorBoard, CSV history, optional stoppers."""
     run = config.model_dir
     os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
     callbacks = [
         # Saved every epoch; a rerun of the same command resumes from it. Deleted at the end.
-        keras.callbacks.BackupAndRestore(os.path.join(run, "backup")),
+        keras.callbacks.BackupAndRestore(os.path.join(run, backup)),
         keras.callbacks.ModelCheckpoint(
-            os.path.join(run, BEST_WEIGHTS),
+            os.path.join(run, best_weights),
             monitor="val_loss",
             save_best_only=True,
             save_weights_only=True,
@@ -200,6 +202,94 @@ def make_callbacks(config: Config, verbose: int) -> list[keras.callbacks.Callbac
             )
         )
     return callbacks
+
+
+# Features above this size go to disk with --cache=auto.
+MEMORY_CACHE_BYTES = 2 * 1024**3
+HEAD_BEST_WEIGHTS = os.path.join("checkpoints", "head_best.weights.h5")
+
+
+def cache_mode(config: Config, feature_dim: int, count: int) -> str:
+    """none, memory or disk: whether (and where) to train the head on cached features."""
+    if config.unfreeze != "0":
+        if config.cache == "auto":
+            logging.info("Backbone unfrozen: training end to end on pixels (no feature cache).")
+        return "none"
+    if config.cache == "auto":
+        return "memory" if feature_dim * count * 4 <= MEMORY_CACHE_BYTES else "disk"
+    return config.cache
+
+
+def _cache_key(config: Config, split: data.Split, name: str) -> str:
+    weights = config.weights
+    if os.path.isfile(weights):
+        stat = os.stat(weights)
+        weights = f"{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
+    parts = {
+        "backbone": config.backbone,
+        "alpha": config.backbone_alpha,
+        "weights": weights,
+        "image_size": config.image_size,
+        "split": name,
+        "format": 1,
+    }
+    return f"{config.backbone}_{config.image_size}_{name}_" + features.fingerprint(
+        parts, split.source.map(lambda key, _: key)
+    )
+
+
+def fit_on_cached_features(
+    model: keras.Model,
+    config: Config,
+    dataset: data.DataSet,
+    strategy: tf.distribute.Strategy,
+    mode: str,
+    verbose: int,
+    extra_callbacks=(),
+) -> keras.callbacks.History:
+    """Trains the head of `model` on backbone features computed once (see features.py).
+
+    Leaves `model` (which shares the head's layers) with the best head weights, and writes them
+    as the full model's best checkpoint so `evaluate` and `export` find the usual file.
+    """
+    with strategy.scope():
+        extractor, head = features.split_classifier(model)
+        compile_model(head, config, dataset.num_classes)
+    cache_dir = None
+    if mode == "disk":
+        from keras.src.backend import config as keras_config
+
+        cache_dir = os.path.join(keras_config.keras_home(), "tf_finetune_features")
+    logging.info("Computing backbone features once (--cache=%s)", mode)
+    cached = {}
+    for name, split in (("train", dataset.train), ("val", dataset.val)):
+        pipeline = data.make_pipeline(
+            split, dataset.num_classes, config.batch_size, False, config.seed
+        )
+        key = _cache_key(config, split, name) if cache_dir else ""
+        cached[name] = features.cached_extract(
+            extractor, pipeline, split.count, cache_dir, key, verbose=1 if verbose == 1 else 0
+        )
+    replicas = strategy.num_replicas_in_sync
+    history = head.fit(
+        skip_batches_smaller_than(
+            features.dataset(cached["train"], config.batch_size, True, config.seed),
+            replicas,
+            cached["train"].count,
+            config.batch_size,
+        ),
+        validation_data=features.dataset(cached["val"], config.batch_size, False, config.seed),
+        epochs=config.epochs,
+        callbacks=make_callbacks(config, verbose, HEAD_BEST_WEIGHTS, "backup_head")
+        + list(extra_callbacks),
+        verbose=verbose,
+        shuffle=False,
+    )
+    head_best = os.path.join(config.model_dir, HEAD_BEST_WEIGHTS)
+    if os.path.exists(head_best):
+        head.load_weights(head_best)
+        model.save_weights(os.path.join(config.model_dir, BEST_WEIGHTS))
+    return history
 
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
@@ -324,35 +414,45 @@ def train_and_evaluate(
         dataset.val.count,
         dataset.test.count if dataset.test else 0,
     )
+    # Training on pixels (a backbone that trains): decode each image once and keep it in RAM
+    # when the split fits. A frozen backbone trains on cached features instead.
+    keep = config.unfreeze != "0" and config.cache != "none"
     pipelines = {
-        "train": skip_batches_smaller_than(
-            data.make_pipeline(
-                dataset.train, dataset.num_classes, config.batch_size, True, config.seed
-            ),
-            strategy.num_replicas_in_sync,
-            dataset.train.count,
+        name: data.make_pipeline(
+            split,
+            dataset.num_classes,
             config.batch_size,
-        ),
-        "val": data.make_pipeline(
-            dataset.val, dataset.num_classes, config.batch_size, False, config.seed
-        ),
+            name == "train",
+            config.seed,
+            keep and data.fits_in_memory(split, config.image_size, data.IMAGE_CACHE_BYTES // 2),
+        )
+        for name, split in (("train", dataset.train), ("val", dataset.val))
     }
     if dataset.test:
         pipelines["test"] = data.make_pipeline(
             dataset.test, dataset.num_classes, config.batch_size, False, config.seed
         )
+    pipelines["train"] = skip_batches_smaller_than(
+        pipelines["train"], strategy.num_replicas_in_sync, dataset.train.count, config.batch_size
+    )
 
     with strategy.scope():
         model = build_model(config, dataset.num_classes)
     verbose = 1 if sys.stdout.isatty() else 2
-    history = model.fit(
-        pipelines["train"],
-        validation_data=pipelines["val"],
-        epochs=config.epochs,
-        callbacks=make_callbacks(config, verbose) + list(extra_callbacks),
-        verbose=verbose,
-        shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
-    )
+    mode = cache_mode(config, model.get_layer("pooler").output.shape[-1], dataset.train.count)
+    if mode != "none":
+        history = fit_on_cached_features(
+            model, config, dataset, strategy, mode, verbose, extra_callbacks
+        )
+    else:
+        history = model.fit(
+            pipelines["train"],
+            validation_data=pipelines["val"],
+            epochs=config.epochs,
+            callbacks=make_callbacks(config, verbose) + list(extra_callbacks),
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
+        )
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     if os.path.exists(best):
         model.load_weights(best)  # the exported model is the best one on val_loss
@@ -373,7 +473,12 @@ def train_and_evaluate(
     if config.is_offline_default and not hub_model.is_hub_backbone(config.backbone):
         metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
     metrics["export_path"] = export.export_saved_model(
-        model, list(dataset.class_names), config.image_size, config.export_base
+        model,
+        list(dataset.class_names),
+        config.image_size,
+        config.export_base,
+        version=config.export_version,
+        card=export.run_card(config, list(dataset.class_names), metrics),
     )
     metrics["wall_time_seconds"] = round(time.time() - start, 1)
     _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
