@@ -14,7 +14,7 @@ from tests.images import class_image, write_class_folders
 from tests.test_train import _Epochs, tiny
 from tf_finetune import augment, averaging, backbones, cli, data, phases, schedules, train
 from tf_finetune import model as model_lib
-from tf_finetune.config import parse_unfreeze
+from tf_finetune.config import Config, parse_unfreeze
 from tf_finetune.errors import UserError
 
 
@@ -427,3 +427,15 @@ def test_layer_lr_decay_scales_each_layers_rate_under_mirrored_strategy(folder, 
     assert rate["conv3"] == pytest.approx(0.005, rel=0.05)
     assert rate["conv2"] == pytest.approx(0.0025, rel=0.05)
     assert rate["conv1"] == pytest.approx(0.00125, rel=0.05)
+
+
+def test_hub_modules_and_text_refuse_what_they_cannot_do(tmp_path):
+    hub = "https://tfhub.dev/google/nnlm-en-dim50/2"
+    for overrides in ({"warmup_epochs": 1, "unfreeze": "all"}, {"layer_lr_decay": 0.9}):
+        with pytest.raises(UserError, match="TF Hub module is one layer"):
+            train.check_supported(Config(backbone=hub, epochs=3, **overrides))
+    table = tmp_path / "reviews.csv"
+    table.write_text("text,label\ngood,pos\nbad,neg\n")
+    with pytest.raises(UserError, match="text data takes none"):
+        train.check_supported(Config(backbone=hub, data=str(table), augment="light"))
+    train.check_supported(Config(backbone=hub, data=str(table)))  # the defaults are fine

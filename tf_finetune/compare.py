@@ -37,6 +37,7 @@ def variants(config: Config) -> list[Config]:
             min_accuracy=0.0,
         )
         config_lib.validate(variant)
+        train.check_supported(variant)
         out.append(variant)
     return out
 
@@ -60,7 +61,7 @@ def run_variant(config: Config, dataset, strategy) -> dict:
             return row
     os.makedirs(config.model_dir, exist_ok=True)
     train.seed_everything(config)  # every variant starts from the same seed
-    pipelines = train.make_pipelines(config, dataset)
+    pipelines = train.make_pipelines(config, dataset, strategy.num_replicas_in_sync)
     fit = train.fit_phases(config, dataset, pipelines, strategy, verbose=0)
     scores = train.best_checkpoint_scores(fit.model, config, pipelines)
     seconds = list(fit.epoch_seconds.values())

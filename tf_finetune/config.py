@@ -39,7 +39,8 @@ class Config:
     # --- data ---
     data: str = _field(
         "",
-        "A folder of class subfolders (or with train/ val/ test/ inside), or tfds:NAME. "
+        "A folder of class subfolders (or with train/ val/ test/ inside), tfds:NAME, or for "
+        "text a .csv/.tsv file (or a folder with train.csv, val.csv, test.csv). "
         "Empty: the offline default (real handwritten digits shipped with scikit-learn).",
         "data",
     )
@@ -63,13 +64,23 @@ class Config:
     split: str = _field(
         "test", "The split 'tf-finetune evaluate' reports on.", "data", ("val", "test")
     )
+    text_column: str = _field(
+        "text",
+        "Text data: the CSV/TSV column (or TFDS feature) holding the text; several, "
+        "comma-separated, are joined with a space (e.g. title,description).",
+        "data",
+    )
+    label_column: str = _field(
+        "label", "Text data: the CSV/TSV column (or TFDS feature) holding the label.", "data"
+    )
 
     # --- model ---
     backbone: str = _field(
         "auto",
         "A Keras Applications name (mobilenet_v2, efficientnet_b0, resnet50, ...; "
-        "'tf-finetune backbones' lists them). auto: digits_cnn for the offline default, "
-        "mobilenet_v2 otherwise.",
+        "'tf-finetune backbones' lists them), or a TF Hub module: a https://tfhub.dev/... or "
+        "https://www.kaggle.com/models/... URL, a gs:// path or a local SavedModel folder "
+        "(image or text). auto: digits_cnn for the offline default, mobilenet_v2 otherwise.",
         "model",
     )
     backbone_alpha: float = _field(1.0, "Width multiplier of MobileNet backbones.", "model")
@@ -77,6 +88,12 @@ class Config:
         "imagenet",
         "imagenet (the backbone's pretrained weights; for digits_cnn its offline pretraining "
         "on digits 0-4), none (random init), or a path to a weights file.",
+        "model",
+    )
+    preprocessor: str = _field(
+        "",
+        "TF Hub text preprocessing module (handle) for a BERT-style --backbone encoder: "
+        "strings -> token ids; the encoder's pooled_output feeds the head.",
         "model",
     )
     dropout: float = _field(0.2, "Dropout rate before the classification layer.", "model")
@@ -349,6 +366,11 @@ def parse_unfreeze(value: str) -> int | float | None:
     return fraction
 
 
+def is_table_file(path: str) -> bool:
+    """A CSV/TSV file of text examples (the delimiter comes from the extension)."""
+    return path.lower().endswith((".csv", ".tsv"))
+
+
 def validate(config: Config) -> None:
     """Checks every value a user can get wrong, before anything heavy runs.
 
@@ -400,9 +422,10 @@ def validate(config: Config) -> None:
     if config.data and not config.data.startswith("tfds:"):
         if not os.path.exists(config.data):
             raise UserError(f"--data={config.data}: no such folder.")
-        if not os.path.isdir(config.data):
+        if not os.path.isdir(config.data) and not is_table_file(config.data):
             raise UserError(
-                f"--data={config.data} is a file; pass the folder that holds one subfolder per class."
+                f"--data={config.data} is a file; pass the folder that holds one subfolder per "
+                "class (or, for text, a .csv or .tsv file)."
             )
     if config.data.startswith("tfds:") and not config.data[5:]:
         raise UserError("--data=tfds:NAME needs a dataset name, e.g. tfds:tf_flowers.")
@@ -491,12 +514,18 @@ def resolve(config: Config, explicit: frozenset[str] = frozenset()) -> Config:
     Returns:
       What the run uses and what `flags.cfg` records.
     """
-    from tf_finetune import backbones
+    from tf_finetune import backbones, hub_model
 
     if config.is_offline_default:
         preset = {k: v for k, v in OFFLINE_DEFAULT_PRESET.items() if k not in explicit}
         config = dataclasses.replace(config, **preset)
     validate(config)
+    if hub_model.is_hub_backbone(config.backbone):
+        return hub_model.resolve(config)
+    if config.preprocessor:
+        raise UserError(
+            "--preprocessor only applies to a TF Hub --backbone (a BERT-style encoder)."
+        )
     backbone = config.backbone
     if backbone == "auto":
         backbone = "digits_cnn" if config.is_offline_default else "mobilenet_v2"

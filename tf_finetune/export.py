@@ -8,7 +8,9 @@ is never overwritten.
 Signatures (tag `serve`):
   serving_default: image_bytes (tf.string [batch], encoded JPEG/PNG/GIF/BMP)
   predict_images:  images (float32 [batch, h, w, 3], 0-255 pixels of any size)
-both returning probabilities [batch, classes], top_k_indices, top_k_names, top_k_scores.
+or, for a text model (one whose input is tf.string):
+  serving_default: text (tf.string [batch])
+all returning probabilities [batch, classes], top_k_indices, top_k_names, top_k_scores.
 
 Beside `saved_model.pb`: `assets/labels.txt` (class names), `model_card.json` (how the model
 was made and how well it does) and `assets.extra/tf_serving_warmup_requests` (one real
@@ -100,6 +102,29 @@ def build_archive(
     return archive
 
 
+def build_text_archive(
+    model: keras.Model, class_names: list[str], top_k: int = 5
+) -> keras.export.ExportArchive:
+    """The serving graph around a text `model` (tf.string [batch] -> probabilities)."""
+    k = min(top_k, len(class_names))
+    names = tf.constant(list(class_names))
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def serve_text(text):
+        probabilities = model(text, training=False)
+        return _outputs(tf.cast(probabilities, tf.float32), names, k)
+
+    archive.add_endpoint("serving_default", serve_text)
+    return archive
+
+
+def is_text_model(model: keras.Model) -> bool:
+    """Whether `model` takes a batch of strings (a text classifier)."""
+    return len(model.inputs) == 1 and model.inputs[0].dtype == "string"
+
+
 def warmup_image(image_size: int) -> bytes:
     """A real JPEG (a colour gradient) of the model's input size, for the warm-up request.
 
@@ -117,14 +142,19 @@ def warmup_image(image_size: int) -> bytes:
     return tf.io.encode_jpeg(tf.cast(rgb, tf.uint8), quality=90).numpy()
 
 
-def write_warmup_requests(saved_model_dir: str, image: bytes) -> str:
-    """Writes TF Serving's warm-up file: a TFRecord of one PredictionLog for serving_default."""
+def write_warmup_requests(
+    saved_model_dir: str, image: bytes, input_name: str = "image_bytes"
+) -> str:
+    """Writes TF Serving's warm-up file: a TFRecord of one PredictionLog for serving_default.
+
+    `image` is the one string sent as `input_name` (encoded image bytes, or a text).
+    """
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     request = predict_pb2.PredictRequest(
         model_spec=model_pb2.ModelSpec(signature_name="serving_default")
     )
-    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
+    request.inputs[input_name].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
     log = prediction_log_pb2.PredictionLog(
         predict_log=prediction_log_pb2.PredictLog(request=request)
     )
@@ -196,7 +226,8 @@ def export_saved_model(
     """Writes `<export_base>/<version>/` atomically and returns its path.
 
     Args:
-      model: takes float32 0-255 pixels [batch, image_size, image_size, 3].
+      model: takes float32 0-255 pixels [batch, image_size, image_size, 3], or tf.string
+        [batch] (a text model: image_size is unused).
       class_names: in output order.
       image_size: the model's input size.
       export_base: TF Serving's base path.
@@ -217,19 +248,28 @@ def export_saved_model(
     tmp = os.path.join(export_base, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_archive(model, class_names, image_size).write_out(tmp, verbose=False)
+        text = is_text_model(model)
+        if text:
+            build_text_archive(model, class_names).write_out(tmp, verbose=False)
+        else:
+            build_archive(model, class_names, image_size).write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
         with open(os.path.join(tmp, "assets", LABELS_FILE), "w", encoding="utf-8") as f:
             f.write("\n".join(class_names) + "\n")
-        write_warmup_requests(tmp, warmup_image(image_size))
+        if text:
+            write_warmup_requests(tmp, b"a warm-up sentence", "text")
+            signatures = {"serving_default": "text: tf.string [batch]"}
+        else:
+            write_warmup_requests(tmp, warmup_image(image_size))
+            signatures = {
+                "serving_default": "image_bytes: tf.string [batch] (encoded JPEG/PNG/GIF/BMP)",
+                "predict_images": "images: float32 [batch, h, w, 3], 0-255 pixels",
+            }
+        signatures["outputs"] = "probabilities, top_k_indices, top_k_names, top_k_scores"
         card = {
             **(card or model_card(class_names, image_size)),
             "version": version,
-            "signatures": {
-                "serving_default": "image_bytes: tf.string [batch] (encoded JPEG/PNG/GIF/BMP)",
-                "predict_images": "images: float32 [batch, h, w, 3], 0-255 pixels",
-                "outputs": "probabilities, top_k_indices, top_k_names, top_k_scores",
-            },
+            "signatures": signatures,
         }
         write_json_atomically(os.path.join(tmp, MODEL_CARD), card)
         os.rename(tmp, final)

@@ -4,6 +4,7 @@ A flat list of small functions ending in `train_and_evaluate(config)`.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -25,13 +26,15 @@ from tf_finetune import (
     evaluate,
     export,
     features,
+    hub_model,
     phases,
     schedules,
+    text_data,
 )
 from tf_finetune import config as config_lib
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
-from tf_finetune.errors import BelowMinAccuracy
+from tf_finetune.errors import BelowMinAccuracy, UserError
 
 BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
 # The weights that were evaluated and exported, when they are not the best checkpoint's
@@ -72,13 +75,55 @@ def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
     if kind == "one_device":
         return tf.distribute.OneDeviceStrategy(devices[0])
     if kind == "mirrored" or len(devices) > 1:
-        return tf.distribute.MirroredStrategy(devices)
+        return _mirrored(tuple(devices))
     return tf.distribute.get_strategy()
+
+
+@functools.cache
+def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per device set and process.
+
+    A second MirroredStrategy over the same devices restarts the collective instance keys,
+    which then collide with the first one's ("Shape mismatch in the collective instance
+    100") when a process trains twice (tests, notebooks).
+    """
+    return tf.distribute.MirroredStrategy(list(devices))
+
+
+def skip_batches_smaller_than(
+    ds: tf.data.Dataset, replicas: int, count: int, batch_size: int
+) -> tf.data.Dataset:
+    """Drops training batches too small to give every replica an example.
+
+    MirroredStrategy splits each batch across replicas; a last batch smaller than the
+    number of replicas leaves one empty and its backward pass fails (`Matrix size-incompatible:
+    In[0]: [0,C]`, tensorflow#45594). At most replicas-1 examples are skipped per epoch, and
+    the reshuffle puts different ones last each epoch.
+    """
+    last = count % batch_size
+    if replicas <= 1 or last == 0 or last >= replicas:
+        return ds
+    # Keras needs the number of steps up front (else it warns that the data ran out).
+    ds = ds.filter(lambda x, y: tf.shape(y)[0] >= replicas)
+    return ds.apply(tf.data.experimental.assert_cardinality(count // batch_size))
 
 
 # ----------------------------------------------------------------------------- data
 def load_data(config: Config) -> data.DataSet:
     """The configured source as a DataSet (the offline default writes its PNG folders first)."""
+    if text_data.is_text_source(config):
+        dataset = text_data.load(config)
+        if not hub_model.is_text_model(config):
+            raise UserError(
+                f"--data={config.data} is text; pass a TF Hub text module as --backbone "
+                "(e.g. https://tfhub.dev/google/nnlm-en-dim50/2), see configs/imdb_nnlm.cfg."
+            )
+        return dataset
+    if hub_model.is_text_model(config):
+        raise UserError(
+            f"--backbone={config.backbone} is a text module but --data={config.data or '(digits)'} "
+            "holds images; pass a .csv/.tsv file or a TFDS text data set."
+        )
     if config.is_offline_default:
         root = digits.write_target_folder(digits.default_data_dir())
         return data.load_image_folder(root, config.image_size, config.validation_percent)
@@ -154,7 +199,9 @@ def prepare_phase(
 
     Recompiling after changing `trainable` is what makes the change take effect in `fit`.
     """
-    trainable = model_lib.unfreeze(model, phase.unfreeze)
+    trainable = []
+    if not hub_model.is_hub_backbone(config.backbone):  # a hub module is frozen or not, whole
+        trainable = model_lib.unfreeze(model, phase.unfreeze)
     if trainable:
         logging.info(
             "Phase %s: training %d backbone layers: %s ...",
@@ -179,21 +226,23 @@ def build_model(
 ) -> keras.Model:
     """Builds and compiles the classifier for `phase` (default: the last, i.e. the final
     trainable layers); call inside `strategy.scope()`."""
-    spec = backbones.get_spec(config.backbone)
     # The policy applies to the layers built now; restored after so nothing else inherits it.
     # float32 (the default) leaves a policy the caller set globally in place.
     previous = keras.mixed_precision.global_policy()
     if config.precision != "float32":
         keras.mixed_precision.set_global_policy(config.precision)
     try:
-        model = model_lib.build_classifier(
-            spec,
-            num_classes,
-            config.image_size,
-            weights_arg(config),
-            config.dropout,
-            config.backbone_alpha,
-        )
+        if hub_model.is_hub_backbone(config.backbone):
+            model = hub_model.build_classifier(config, num_classes)
+        else:
+            model = model_lib.build_classifier(
+                backbones.get_spec(config.backbone),
+                num_classes,
+                config.image_size,
+                weights_arg(config),
+                config.dropout,
+                config.backbone_alpha,
+            )
     finally:
         keras.mixed_precision.set_global_policy(previous)
     prepare_phase(model, config, num_classes, phase or phases.plan(config)[-1], steps_per_epoch)
@@ -370,8 +419,14 @@ def fit_on_cached_features(
             extractor, pipeline, split.count, cache_dir, key, verbose=1 if verbose == 1 else 0
         )
     head._initial_epoch = None  # see fit_phases
+    replicas = strategy.num_replicas_in_sync
     history = head.fit(
-        features.dataset(cached["train"], config.batch_size, True, config.seed),
+        skip_batches_smaller_than(
+            features.dataset(cached["train"], config.batch_size, True, config.seed),
+            replicas,
+            cached["train"].count,
+            config.batch_size,
+        ),
         validation_data=features.dataset(cached["val"], config.batch_size, False, config.seed),
         initial_epoch=phase.initial_epoch,
         epochs=phase.epochs,
@@ -433,8 +488,6 @@ def phase_boundary(config: Config) -> int | None:
 
 def evaluate_run(config: Config, split: str) -> dict:
     """Re-evaluates a finished run's final weights on `split` (val or test) of `config.data`."""
-    from tf_finetune.errors import UserError
-
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     final = os.path.join(config.model_dir, FINAL_WEIGHTS)
     if not os.path.exists(best):
@@ -466,7 +519,25 @@ def evaluate_run(config: Config, split: str) -> dict:
     return report
 
 
-def make_pipelines(config: Config, dataset: data.DataSet) -> dict[str, tf.data.Dataset]:
+def check_supported(config: Config) -> None:
+    """Option combinations this backbone or data cannot take: one line, before any work."""
+    phases.plan(config)  # a list of --unfreeze values ('compare' takes those)
+    if hub_model.is_hub_backbone(config.backbone) and (
+        config.two_phase or config.layer_lr_decay < 1.0 or isinstance(config.unfreeze_layers, float)
+    ):
+        raise UserError(
+            "--warmup_epochs, --layer_lr_decay and --unfreeze fractions need a Keras "
+            "Applications backbone: a TF Hub module is one layer (--unfreeze=0 or all)."
+        )
+    if text_data.is_text_source(config) and (
+        config.augment != "none" or config.mixup or config.cutmix
+    ):
+        raise UserError("--augment, --mixup and --cutmix transform images; text data takes none.")
+
+
+def make_pipelines(
+    config: Config, dataset: data.DataSet, replicas: int = 1
+) -> dict[str, tf.data.Dataset]:
     """train (shuffled, augmented per the flags), val and, if any, test batches."""
     # Training on pixels (a backbone that trains, or augmented images): decode each image once
     # and keep it in RAM when the split fits. A frozen phase trains on cached features instead.
@@ -483,9 +554,12 @@ def make_pipelines(config: Config, dataset: data.DataSet) -> dict[str, tf.data.D
         )
         for split, training in ((dataset.train, True), (dataset.val, False))
     )
+    train_ds = augment.augment_training_pipeline(
+        train_ds, config.augment, config.mixup, config.cutmix, config.seed
+    )
     pipelines = {
-        "train": augment.augment_training_pipeline(
-            train_ds, config.augment, config.mixup, config.cutmix, config.seed
+        "train": skip_batches_smaller_than(
+            train_ds, replicas, dataset.train.count, config.batch_size
         ),
         "val": val_ds,
     }
@@ -678,7 +752,8 @@ def scratch_baseline(
 
 
 def seed_everything(config: Config) -> None:
-    """Seeds Python, NumPy and TF; op determinism on CPU unless XLA is asked for.
+    """Seeds Python, NumPy and TF; op determinism on CPU unless XLA is asked for or a
+    fine-tuned hub module has unseeded random ops (hub_model.can_be_deterministic).
 
     Keras silently drops `jit_compile=True` while op determinism is on (not every XLA kernel
     is deterministic), so `--jit_compile` turns it off, also after an earlier run in this
@@ -687,12 +762,16 @@ def seed_everything(config: Config) -> None:
     from tensorflow.python.framework import config as tf_config
 
     keras.utils.set_random_seed(config.seed)
-    if config.jit_compile:
-        tf_config.disable_op_determinism()
-    elif not tf.config.list_physical_devices("GPU"):
+    if (
+        not config.jit_compile
+        and not tf.config.list_physical_devices("GPU")
+        and hub_model.can_be_deterministic(config)
+    ):
         # Same seed, same numbers on CPU. Not on GPUs: some kernels have no deterministic
         # version there and would raise, and the deterministic ones are slower.
         tf.config.experimental.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()  # a previous run in this process may have enabled it
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -712,7 +791,7 @@ def train_and_evaluate(
       extra_callbacks: added to fit's callbacks (tests use it to interrupt a run).
     """
     start = time.time()
-    phases.plan(config)  # a list of --unfreeze values fails here, before any work
+    check_supported(config)
     strategy = make_strategy(config.strategy, config.cpu_replicas)
     logging.info(
         "Strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync
@@ -732,7 +811,7 @@ def train_and_evaluate(
         dataset.val.count,
         dataset.test.count if dataset.test else 0,
     )
-    pipelines = make_pipelines(config, dataset)
+    pipelines = make_pipelines(config, dataset, strategy.num_replicas_in_sync)
     verbose = 1 if sys.stdout.isatty() else 2
     fit = fit_phases(config, dataset, pipelines, strategy, extra_callbacks, verbose)
     model, histories = fit.model, fit.histories
@@ -760,7 +839,7 @@ def train_and_evaluate(
     if candidates:
         metrics["candidates"] = candidates
         metrics["exported_weights"] = exported_weights
-    if config.is_offline_default:
+    if config.is_offline_default and not hub_model.is_hub_backbone(config.backbone):
         metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
     metrics_path = os.path.join(config.model_dir, "metrics.json")
     if config.min_accuracy:

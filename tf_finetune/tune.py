@@ -25,7 +25,7 @@ import keras_tuner
 from absl import logging
 
 from tf_finetune import config as config_lib
-from tf_finetune import phases, train
+from tf_finetune import train
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
@@ -170,7 +170,7 @@ class FinetuneTuner(keras_tuner.engine.base_tuner.BaseTuner):
         config = trial_config(self.base, values, epochs, self.get_trial_dir(trial.trial_id))
         logging.info("Trial %s: %s, %d epochs", trial.trial_id, values, epochs)
         train.seed_everything(config)  # every trial starts from the same seed
-        pipelines = train.make_pipelines(config, self.dataset)
+        pipelines = train.make_pipelines(config, self.dataset, self.strategy.num_replicas_in_sync)
         fit = train.fit_phases(config, self.dataset, pipelines, self.strategy, verbose=0)
         scores = train.best_checkpoint_scores(fit.model, config, pipelines)
         seconds = list(fit.epoch_seconds.values())
@@ -241,7 +241,7 @@ def _write_text(path: str, text: str) -> None:
 def tune(config: Config) -> dict:
     """Runs (or resumes) the search; returns the ranked rows, the table and the flagfile path."""
     dims = search_space(config)
-    phases.plan(config)  # fails fast on a list in --unfreeze
+    train.check_supported(config)
     strategy = train.make_strategy(config.strategy, config.cpu_replicas)
     os.makedirs(config.model_dir, exist_ok=True)
     _write_text(os.path.join(config.model_dir, "tune.cfg"), config.to_flagfile())
