@@ -54,6 +54,9 @@ def cmd_train(config: config_lib.Config) -> int:
     from tf_finetune import train
 
     metrics = train.train_and_evaluate(config)
+    if metrics.get("chief") is False:  # a multi-worker run's other workers: the chief reports
+        print(f"Worker done: {metrics['epochs']} epochs on {metrics['replicas']} replicas.")
+        return 0
     _print_train_summary(config, metrics)
     return 0
 
@@ -64,6 +67,16 @@ def cmd_evaluate(config: config_lib.Config) -> int:
     report = train.evaluate_run(config, config.split)
     print(report["text"])
     print(f"\nReport and plots: {', '.join(report['files'])}")
+    return 0
+
+
+def cmd_check_data(config: config_lib.Config) -> int:
+    from tf_finetune import check_data
+
+    if config.is_offline_default:
+        raise UserError("check-data needs --data=FOLDER (the folder you would train on).")
+    report = check_data.check_folder(config.data, config.validation_percent, config.image_size)
+    print(check_data.format_report(report))
     return 0
 
 
@@ -88,6 +101,11 @@ COMMANDS: dict[str, Command] = {
         cmd_evaluate,
         "report accuracy, per-class precision/recall/F1, confusion matrix and plots of a run "
         "(its flags.cfg gives the data and model; flags override)",
+    ),
+    "check-data": Command(
+        cmd_check_data,
+        "report class counts per split, unreadable files, duplicates across splits, class "
+        "imbalance and image sizes of --data, without training",
     ),
     "backbones": Command(cmd_backbones, "list the backbone names --backbone accepts"),
 }
@@ -205,7 +223,8 @@ def main(argv: list[str]) -> int:
         config = config_from_flags()
         return COMMANDS[command].run(config)
     except UserError as e:
-        return _fail(str(e))
+        # Stopped (signal) and NonFiniteLoss carry their own exit codes.
+        return _fail(str(e), getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume from the last epoch.", 130)
 

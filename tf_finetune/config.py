@@ -94,9 +94,10 @@ class Config:
     strategy: str = _field(
         "auto",
         "auto: MirroredStrategy over all GPUs, or over --cpu_replicas logical CPUs; "
-        "one_device: a single device; mirrored: MirroredStrategy even with one replica.",
+        "one_device: a single device; mirrored: MirroredStrategy even with one replica; "
+        "multi_worker: MultiWorkerMirroredStrategy across the machines in TF_CONFIG.",
         "distribution",
-        ("auto", "mirrored", "one_device"),
+        ("auto", "mirrored", "one_device", "multi_worker"),
     )
     cpu_replicas: int = _field(
         1,

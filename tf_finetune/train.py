@@ -3,6 +3,7 @@
 A flat list of small functions ending in `train_and_evaluate(config)`.
 """
 
+import csv
 import dataclasses
 import json
 import os
@@ -14,8 +15,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import backbones, data, digits, evaluate, export
+from tf_finetune import backbones, data, digits, evaluate, export, faults
 from tf_finetune import model as model_lib
+from tf_finetune import multiworker as mw
 from tf_finetune.config import Config
 
 BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
@@ -45,7 +47,15 @@ def configure_cpu_replicas(cpu_replicas: int) -> None:
 
 
 def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs (or `cpu_replicas` logical CPUs); else one device."""
+    """MirroredStrategy over all GPUs (or `cpu_replicas` logical CPUs); else one device.
+
+    `multi_worker`: MultiWorkerMirroredStrategy from TF_CONFIG, with the Keras 3 workarounds
+    (keras-team/keras#20585); must be the first TensorFlow op of the process.
+    """
+    if kind == "multi_worker":
+        strategy = mw.make_multi_worker_strategy()
+        mw.apply_keras_workarounds()
+        return strategy
     configure_cpu_replicas(cpu_replicas)
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -121,23 +131,28 @@ def build_model(config: Config, num_classes: int) -> keras.Model:
 
 
 # ----------------------------------------------------------------------------- fit
-def make_callbacks(config: Config, verbose: int) -> list[keras.callbacks.Callback]:
-    """Best checkpoint, backup for resuming, TensorBoard, CSV history, optional stoppers."""
+def make_callbacks(
+    config: Config, verbose: int, guard: faults.SignalGuard, multi_worker: bool = False
+) -> list[keras.callbacks.Callback]:
+    """NaN and signal stops, CSV history, best checkpoint, backup, TensorBoard, stoppers.
+
+    The order matters at each epoch end: history row, then best checkpoint, then the backup
+    that marks the epoch done. A kill in between reruns the epoch, which only repeats a row
+    (`truncate_history` drops it) and never loses a better checkpoint.
+    """
     run = config.model_dir
     os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
+    # Saved every epoch (and on SIGINT/SIGTERM); a rerun of the same command resumes from it.
+    backup = faults.AtomicBackup(os.path.join(run, "backup"))
+    best = faults.BestCheckpoint(os.path.join(run, BEST_WEIGHTS), backup, monitor="val_loss")
     callbacks = [
-        # Saved every epoch; a rerun of the same command resumes from it. Deleted at the end.
-        keras.callbacks.BackupAndRestore(os.path.join(run, "backup")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(run, BEST_WEIGHTS),
-            monitor="val_loss",
-            save_best_only=True,
-            save_weights_only=True,
-            verbose=0,
-        ),
-        keras.callbacks.TensorBoard(os.path.join(run, "logs")),
+        faults.StopOnNaN(best),
+        faults.StopOnSignal(guard, backup),
         keras.callbacks.CSVLogger(os.path.join(run, "history.csv"), append=True),
-        keras.callbacks.TerminateOnNaN(),
+        best,
+        backup,
+        *([mw.resume_epoch_check()] if multi_worker else []),
+        keras.callbacks.TensorBoard(os.path.join(run, "logs")),
     ]
     if config.early_stopping_patience:
         callbacks.append(
@@ -152,6 +167,24 @@ def make_callbacks(config: Config, verbose: int) -> list[keras.callbacks.Callbac
             )
         )
     return callbacks
+
+
+def truncate_history(history_csv: str, epochs_done: int) -> None:
+    """Drops rows of epochs a resumed run will redo (a kill between the row and the backup)."""
+    if not os.path.exists(history_csv):
+        return
+    with open(history_csv, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = lines[:1] + [
+        ln
+        for ln in lines[1:]
+        if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) < epochs_done
+    ]
+    if len(kept) != len(lines):
+        tmp = history_csv + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, history_csv)
 
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
@@ -195,7 +228,9 @@ def evaluate_run(config: Config, split: str) -> dict:
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     if not os.path.exists(best):
         raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
-    strategy = make_strategy(config.strategy, config.cpu_replicas)
+    # A multi-worker run is evaluated in one process.
+    kind = "auto" if config.strategy == "multi_worker" else config.strategy
+    strategy = make_strategy(kind, config.cpu_replicas)
     dataset = load_data(config)
     chosen = {"val": dataset.val, "test": dataset.test}[split]
     if chosen is None:
@@ -246,12 +281,57 @@ def train_and_evaluate(
 ) -> dict:
     """Runs one configured training job end to end and returns metrics.json's content.
 
+    Holds a lock on the run directory, turns SIGINT/SIGTERM into a clean stop with a backup,
+    and deletes the backup only once the export exists, so a run killed at any point resumes
+    from its last saved state (see faults.py).
+
     Args:
       config: a resolved config (`config.resolve`).
       extra_callbacks: added to fit's callbacks (tests use it to interrupt a run).
     """
     start = time.time()
-    strategy = make_strategy(config.strategy, config.cpu_replicas)
+    multi_worker = config.strategy == "multi_worker"
+    if multi_worker:
+        # Every worker runs the same code; only the chief writes into model_dir, the others
+        # into a private scratch dir (removed once the run succeeds).
+        out_dir = mw.scratch_dir_for(config.model_dir)
+        if out_dir != config.model_dir:
+            config = dataclasses.replace(
+                config, model_dir=out_dir, export_dir=os.path.join(out_dir, "export")
+            )
+    backup_dir = os.path.join(config.model_dir, "backup")
+    with faults.RunLock(config.model_dir), faults.SignalGuard(backup_dir) as guard:
+        # The strategy comes first: MultiWorkerMirroredStrategy must precede any other TF op.
+        strategy = make_strategy(config.strategy, config.cpu_replicas)
+        metrics = _train_and_evaluate(config, strategy, guard, extra_callbacks)
+        metrics["wall_time_seconds"] = round(time.time() - start, 1)
+        _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+        faults.remove_backup(backup_dir)  # only now: everything the run owes is written
+    if multi_worker and not mw.is_chief():
+        import shutil
+
+        shutil.rmtree(config.model_dir, ignore_errors=True)
+    return metrics
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short hash of all weights: equal on every worker of a multi-worker run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(w.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _train_and_evaluate(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    guard: faults.SignalGuard,
+    extra_callbacks: tuple[keras.callbacks.Callback, ...],
+) -> dict:
+    multi_worker = config.strategy == "multi_worker"
+    chief = mw.is_chief()
     logging.info(
         "Strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync
     )
@@ -283,40 +363,106 @@ def train_and_evaluate(
         pipelines["test"] = data.make_pipeline(
             dataset.test, dataset.num_classes, config.batch_size, False, config.seed
         )
+    fit_train, fit_val, steps = pipelines["train"], pipelines["val"], {}
+    if multi_worker:
+        # Endless input and a fixed number of steps: every worker runs exactly the same steps
+        # (a worker that ran out of batches first would leave the others hanging).
+        fit_train, fit_val, steps = _multi_worker_inputs(dataset, config)
 
+    resumed = faults.read_backup(os.path.join(config.model_dir, "backup"))
+    # Rows of epochs this run (re)does go: a fresh run starts history.csv over, like the best
+    # checkpoint; a resumed one drops rows written after its backup.
+    truncate_history(
+        os.path.join(config.model_dir, "history.csv"), resumed["epoch"] if resumed else 0
+    )
     with strategy.scope():
         model = build_model(config, dataset.num_classes)
     verbose = 1 if sys.stdout.isatty() else 2
     history = model.fit(
-        pipelines["train"],
-        validation_data=pipelines["val"],
+        fit_train,
+        validation_data=fit_val,
         epochs=config.epochs,
-        callbacks=make_callbacks(config, verbose) + list(extra_callbacks),
+        callbacks=make_callbacks(config, verbose, guard, multi_worker) + list(extra_callbacks),
         verbose=verbose,
         shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
+        **steps,
     )
+    if multi_worker:
+        logging.info("Final weights fingerprint %s", weights_fingerprint(model))
+        # Evaluate and export in this process alone (no collectives): a plain copy of the
+        # model. Only the chief's results are kept; the others have nothing more to do.
+        trained = model
+        model = build_model(config, dataset.num_classes)
+        model.set_weights(trained.get_weights())
+        strategy = tf.distribute.get_strategy()
+        if not chief:
+            return {
+                "epochs": _epochs_done(history, resumed),
+                "replicas": trained.distribute_strategy.num_replicas_in_sync,
+                "chief": False,
+            }
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     if os.path.exists(best):
         model.load_weights(best)  # the exported model is the best one on val_loss
 
-    last_epoch = {k: float(v[-1]) for k, v in history.history.items() if not k.startswith("val_")}
     metrics = {
-        **{k: last_epoch[k] for k in ("loss", "accuracy") if k in last_epoch},
+        **_last_epoch(history, config.model_dir),
         **evaluate_and_report(model, config, dataset, pipelines),
         "class_names": list(dataset.class_names),
         "train_images": dataset.train.count,
         "val_images": dataset.val.count,
         "test_images": dataset.test.count if dataset.test else 0,
         "skipped_files": [{"file": p, "reason": r} for p, r in dataset.skipped_files],
-        "epochs": len(history.epoch) and history.epoch[-1] + 1,
+        "epochs": _epochs_done(history, resumed),
         "backbone": config.backbone,
         "replicas": strategy.num_replicas_in_sync,
     }
+    if multi_worker:
+        metrics["replicas"] = trained.distribute_strategy.num_replicas_in_sync
     if config.is_offline_default:
         metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
     metrics["export_path"] = export.export_saved_model(
         model, list(dataset.class_names), config.image_size, config.export_base
     )
-    metrics["wall_time_seconds"] = round(time.time() - start, 1)
-    _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     return metrics
+
+
+def _multi_worker_inputs(dataset: data.DataSet, config: Config):
+    """Repeated train/val pipelines and the step counts that make one epoch of each."""
+    options = tf.data.Options()
+    # Folder pipelines start from a list of paths, not files: shard by data.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+
+    def endless(split, training):
+        repeated = dataclasses.replace(split, source=split.source.repeat())
+        ds = data.make_pipeline(
+            repeated, dataset.num_classes, config.batch_size, training, config.seed
+        )
+        return ds.with_options(options)
+
+    def steps(split):
+        return max(1, -(-split.count // config.batch_size))
+
+    return (
+        endless(dataset.train, True),
+        endless(dataset.val, False),
+        {"steps_per_epoch": steps(dataset.train), "validation_steps": steps(dataset.val)},
+    )
+
+
+def _epochs_done(history: keras.callbacks.History, resumed: dict | None) -> int:
+    if history.epoch:
+        return history.epoch[-1] + 1
+    return resumed["epoch"] if resumed else 0  # resumed after the last epoch: nothing to run
+
+
+def _last_epoch(history: keras.callbacks.History, model_dir: str) -> dict[str, float]:
+    """The last epoch's training loss and accuracy (from history.csv when fit had none left)."""
+    rows = {k: v for k, v in history.history.items() if v}
+    if not rows:
+        path = os.path.join(model_dir, "history.csv")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                last = list(csv.DictReader(f))[-1:]
+            rows = {k: [float(v)] for row in last for k, v in row.items() if v}
+    return {k: float(rows[k][-1]) for k in ("loss", "accuracy") if k in rows}
