@@ -193,6 +193,29 @@ def _with_run_flagfile(command: str, argv: list[str]) -> list[str]:
     return [f"--flagfile={saved}", *argv] if saved and os.path.exists(saved) else argv
 
 
+def _flagfile_line(argv: list[str], flagname: str | None, depth: int = 0) -> str:
+    """'FILE line N: ' where a flagfile (or one it includes) sets `flagname`; else ''."""
+    if not flagname or depth > 10:
+        return ""
+    for arg in argv:
+        if not arg.startswith("--flagfile="):
+            continue
+        path = arg.split("=", 1)[1]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for number, line in enumerate(lines, 1):
+            name = line.strip().lstrip("-").split("=", 1)[0]
+            if name in (flagname, f"no{flagname}"):
+                return f"{path} line {number}: "
+        nested = _flagfile_line([ln.strip() for ln in lines], flagname, depth + 1)
+        if nested:
+            return nested
+    return ""
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
@@ -213,7 +236,8 @@ def main(argv: list[str]) -> int:
     try:
         positional = FLAGS([PROG, *_with_run_flagfile(command, rest)])[1:]
     except flags.Error as e:
-        return _fail(f"{e}. Run '{PROG} --help' for the flags.")
+        where = _flagfile_line(rest, getattr(e, "flagname", None))
+        return _fail(f"{where}{e}. Run '{PROG} --help' for the flags.")
     if positional:
         return _fail(
             f"unexpected argument(s) {' '.join(positional)}; flags look like --name=value."

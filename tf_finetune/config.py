@@ -181,6 +181,38 @@ def validate(config: Config) -> None:
             raise UserError(
                 f"--data={config.data} is a file; pass the folder that holds one subfolder per class."
             )
+    if config.data and not config.data.startswith("tfds:"):
+        visible = [n for n in os.listdir(config.data) if not n.startswith(".")]
+        if not visible:
+            raise UserError(
+                f"--data={config.data} is an empty folder; put one subfolder of images per class "
+                "in it (or train/ val/ test/ folders that each hold them)."
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        tfds_only = [
+            n
+            for n in ("train_split", "val_split", "test_split")
+            if getattr(config, n) != defaults[n]
+        ]
+        if tfds_only:
+            raise UserError(
+                f"--{tfds_only[0]} selects a TFDS split, but --data={config.data} is a folder: "
+                "a folder's splits are its train/ val/ test/ subfolders (or --validation_percent)."
+            )
+    if config.weight_decay != Config.weight_decay and config.optimizer != "adamw":
+        raise UserError(
+            f"--weight_decay only applies to --optimizer=adamw (got --optimizer={config.optimizer}); "
+            "add --optimizer=adamw or drop --weight_decay."
+        )
+    if config.cpu_replicas > 1 and config.strategy in ("one_device", "multi_worker"):
+        raise UserError(
+            f"--cpu_replicas={config.cpu_replicas} splits the CPU for MirroredStrategy; it "
+            f"conflicts with --strategy={config.strategy} (use --strategy=auto or mirrored)."
+        )
+    if config.strategy == "multi_worker":
+        from tf_finetune import multiworker
+
+        multiworker.parse_tf_config()  # a missing or malformed TF_CONFIG, before any TF op
     if config.data.startswith("tfds:") and not config.data[5:]:
         raise UserError("--data=tfds:NAME needs a dataset name, e.g. tfds:tf_flowers.")
     weights = config.weights
