@@ -66,3 +66,9 @@ def test_multi_worker_needs_a_valid_tf_config_before_anything_starts(capsys, fol
     assert "TF_CONFIG is not valid JSON" in _error(
         capsys, f"--data={folder}", "--strategy=multi_worker"
     )
+
+
+def test_data_service_address_is_checked(capsys, folder):
+    assert "must look like grpc://HOST:PORT" in _error(
+        capsys, f"--data={folder}", "--data_service=localhost:5050"
+    )

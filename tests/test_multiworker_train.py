@@ -84,3 +84,46 @@ def test_two_workers_train_identical_weights_and_the_chief_export_serves(tmp_pat
     result = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))
     names = [row[0].decode() for row in result["top_k_names"].numpy()]
     assert names == ["class_0", "class_1", "class_2"]
+
+
+def test_data_service_feeds_training(tmp_path, monkeypatch):
+    """--data_service: an in-process dispatcher and worker produce the training batches."""
+    from tf_finetune import train
+    from tf_finetune.config import Config, resolve
+
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer()
+    worker = service.WorkerServer(
+        service.WorkerConfig(dispatcher_address=dispatcher.target.removeprefix("grpc://"))
+    )
+    photos = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
+    config = resolve(
+        Config(
+            data=str(photos),
+            data_service=dispatcher.target,
+            backbone="digits_cnn",
+            weights="none",
+            image_size=16,
+            epochs=3,
+            batch_size=8,
+            learning_rate=0.01,
+            unfreeze="all",
+            model_dir=str(tmp_path / "run"),
+        )
+    )
+    used = []
+    real = train.with_data_service
+
+    def spy(ds, address):
+        used.append(real(ds, address))
+        return used[-1]
+
+    monkeypatch.setattr(train, "with_data_service", spy)
+    metrics = train.train_and_evaluate(config)
+    assert len(used) == 1
+    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=used[0]._variant_tensor).numpy()
+    assert b"DataServiceDataset" in graph  # fit's batches came from the service
+    with open(tmp_path / "run" / "history.csv") as f:
+        assert len(f.read().splitlines()) == 4  # header + 3 epochs: every epoch got its batches
+    assert metrics["val_accuracy"] > 0.6
+    del worker, dispatcher

@@ -52,6 +52,14 @@ class Config:
         "test", "The split 'tf-finetune evaluate' reports on.", "data", ("val", "test")
     )
 
+    data_service: str = _field(
+        "",
+        "grpc://HOST:PORT of a tf.data service dispatcher: its workers read, decode and batch "
+        "the training images (each example once per epoch), for input pipelines that outgrow "
+        "this machine. The workers must see --data at the same path. Empty: local input.",
+        "data",
+    )
+
     # --- model ---
     backbone: str = _field(
         "auto",
@@ -209,6 +217,17 @@ def validate(config: Config) -> None:
             f"--cpu_replicas={config.cpu_replicas} splits the CPU for MirroredStrategy; it "
             f"conflicts with --strategy={config.strategy} (use --strategy=auto or mirrored)."
         )
+    if config.data_service:
+        host, _, port = config.data_service.removeprefix("grpc://").rpartition(":")
+        if not config.data_service.startswith("grpc://") or not host or not port.isdigit():
+            raise UserError(
+                f"--data_service={config.data_service} must look like grpc://HOST:PORT "
+                "(the tf.data service dispatcher)."
+            )
+        if config.strategy == "multi_worker":
+            raise UserError(
+                "--data_service with --strategy=multi_worker is not supported; use one of them."
+            )
     if config.strategy == "multi_worker":
         from tf_finetune import multiworker
 

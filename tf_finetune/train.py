@@ -364,6 +364,8 @@ def _train_and_evaluate(
             dataset.test, dataset.num_classes, config.batch_size, False, config.seed
         )
     fit_train, fit_val, steps = pipelines["train"], pipelines["val"], {}
+    if config.data_service:
+        fit_train = with_data_service(fit_train, config.data_service)
     if multi_worker:
         # Endless input and a fixed number of steps: every worker runs exactly the same steps
         # (a worker that ran out of batches first would leave the others hanging).
@@ -425,6 +427,20 @@ def _train_and_evaluate(
         model, list(dataset.class_names), config.image_size, config.export_base
     )
     return metrics
+
+
+def with_data_service(ds: tf.data.Dataset, address: str) -> tf.data.Dataset:
+    """Runs the whole training pipeline (read, decode, batch) on tf.data service workers.
+
+    `distributed_epoch`: the workers split the list of files, so each example is seen once per
+    epoch however many workers there are (in an order that is no longer reproducible).
+    """
+    distributed = ds.apply(
+        tf.data.experimental.service.distribute(
+            processing_mode="distributed_epoch", service=address
+        )
+    )
+    return distributed.prefetch(data.AUTOTUNE)
 
 
 def _multi_worker_inputs(dataset: data.DataSet, config: Config):
