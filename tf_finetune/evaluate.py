@@ -15,7 +15,9 @@ import math
 import os
 from collections.abc import Sequence
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 DEFAULT_TOP_K = (1, 5)
 DEFAULT_KEPT_IMAGES = 256
@@ -289,11 +291,21 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round(images), 0, 255).astype(np.uint8)
 
 
+_FORWARD: dict = {}  # the compiled forward pass of the last model seen
+
+
 def _probabilities(model, pixels) -> np.ndarray:
     """One batch of probabilities from a Keras model, or any callable (e.g. a SavedModel
     signature wrapped in a lambda) returning probabilities or a dict holding them."""
-    if hasattr(model, "predict_on_batch"):
-        out = model.predict_on_batch(pixels)
+    if isinstance(model, keras.Model):
+        # Not predict_on_batch: under MirroredStrategy (Keras 3.15) it returns each replica's
+        # rows twice. A plain compiled forward pass runs on one device and is exact.
+        forward = _FORWARD.get(id(model))
+        if forward is None:
+            forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            _FORWARD.clear()
+            _FORWARD[id(model)] = forward
+        out = forward(tf.convert_to_tensor(pixels, tf.float32))
     else:
         out = model(pixels)
     if isinstance(out, dict):

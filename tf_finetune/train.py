@@ -341,7 +341,10 @@ def _train_and_evaluate(
     if config.backbone == "digits_cnn" and config.weights == "imagenet":
         digits.pretrained_weights_path()  # pretrain the source task before seeding this run
     keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
+    if not tf.config.list_physical_devices("GPU"):
+        # Same seed, same numbers on CPU. Not on GPUs: some kernels have no deterministic
+        # version there and would raise, and the deterministic ones are slower.
+        tf.config.experimental.enable_op_determinism()
 
     dataset = load_data(config)
     logging.info(
