@@ -200,4 +200,7 @@ def test_check_data_needs_a_folder(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(["check-data", f"--data={empty}"]) == 2
+    assert "is an empty folder" in capsys.readouterr().err
+    (empty / "loose.jpg").write_bytes(encode(class_image(0), "JPEG"))
+    assert cli.main(["check-data", f"--data={empty}"]) == 2
     assert "no class subfolders" in capsys.readouterr().err

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tests.images import write_class_folders
+from tests.test_train import tiny
 from tf_finetune import cli, export, faults, train
-from tf_finetune.config import Config, resolve
 from tf_finetune.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,22 +25,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=16)
-
-
-def tiny(folder, model_dir, **overrides) -> Config:
-    values = dict(
-        data=str(folder),
-        backbone="digits_cnn",
-        weights="none",
-        image_size=16,
-        epochs=3,
-        batch_size=8,
-        learning_rate=0.01,
-        unfreeze="all",
-        model_dir=str(model_dir),
-    )
-    values.update(overrides)
-    return resolve(Config(**values))
 
 
 def _history_epochs(run) -> list[int]:
@@ -218,25 +202,27 @@ def test_best_so_far_survives_a_resume(folder, tmp_path):
 
 
 # ----------------------------------------------------------------------------- disk full
-def _enospc(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def test_disk_full_during_backup_keeps_the_previous_backup(folder, tmp_path, monkeypatch):
-    config = tiny(folder, tmp_path)
+def _disk_full_on_save(monkeypatch, folder: str, nth: int):
+    """The `nth` save_weights into `folder` writes half a file, then fails with ENOSPC."""
     real = keras.Model.save_weights
     calls = []
 
     def save_weights(self, path, *args, **kwargs):
-        if f"{os.sep}backup{os.sep}" in str(path):
+        if f"{os.sep}{folder}{os.sep}" in str(path):
             calls.append(path)
-            if len(calls) == 2:  # the second epoch's backup: write half a file, then fail
+            if len(calls) == nth:
                 with open(path, "wb") as f:
                     f.write(b"\x89HDF half")
-                _enospc()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "save_weights", save_weights)
+    return real
+
+
+def test_disk_full_during_backup_keeps_the_previous_backup(folder, tmp_path, monkeypatch):
+    config = tiny(folder, tmp_path)
+    real = _disk_full_on_save(monkeypatch, "backup", 2)  # the second epoch's backup
     with pytest.raises(UserError, match=r"disk full while writing the backup .*previous backup"):
         train.train_and_evaluate(config)
     meta = _backup(tmp_path)
@@ -250,17 +236,7 @@ def test_disk_full_during_backup_keeps_the_previous_backup(folder, tmp_path, mon
 
 def test_disk_full_during_checkpoint_keeps_the_previous_best(folder, tmp_path, monkeypatch):
     config = tiny(folder, tmp_path)
-    real = keras.Model.save_weights
-    calls = []
-
-    def save_weights(self, path, *args, **kwargs):
-        if f"{os.sep}checkpoints{os.sep}" in str(path):
-            calls.append(path)
-            if len(calls) == 2:
-                _enospc()
-        return real(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "save_weights", save_weights)
+    _disk_full_on_save(monkeypatch, "checkpoints", 2)
     with pytest.raises(UserError, match="disk full while writing the best checkpoint"):
         train.train_and_evaluate(config, extra_callbacks=())
     assert os.listdir(tmp_path / "checkpoints") == ["best.json", "best.weights.h5"] or sorted(

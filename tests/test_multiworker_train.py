@@ -88,8 +88,8 @@ def test_two_workers_train_identical_weights_and_the_chief_export_serves(tmp_pat
 
 def test_data_service_feeds_training(tmp_path, monkeypatch):
     """--data_service: an in-process dispatcher and worker produce the training batches."""
+    from tests.test_train import tiny
     from tf_finetune import train
-    from tf_finetune.config import Config, resolve
 
     service = tf.data.experimental.service
     dispatcher = service.DispatchServer()
@@ -97,20 +97,7 @@ def test_data_service_feeds_training(tmp_path, monkeypatch):
         service.WorkerConfig(dispatcher_address=dispatcher.target.removeprefix("grpc://"))
     )
     photos = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
-    config = resolve(
-        Config(
-            data=str(photos),
-            data_service=dispatcher.target,
-            backbone="digits_cnn",
-            weights="none",
-            image_size=16,
-            epochs=3,
-            batch_size=8,
-            learning_rate=0.01,
-            unfreeze="all",
-            model_dir=str(tmp_path / "run"),
-        )
-    )
+    config = tiny(photos, tmp_path / "run", data_service=dispatcher.target)
     used = []
     real = train.with_data_service
 
