@@ -134,6 +134,16 @@ def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_
     ]
 
 
+def test_a_second_signal_during_fit_stops_at_once(tmp_path):
+    with faults.SignalGuard(str(tmp_path)) as guard:
+        guard.deferred = True  # as inside fit
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.signum == signal.SIGTERM  # noted; the step goes on
+        with pytest.raises(faults.Stopped, match="SIGINT before the current step finished"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 # ----------------------------------------------------------------------------- NaN
 def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(
     folder, tmp_path, capsys
