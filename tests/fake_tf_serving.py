@@ -6,7 +6,8 @@ SavedModel loaded with ``tf.saved_model.load``:
 
 * REST (``FakeRestServer``, ``http.server.ThreadingHTTPServer``):
   ``POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict`` in row format
-  (``instances``, with ``{"b64": ...}`` decoding of string inputs, ``predictions`` out) and
+  (``instances``, with ``{"b64": ...}`` decoding of string inputs and the one-input shorthand
+  ``[{"b64": ...}]``, ``predictions`` out) and
   ``GET /v1/models/<name>[/versions/<v>]/metadata``. Errors are ``{"error": "..."}`` with the
   HTTP codes TF Serving maps its status codes to (INVALID_ARGUMENT 400, NOT_FOUND 404, ...).
 * gRPC (``FakeGrpcServer``, ``grpc.server``): ``PredictionService.Predict`` and
@@ -251,6 +252,15 @@ class _RestHandler(BaseHTTPRequestHandler):
                 raise ServingError(
                     grpc.StatusCode.INVALID_ARGUMENT, "'instances' must be a non-empty list"
                 )
+            if all(isinstance(i, dict) and set(i) == {"b64"} for i in instances):
+                # TF Serving's shorthand for a signature with one input: each instance is
+                # that input's value ({"instances": [{"b64": ...}]}, the README's curl form).
+                signature = body.get("signature_name") or "serving_default"
+                model = self.store.versions[v]
+                if signature in model.signatures:
+                    names = list(model.signatures[signature].structured_input_signature[1])
+                    if len(names) == 1:
+                        instances = [{names[0]: i} for i in instances]
             if not all(isinstance(i, dict) for i in instances):
                 raise ServingError(
                     grpc.StatusCode.INVALID_ARGUMENT,

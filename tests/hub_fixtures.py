@@ -154,19 +154,23 @@ def save_batchnorm_module(
     return str(path)
 
 
+def _vocabulary(vocab_file):
+    """One token per line -> its line number (the file becomes a SavedModel asset)."""
+    return tf.lookup.TextFileInitializer(
+        vocab_file,
+        key_dtype=tf.string,
+        key_index=tf.lookup.TextFileIndex.WHOLE_LINE,
+        value_dtype=tf.int64,
+        value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
+    )
+
+
 class _TextEmbedding(_Trackable):
     """Whitespace tokens -> vocabulary lookup (asset file) -> embedding -> mean."""
 
     def __init__(self, vocab_file, dim, seed):
         super().__init__()
-        init = tf.lookup.TextFileInitializer(
-            vocab_file,
-            key_dtype=tf.string,
-            key_index=tf.lookup.TextFileIndex.WHOLE_LINE,
-            value_dtype=tf.int64,
-            value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
-        )
-        self.table = tf.lookup.StaticVocabularyTable(init, num_oov_buckets=1)
+        self.table = tf.lookup.StaticVocabularyTable(_vocabulary(vocab_file), num_oov_buckets=1)
         self.embeddings = tf.Variable(_init([len(VOCAB) + 1, dim], seed), name="embeddings")
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
@@ -214,6 +218,83 @@ def save_signature_only_module(path, *, seed: int = 0):
     return str(path)
 
 
+# BERT-style pair: a preprocessor (strings -> token ids, no trainable variables) and an
+# encoder taking its dict, with a `training` argument (dropout) like real TF Hub encoders.
+BERT_SPECIAL = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+SEQ_LENGTH = 8
+
+
+class _BertPreprocessor(_Trackable):
+    def __init__(self, vocab_file, seq_length):
+        super().__init__()
+        self.table = tf.lookup.StaticHashTable(_vocabulary(vocab_file), default_value=3)  # [UNK]
+        self.seq_length = seq_length
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def __call__(self, sentences):
+        tokens = tf.strings.split(tf.strings.lower(sentences))
+        ids = tf.ragged.map_flat_values(self.table.lookup, tokens)
+        cls = tf.ones_like(ids[:, :1])
+        ids = tf.concat([cls, ids], axis=1)[:, : self.seq_length]
+        word_ids = tf.cast(ids.to_tensor(0, shape=[None, self.seq_length]), tf.int32)
+        return {
+            "input_word_ids": word_ids,
+            "input_mask": tf.cast(word_ids > 0, tf.int32),
+            "input_type_ids": tf.zeros_like(word_ids),
+        }
+
+
+def save_bert_preprocessor(path, *, seq_length: int = SEQ_LENGTH):
+    """BERT-style preprocessor: tf.string [batch] -> {input_word_ids, input_mask, input_type_ids}."""
+    path = str(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file = os.path.join(scratch, "vocab.txt")
+        with open(vocab_file, "w") as f:
+            f.write("\n".join(BERT_SPECIAL + VOCAB) + "\n")
+        module = _BertPreprocessor(vocab_file, seq_length)
+        module.variables = []
+        module.trainable_variables = []
+        module.regularization_losses = []
+        tf.saved_model.save(module, path)
+    return path
+
+
+class _BertEncoder(_Trackable):
+    def __init__(self, vocab_size, hidden, seed):
+        super().__init__()
+        self.embeddings = tf.Variable(_init([vocab_size, hidden], seed), name="embeddings")
+        self.pooler = tf.Variable(_init([hidden, hidden], seed + 1), name="pooler/kernel")
+
+    @tf.function
+    def __call__(self, inputs, training=False):
+        x = tf.gather(self.embeddings, inputs["input_word_ids"])
+        if training:
+            # Dropout with an explicitly unseeded op (seed=seed2=0), as in modules exported
+            # without a global seed, whatever seed the process that saves this has set.
+            keep = tf.raw_ops.RandomUniform(shape=tf.shape(x), dtype=tf.float32, seed=0, seed2=0)
+            x = tf.where(keep >= 0.1, x / 0.9, tf.zeros_like(x))
+        mask = tf.cast(inputs["input_mask"], tf.float32)[:, :, None]
+        mean = tf.reduce_sum(x * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        pooled = tf.tanh(tf.matmul(mean, self.pooler))
+        return {"pooled_output": pooled, "sequence_output": x, "default": pooled}
+
+
+def save_bert_encoder(path, *, seq_length: int = SEQ_LENGTH, hidden: int = TEXT_DIM, seed: int = 0):
+    """BERT-style encoder: the preprocessor's dict -> {pooled_output, sequence_output, default}."""
+    module = _BertEncoder(len(BERT_SPECIAL) + len(VOCAB), hidden, seed)
+    spec = {
+        name: tf.TensorSpec([None, seq_length], tf.int32, name=name)
+        for name in ("input_word_ids", "input_mask", "input_type_ids")
+    }
+    module.__call__.get_concrete_function(spec, training=False)
+    module.__call__.get_concrete_function(spec, training=True)
+    module.variables = [module.embeddings, module.pooler]
+    module.trainable_variables = [module.embeddings, module.pooler]
+    module.regularization_losses = []
+    tf.saved_model.save(module, str(path))
+    return str(path)
+
+
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/hub_modules"
     save_feature_vector_module(os.path.join(out, "feature_vector"))
@@ -223,4 +304,6 @@ if __name__ == "__main__":
     save_batchnorm_module(os.path.join(out, "batchnorm"))
     save_text_module(os.path.join(out, "text"))
     save_signature_only_module(os.path.join(out, "signature_only"))
+    save_bert_preprocessor(os.path.join(out, "bert_preprocess"))
+    save_bert_encoder(os.path.join(out, "bert_encoder"))
     print(out)

@@ -129,8 +129,8 @@ def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_
     err = capsys.readouterr().err
     assert code == 143
     assert err.strip().splitlines() == [
-        f"tf-finetune: error: stopped by SIGTERM; rerun the same command to resume "
-        f"(backup in {tmp_path}/backup)."
+        f"tf-finetune: error: stopped by SIGTERM; rerun the same command to resume from the "
+        f"backup in {tmp_path}."
     ]
 
 

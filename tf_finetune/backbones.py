@@ -183,6 +183,7 @@ def keras_cache_dir() -> str:
     return os.path.join(keras_config.keras_home(), "models")
 
 
+@keras.saving.register_keras_serializable(package="tf_finetune")
 class Preprocessing(keras.layers.Layer):
     """Scales raw 0-255 RGB pixels the way the backbone's weights expect.
 

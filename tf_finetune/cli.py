@@ -2,7 +2,8 @@
 
 Intentionally short. The only module that reads FLAGS. Every flag comes from a field of
 `config.Config`, so each knob is declared once. The first positional word picks the command;
-adding one is adding an entry to COMMANDS.
+adding one is adding an entry to COMMANDS. Only commands marked `takes_inputs` (predict)
+accept positional arguments (the files to act on) after it.
 """
 
 import dataclasses
@@ -80,6 +81,42 @@ def cmd_check_data(config: config_lib.Config) -> int:
     return 0
 
 
+def cmd_export(config: config_lib.Config) -> int:
+    from tf_finetune import export_run
+
+    result = export_run.export_run(config)
+    if result["rows"]:
+        print(f"\n  {'model (tflite)':16s} {'size':>10s}  {'val accuracy':>12s}")
+        for name, size, accuracy in result["rows"]:
+            print(f"  {name:16s} {size / 1024:>7.1f} KB  {accuracy:>12.3f}")
+        print()
+    print(f"Exported {result['format']}: {result['path']}")
+    print(f"Model card:  {result['card']}")
+    if result["serving_config"]:
+        print(
+            f"TF Serving config: {result['serving_config']} (serves {config.export_base} as "
+            f"'{config.model_name}' mounted at /models/{config.model_name})"
+        )
+    return 0
+
+
+def cmd_predict(config: config_lib.Config, inputs: list[str]) -> int:
+    from tf_finetune import serving
+
+    args = serving.PredictArgs(
+        model=config.model or None,
+        server=config.server or None,
+        grpc=config.grpc or None,
+        model_name=config.model_name,
+        inputs=tuple(inputs),
+        top_k=config.top_k,
+        json=config.json,
+        batch_size=config.batch_size,
+        version=config.model_version or None,
+    )
+    return serving.predict_main(args)
+
+
 def cmd_backbones(config: config_lib.Config) -> int:
     from tf_finetune.backbones import BACKBONES
 
@@ -91,8 +128,9 @@ def cmd_backbones(config: config_lib.Config) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    run: Callable[[config_lib.Config], int]
+    run: Callable[..., int]  # (config) -> exit code; (config, inputs) if takes_inputs
     help: str
+    takes_inputs: bool = False
 
 
 COMMANDS: dict[str, Command] = {
@@ -106,6 +144,17 @@ COMMANDS: dict[str, Command] = {
         cmd_check_data,
         "report class counts per split, unreadable files, duplicates across splits, class "
         "imbalance and image sizes of --data, without training",
+    ),
+    "export": Command(
+        cmd_export,
+        "re-export a run's best checkpoint (--model_dir): --format=saved_model|keras|tflite, "
+        "--quantize for TFLite, --serving_config for TF Serving",
+    ),
+    "predict": Command(
+        cmd_predict,
+        "top-k classes of images and folders: predict --model=EXPORT_OR_RUN a.jpg photos/ "
+        "(or --server=URL / --grpc=HOST:PORT with --model_name for TF Serving)",
+        takes_inputs=True,
     ),
     "backbones": Command(cmd_backbones, "list the backbone names --backbone accepts"),
 }
@@ -151,6 +200,7 @@ def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
 def usage() -> str:
     lines = [
         f"usage: {PROG} COMMAND [--flag=value ...] [--flagfile=FILE]",
+        f"       {PROG} predict --model=EXPORT_OR_RUN_DIR [--flag=value ...] IMAGE_OR_DIR ...",
         "",
         "commands:",
         *(f"  {name:12s} {c.help}" for name, c in COMMANDS.items()),
@@ -238,14 +288,15 @@ def main(argv: list[str]) -> int:
     except flags.Error as e:
         where = _flagfile_line(rest, getattr(e, "flagname", None))
         return _fail(f"{where}{e}. Run '{PROG} --help' for the flags.")
-    if positional:
+    chosen = COMMANDS[command]
+    if positional and not chosen.takes_inputs:
         return _fail(
             f"unexpected argument(s) {' '.join(positional)}; flags look like --name=value."
         )
     _configure_logging()
     try:
         config = config_from_flags()
-        return COMMANDS[command].run(config)
+        return chosen.run(config, positional) if chosen.takes_inputs else chosen.run(config)
     except UserError as e:
         # Stopped (signal) and NonFiniteLoss carry their own exit codes.
         return _fail(str(e), getattr(e, "exit_code", 2))

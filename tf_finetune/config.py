@@ -11,7 +11,9 @@ import os
 from tf_finetune.errors import UserError
 
 # Topics, in the order `--help` shows them.
-GROUPS = ("data", "model", "training", "distribution", "output")
+GROUPS = ("data", "model", "training", "distribution", "output", "export", "predict")
+# Groups of knobs that act on a finished run, not on how it trains: flags.cfg leaves them out.
+NOT_IN_FLAGFILE = ("export", "predict")
 
 
 def _field(default, help: str, group: str, choices: tuple[str, ...] | None = None):
@@ -27,7 +29,8 @@ class Config:
     # --- data ---
     data: str = _field(
         "",
-        "A folder of class subfolders (or with train/ val/ test/ inside), or tfds:NAME. "
+        "A folder of class subfolders (or with train/ val/ test/ inside), tfds:NAME, or for "
+        "text a .csv/.tsv file (or a folder with train.csv, val.csv, test.csv). "
         "Empty: the offline default (real handwritten digits shipped with scikit-learn).",
         "data",
     )
@@ -51,6 +54,15 @@ class Config:
     split: str = _field(
         "test", "The split 'tf-finetune evaluate' reports on.", "data", ("val", "test")
     )
+    text_column: str = _field(
+        "text",
+        "Text data: the CSV/TSV column (or TFDS feature) holding the text; several, "
+        "comma-separated, are joined with a space (e.g. title,description).",
+        "data",
+    )
+    label_column: str = _field(
+        "label", "Text data: the CSV/TSV column (or TFDS feature) holding the label.", "data"
+    )
 
     data_service: str = _field(
         "",
@@ -64,8 +76,9 @@ class Config:
     backbone: str = _field(
         "auto",
         "A Keras Applications name (mobilenet_v2, efficientnet_b0, resnet50, ...; "
-        "'tf-finetune backbones' lists them). auto: digits_cnn for the offline default, "
-        "mobilenet_v2 otherwise.",
+        "'tf-finetune backbones' lists them), or a TF Hub module: a https://tfhub.dev/... or "
+        "https://www.kaggle.com/models/... URL, a gs:// path or a local SavedModel folder "
+        "(image or text). auto: digits_cnn for the offline default, mobilenet_v2 otherwise.",
         "model",
     )
     backbone_alpha: float = _field(1.0, "Width multiplier of MobileNet backbones.", "model")
@@ -73,6 +86,12 @@ class Config:
         "imagenet",
         "imagenet (the backbone's pretrained weights; for digits_cnn its offline pretraining "
         "on digits 0-4), none (random init), or a path to a weights file.",
+        "model",
+    )
+    preprocessor: str = _field(
+        "",
+        "TF Hub text preprocessing module (handle) for a BERT-style --backbone encoder: "
+        "strings -> token ids; the encoder's pooled_output feeds the head.",
         "model",
     )
     dropout: float = _field(0.2, "Dropout rate before the classification layer.", "model")
@@ -91,6 +110,14 @@ class Config:
     weight_decay: float = _field(1e-4, "Weight decay for --optimizer=adamw.", "training")
     label_smoothing: float = _field(0.0, "Label smoothing (0 to 1).", "training")
     seed: int = _field(42, "Random seed: the same seed gives the same numbers on CPU.", "training")
+    cache: str = _field(
+        "auto",
+        "Frozen backbone and no augmentation: compute its features once and train the head on "
+        "them (memory: in RAM; disk: memory-mapped files in $KERAS_HOME/tf_finetune_features, "
+        "reused across runs). auto: memory when they fit in 2 GB, else disk; none: never.",
+        "training",
+        ("auto", "memory", "disk", "none"),
+    )
     early_stopping_patience: int = _field(
         0, "Stop after N epochs without val_loss improvement (0: off).", "training"
     )
@@ -123,6 +150,55 @@ class Config:
         "", "Base directory of the SavedModel versions. Empty: <model_dir>/export.", "output"
     )
 
+    # --- export (tf-finetune export) ---
+    format: str = _field(
+        "saved_model",
+        "What 'tf-finetune export' writes from the run's best checkpoint: a SavedModel version "
+        "for TF Serving, a .keras file, or a .tflite file (in <model_dir>/keras or /tflite).",
+        "export",
+        ("saved_model", "keras", "tflite"),
+    )
+    quantize: str = _field(
+        "none",
+        "TFLite quantization: dynamic (int8 weights), float16, or int8 (full integer, "
+        "calibrated on training images). Prints size and validation accuracy beside float's.",
+        "export",
+        ("none", "dynamic", "float16", "int8"),
+    )
+    export_version: int = _field(
+        0, "SavedModel version to write (never overwrites one). 0: the next free version.", "export"
+    )
+    serving_config: str = _field(
+        "",
+        "Also write TF Serving's models.config here, serving the export base as "
+        "/models/<model_name> (the layout scripts/serve.sh mounts).",
+        "export",
+    )
+
+    # --- predict (tf-finetune predict [inputs ...]) ---
+    model: str = _field(
+        "",
+        "An export dir (a version dir, or the base holding 1/, 2/ ...) or a run dir (its latest "
+        "export), predicted in process.",
+        "predict",
+    )
+    server: str = _field(
+        "", "TF Serving REST URL (e.g. http://localhost:8501) to send the images to.", "predict"
+    )
+    grpc: str = _field("", "TF Serving gRPC host:port (e.g. localhost:8500).", "predict")
+    model_name: str = _field(
+        "model",
+        "The name TF Serving serves the model as (--server, --grpc, --serving_config).",
+        "predict",
+    )
+    model_version: str = _field(
+        "",
+        "TF Serving version number or label to ask for (--server, --grpc). Empty: latest.",
+        "predict",
+    )
+    top_k: int = _field(5, "How many classes to show per image.", "predict")
+    json: bool = _field(False, "Print the predictions as JSON.", "predict")
+
     # ---------------------------------------------------------------- derived values
     @property
     def is_offline_default(self) -> bool:
@@ -141,12 +217,19 @@ class Config:
         """The resolved config as absl flagfile lines: `--flagfile=<it>` reruns the run."""
         lines = ["# Written by tf-finetune: rerun with --flagfile=<this file>."]
         for f in dataclasses.fields(self):
+            if f.metadata["group"] in NOT_IN_FLAGFILE:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 lines.append(f"--{f.name}" if value else f"--no{f.name}")
             else:
                 lines.append(f"--{f.name}={value}")
         return "\n".join(lines) + "\n"
+
+
+def is_table_file(path: str) -> bool:
+    """A CSV/TSV file of text examples (the delimiter comes from the extension)."""
+    return path.lower().endswith((".csv", ".tsv"))
 
 
 def validate(config: Config) -> None:
@@ -179,15 +262,21 @@ def validate(config: Config) -> None:
         raise UserError(
             f"--unfreeze must be 0, a number of top layers, or all; got {config.unfreeze!r}."
         )
+    if config.cache in ("memory", "disk") and config.unfreeze != "0":
+        raise UserError(
+            f"--cache={config.cache} needs a frozen backbone (--unfreeze=0): the features of a "
+            "backbone that trains change every step. Use --cache=auto or none."
+        )
     for name in ("early_stopping_patience", "reduce_lr_patience"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must be >= 0 (0 turns it off).")
     if config.data and not config.data.startswith("tfds:"):
         if not os.path.exists(config.data):
             raise UserError(f"--data={config.data}: no such folder.")
-        if not os.path.isdir(config.data):
+        if not os.path.isdir(config.data) and not is_table_file(config.data):
             raise UserError(
-                f"--data={config.data} is a file; pass the folder that holds one subfolder per class."
+                f"--data={config.data} is a file; pass the folder that holds one subfolder per "
+                "class (or, for text, a .csv or .tsv file)."
             )
     if config.data and not config.data.startswith("tfds:"):
         visible = [n for n in os.listdir(config.data) if not n.startswith(".")]
@@ -234,6 +323,21 @@ def validate(config: Config) -> None:
         multiworker.parse_tf_config()  # a missing or malformed TF_CONFIG, before any TF op
     if config.data.startswith("tfds:") and not config.data[5:]:
         raise UserError("--data=tfds:NAME needs a dataset name, e.g. tfds:tf_flowers.")
+    if config.quantize != "none" and config.format != "tflite":
+        raise UserError(f"--quantize={config.quantize} needs --format=tflite.")
+    if config.export_version < 0:
+        raise UserError(
+            f"--export_version must be >= 1 (0: the next free one), got {config.export_version}."
+        )
+    if config.export_version and config.format == "saved_model":
+        pinned = os.path.join(config.export_base, str(config.export_version))
+        if os.path.exists(pinned):
+            raise UserError(
+                f"export version {pinned} exists and versions are never overwritten; pass "
+                "another --export_version, or none for the next free one."
+            )
+    if config.top_k < 1:
+        raise UserError(f"--top_k must be at least 1, got {config.top_k}.")
     weights = config.weights
     if weights not in ("imagenet", "none") and not os.path.isfile(weights):
         raise UserError(f"--weights={weights}: not imagenet, none, or an existing weights file.")
@@ -256,12 +360,18 @@ def resolve(config: Config, explicit: frozenset[str] = frozenset()) -> Config:
     Returns:
       What the run uses and what `flags.cfg` records.
     """
-    from tf_finetune import backbones
+    from tf_finetune import backbones, hub_model
 
     if config.is_offline_default:
         preset = {k: v for k, v in OFFLINE_DEFAULT_PRESET.items() if k not in explicit}
         config = dataclasses.replace(config, **preset)
     validate(config)
+    if hub_model.is_hub_backbone(config.backbone):
+        return hub_model.resolve(config)
+    if config.preprocessor:
+        raise UserError(
+            "--preprocessor only applies to a TF Hub --backbone (a BERT-style encoder)."
+        )
     backbone = config.backbone
     if backbone == "auto":
         backbone = "digits_cnn" if config.is_offline_default else "mobilenet_v2"

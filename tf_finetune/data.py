@@ -1,5 +1,8 @@
 """Data sources (image folders, TFDS) -> tf.data pipelines of (pixels, one-hot label).
 
+Text sources (CSV/TSV, TFDS text) live in `text_data` and return the same `DataSet`, with
+tf.string texts instead of pixels, so `make_pipeline` and training are shared.
+
 Every source yields unbatched `(uint8 image [size, size, 3], int32 label)` examples; one
 function (`make_pipeline`) turns them into batches, so folders and TFDS train the same way.
 The decode-and-resize step is shared with the export, so serving sees exactly what training saw.
@@ -157,6 +160,16 @@ def hash_percent(relative_path: str) -> float:
     return (int(digest, 16) % 100_000) / 1000.0
 
 
+def partition(keys: list, labels: list, is_val: list[bool]) -> tuple[tuple, tuple]:
+    """((train keys, train labels), (val keys, val labels)) by the `is_val` mask."""
+    train = (
+        [k for k, v in zip(keys, is_val) if not v],
+        [y for y, v in zip(labels, is_val) if not v],
+    )
+    val = ([k for k, v in zip(keys, is_val) if v], [y for y, v in zip(labels, is_val) if v])
+    return train, val
+
+
 def list_image_folder(root: str, validation_percent: int) -> FolderListing:
     """Finds classes and files; splits train/val by path hash unless the folder has val/."""
     subdirs = _class_dirs(root)
@@ -185,14 +198,7 @@ def list_image_folder(root: str, validation_percent: int) -> FolderListing:
     if "val" not in splits:
         paths, labels = splits["train"]
         is_val = [hash_percent(os.path.relpath(p, source_root)) < validation_percent for p in paths]
-        splits["train"] = (
-            [p for p, v in zip(paths, is_val) if not v],
-            [x for x, v in zip(labels, is_val) if not v],
-        )
-        splits["val"] = (
-            [p for p, v in zip(paths, is_val) if v],
-            [x for x, v in zip(labels, is_val) if v],
-        )
+        splits["train"], splits["val"] = partition(paths, labels, is_val)
     return FolderListing(class_names, splits, tuple(unusable))
 
 
@@ -389,17 +395,8 @@ def _carved_counts(total: int, seed: int, percent: int) -> int:
     )
 
 
-def load_tfds(
-    name: str,
-    image_size: int,
-    train_split: str,
-    val_split: str,
-    test_split: str,
-    validation_percent: int,
-    seed: int,
-    data_dir: str | None = None,
-) -> DataSet:
-    """A TFDS image classification data set -> DataSet (class names from its info)."""
+def open_tfds(name: str, data_dir: str | None = None):
+    """The prepared TFDS builder for `name`; UserError when unknown or not downloadable."""
     import tensorflow_datasets as tfds
 
     try:
@@ -414,27 +411,36 @@ def load_tfds(
             f"Prepare it elsewhere and copy it to {builder.data_dir} (TFDS data dir, set by "
             "TFDS_DATA_DIR)."
         ) from None
-    info = builder.info
-    available = set(info.splits.keys())
-    label_feature = info.features["label"]
-    class_names = tuple(label_feature.names)
-    image_key = "image"
+    return builder
+
+
+def tfds_splits(
+    builder,
+    to_pair: Callable[[dict], tuple[tf.Tensor, tf.Tensor]],
+    load: Callable[[tf.Tensor], tf.Tensor],
+    class_names: tuple[str, ...],
+    train_split: str,
+    val_split: str,
+    test_split: str,
+    validation_percent: int,
+    seed: int,
+    decoders: dict | None = None,
+) -> DataSet:
+    """The train/val/test Splits of a prepared TFDS builder (images or text).
+
+    `to_pair` maps a TFDS example to the cheap `(key, int32 label)` the Split's source holds.
+    Without a validation split, one is carved from train with `seed`.
+    """
+    name = builder.info.name
+    available = set(builder.info.splits.keys())
 
     def split_ds(split):
-        # Keep the images encoded until after the shuffle: the buffer then holds bytes.
-        ds = builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-        )
-        return ds.map(lambda ex: (ex[image_key], tf.cast(ex["label"], tf.int32)))
-
-    def load(encoded):
-        return decode_and_resize(encoded, image_size)
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+        return ds.map(to_pair)
 
     def count(split):
         try:
-            return info.splits[split].num_examples
+            return builder.info.splits[split].num_examples
         except Exception:  # noqa: BLE001 - no split metadata (e.g. mock data): count the keys
             pass
         try:
@@ -459,23 +465,83 @@ def load_tfds(
     return DataSet(class_names, train, val, test)
 
 
+def load_tfds(
+    name: str,
+    image_size: int,
+    train_split: str,
+    val_split: str,
+    test_split: str,
+    validation_percent: int,
+    seed: int,
+    data_dir: str | None = None,
+) -> DataSet:
+    """A TFDS image classification data set -> DataSet (class names from its info)."""
+    import tensorflow_datasets as tfds
+
+    builder = open_tfds(name, data_dir)
+    image_key = "image"
+    return tfds_splits(
+        builder,
+        lambda ex: (ex[image_key], tf.cast(ex["label"], tf.int32)),
+        lambda encoded: decode_and_resize(encoded, image_size),
+        tuple(builder.info.features["label"].names),
+        train_split,
+        val_split,
+        test_split,
+        validation_percent,
+        seed,
+        # Keep the images encoded until after the shuffle: the buffer then holds bytes.
+        decoders={image_key: tfds.decode.SkipDecoding()},
+    )
+
+
 # ----------------------------------------------------------------------------- pipeline
+# Decoded images are kept in RAM when the whole split takes at most this much (uint8).
+IMAGE_CACHE_BYTES = 1024**3
+
+
+def fits_in_memory(split: Split, image_size: int, budget: int = IMAGE_CACHE_BYTES) -> bool:
+    """Whether the decoded uint8 images of `split` fit the in-memory cache budget."""
+    return split.count * image_size * image_size * 3 <= budget
+
+
 def make_pipeline(
-    split: Split, num_classes: int, batch_size: int, training: bool, seed: int
+    split: Split,
+    num_classes: int,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    cache_images: bool = False,
 ) -> tf.data.Dataset:
     """Batches a split: shuffle keys (training only) -> decode in parallel -> batch -> prefetch.
 
     Evaluation order is deterministic; training order is fixed by the seed.
+
+    Args:
+      cache_images: decode each image once and keep the uint8 result in memory for later
+        epochs (use `fits_in_memory` to decide; the shuffle buffer then holds decoded images,
+        so the peak is up to twice the split's decoded size).
     """
-    ds = split.source
-    if training:
-        # Keys are paths or encoded bytes, so shuffling up to 50k of them is cheap.
-        ds = ds.shuffle(min(max(split.count, 1), 50_000), seed=seed, reshuffle_each_iteration=True)
     load = split.load
-    ds = ds.map(lambda x, y: (load(x), y), num_parallel_calls=AUTOTUNE)
+    if cache_images:
+        ds = split.source.map(lambda x, y: (load(x), y), num_parallel_calls=AUTOTUNE).cache()
+        if training:
+            ds = ds.shuffle(max(split.count, 1), seed=seed, reshuffle_each_iteration=True)
+    else:
+        ds = split.source
+        if training:
+            # Keys are paths or encoded bytes, so shuffling up to 50k of them is cheap.
+            ds = ds.shuffle(
+                min(max(split.count, 1), 50_000), seed=seed, reshuffle_each_iteration=True
+            )
+        ds = ds.map(lambda x, y: (load(x), y), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size)
     ds = ds.map(
-        lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)),
+        # Pixels become float32; text stays tf.string.
+        lambda x, y: (
+            x if x.dtype == tf.string else tf.cast(x, tf.float32),
+            tf.one_hot(y, num_classes),
+        ),
         num_parallel_calls=AUTOTUNE,
     )
     return ds.prefetch(AUTOTUNE)

@@ -291,6 +291,16 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round(images), 0, 255).astype(np.uint8)
 
 
+def _is_text(inputs: np.ndarray) -> bool:
+    return inputs.dtype.kind in ("O", "S", "U")
+
+
+def _keep(inputs) -> np.ndarray:
+    """What is kept of misclassified inputs: uint8 pixels, or the texts (bytes) as they are."""
+    inputs = np.asarray(inputs)
+    return inputs.astype(object) if _is_text(inputs) else _to_uint8(inputs)
+
+
 _FORWARD: dict = {}  # the compiled forward pass of the last model seen
 
 
@@ -305,7 +315,10 @@ def _probabilities(model, pixels) -> np.ndarray:
             forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
             _FORWARD.clear()
             _FORWARD[id(model)] = forward
-        out = forward(tf.convert_to_tensor(pixels, tf.float32))
+        pixels = tf.convert_to_tensor(pixels)
+        if pixels.dtype != tf.string:  # text models take strings as they are
+            pixels = tf.cast(pixels, tf.float32)
+        out = forward(pixels)
     else:
         out = model(pixels)
     if isinstance(out, dict):
@@ -335,8 +348,10 @@ def predict_dataset(
     labels, probs = [], []
     kept_images = kept_index = kept_conf = None
     offset = 0
+    text = False
     for element in dataset:
         x, y = element[0], element[1]
+        text = _is_text(np.asarray(x))
         batch_probs = _probabilities(model, x)
         y = np.asarray(y)
         if batch_probs.ndim != 2 or batch_probs.shape[0] != y.shape[0]:
@@ -352,7 +367,7 @@ def predict_dataset(
             conf = batch_probs[wrong, predicted[wrong]]
             full = kept_conf is not None and len(kept_conf) >= max_images
             if wrong.size and not (full and conf.max() < kept_conf.min()):
-                pixels = _to_uint8(np.asarray(x)[wrong])
+                pixels = _keep(np.asarray(x)[wrong])
                 if kept_images is None:
                     kept_images, kept_index, kept_conf = pixels, wrong + offset, conf
                 else:
@@ -380,7 +395,7 @@ def predict_dataset(
         return (
             y_true,
             probabilities,
-            MistakeImages(np.zeros((0,), np.int64), np.zeros((0,), np.uint8)),
+            MistakeImages(np.zeros((0,), np.int64), np.zeros((0,), object if text else np.uint8)),
         )
     return y_true, probabilities, MistakeImages(kept_index, kept_images)
 
@@ -639,6 +654,43 @@ def plot_mistakes(
     return _save_figure(fig, out_png)
 
 
+def write_text_mistakes(
+    texts: np.ndarray,
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    out_txt: str,
+    max_texts: int = DEFAULT_KEPT_IMAGES,
+    total_mistakes: int | None = None,
+) -> str:
+    """The most confidently misclassified texts, one per line: true, predicted, score, text.
+
+    The text counterpart of `plot_mistakes` (same arguments); `out_txt` may end in .png (the
+    name `write_report` uses for the image grid), it is written with a .txt extension.
+    """
+    out_txt = os.path.splitext(out_txt)[0] + ".txt"
+    y = np.asarray(y_true)
+    probs = np.asarray(probabilities)
+    order = most_confident_mistakes(y, probs, max_texts)
+    total = len(most_confident_mistakes(y, probs)) if total_mistakes is None else total_mistakes
+    lines = [
+        f"# Most confident mistakes: {len(order)} shown of {total}",
+        "true\tpredicted\tscore\ttext",
+    ]
+    for i in order:
+        predicted = int(np.argmax(probs[i]))
+        text = texts[i].decode("utf-8", "replace") if isinstance(texts[i], bytes) else str(texts[i])
+        text = " ".join(text.split())  # one line per example
+        lines.append(
+            f"{class_names[int(y[i])]}\t{class_names[predicted]}\t{probs[i, predicted]:.3f}\t{text}"
+        )
+    tmp = f"{out_txt}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, out_txt)
+    return out_txt
+
+
 # ----------------------------------------------------------------------------- report
 def _write_json(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
@@ -684,8 +736,11 @@ def write_report(
         )
     )
     total_mistakes = report["num_examples"] - int(np.trace(np.asarray(report["confusion_matrix"])))
+    plot = plot_mistakes
+    if _is_text(np.asarray(kept.images)):
+        plot = write_text_mistakes  # text models: a list, not an image grid
     files.append(
-        plot_mistakes(
+        plot(
             kept.images,
             y_true[kept.indices],
             probabilities[kept.indices],

@@ -8,9 +8,23 @@ is never overwritten.
 Signatures (tag `serve`):
   serving_default: image_bytes (tf.string [batch], encoded JPEG/PNG/GIF/BMP)
   predict_images:  images (float32 [batch, h, w, 3], 0-255 pixels of any size)
-both returning probabilities [batch, classes], top_k_indices, top_k_names, top_k_scores.
+or, for a text model (one whose input is tf.string):
+  serving_default: text (tf.string [batch])
+all returning probabilities [batch, classes], top_k_indices, top_k_names, top_k_scores.
+
+Beside `saved_model.pb`: `assets/labels.txt` (class names), `model_card.json` (how the model
+was made and how well it does) and `assets.extra/tf_serving_warmup_requests` (one real
+request TF Serving replays at load time, so the first user request is not slow).
+
+Decoding and resizing run in plain `tf.function` graphs, never in an XLA-compiled one:
+string ops (DecodeImage) have no XLA kernels. An empty batch returns empty outputs ([0, C])
+without calling the model (TF's Conv2D mishandles a zero-size batch on CPU). A batch with
+bytes that do not decode fails as a whole with InvalidArgument "Unknown image file format.
+One of JPEG, PNG, GIF, BMP required." (TF Serving: HTTP 400 / gRPC INVALID_ARGUMENT).
 """
 
+import datetime
+import json
 import os
 import re
 import shutil
@@ -20,9 +34,13 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import faults
+from tf_finetune.config import Config
 from tf_finetune.data import decode_and_resize, resize_uint8
+from tf_finetune.errors import UserError
 
 LABELS_FILE = "labels.txt"
+MODEL_CARD = "model_card.json"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
 def next_version(export_base: str) -> int:
@@ -71,9 +89,16 @@ def build_archive(
     archive = keras.export.ExportArchive()
     archive.track(model)
 
+    num_classes = len(class_names)
+
     def classify(pixels_uint8):
-        probabilities = model(tf.cast(pixels_uint8, tf.float32), training=False)
-        return _outputs(tf.cast(probabilities, tf.float32), names, k)
+        # An empty batch skips the model: TF's CPU Conv2D fails on a zero-size batch.
+        probabilities = tf.cond(
+            tf.shape(pixels_uint8)[0] > 0,
+            lambda: tf.cast(model(tf.cast(pixels_uint8, tf.float32), training=False), tf.float32),
+            lambda: tf.zeros([0, num_classes], tf.float32),
+        )
+        return _outputs(tf.ensure_shape(probabilities, [None, num_classes]), names, k)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(image_bytes):
@@ -95,27 +120,177 @@ def build_archive(
     return archive
 
 
+def build_text_archive(
+    model: keras.Model, class_names: list[str], top_k: int = 5
+) -> keras.export.ExportArchive:
+    """The serving graph around a text `model` (tf.string [batch] -> probabilities)."""
+    k = min(top_k, len(class_names))
+    names = tf.constant(list(class_names))
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def serve_text(text):
+        probabilities = model(text, training=False)
+        return _outputs(tf.cast(probabilities, tf.float32), names, k)
+
+    archive.add_endpoint("serving_default", serve_text)
+    return archive
+
+
+def is_text_model(model: keras.Model) -> bool:
+    """Whether `model` takes a batch of strings (a text classifier)."""
+    return len(model.inputs) == 1 and model.inputs[0].dtype == "string"
+
+
+def warmup_image(image_size: int) -> bytes:
+    """A real JPEG (a colour gradient) of the model's input size, for the warm-up request.
+
+    Synthetic on purpose: a training image would leak user data into every copy of the export.
+    """
+    ramp = tf.linspace(0.0, 255.0, image_size)
+    rgb = tf.stack(
+        [
+            tf.tile(ramp[None, :], [image_size, 1]),
+            tf.tile(ramp[:, None], [1, image_size]),
+            tf.fill([image_size, image_size], 128.0),
+        ],
+        axis=-1,
+    )
+    return tf.io.encode_jpeg(tf.cast(rgb, tf.uint8), quality=90).numpy()
+
+
+def write_warmup_requests(
+    saved_model_dir: str, image: bytes, input_name: str = "image_bytes"
+) -> str:
+    """Writes TF Serving's warm-up file: a TFRecord of one PredictionLog for serving_default.
+
+    `image` is the one string sent as `input_name` (encoded image bytes, or a text).
+    """
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(signature_name="serving_default")
+    )
+    request.inputs[input_name].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
+    log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    )
+    path = os.path.join(saved_model_dir, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(log.SerializeToString())
+    return path
+
+
+def model_card(class_names: list[str], image_size: int, flags: str = "", **facts) -> dict:
+    """The facts a production team needs beside the model, as JSON-ready values.
+
+    Args:
+      class_names: in output order.
+      image_size: the square size the model sees (inputs of any size are resized to it).
+      flags: the flagfile that made the model (`Config.to_flagfile()`).
+      **facts: backbone, data, metrics, ... (added as given).
+    """
+    return {
+        "class_names": list(class_names),
+        "image_size": image_size,
+        "flags": [line for line in flags.splitlines() if line.startswith("--")],
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **facts,
+    }
+
+
+def card_metrics(metrics: dict) -> dict:
+    """The numbers of metrics.json worth shipping with the model (no file lists)."""
+    keep = ("train_images", "val_images", "test_images", "epochs")
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k in keep or (isinstance(v, float) and k != "wall_time_seconds")
+    }
+
+
+def run_card(config: Config, class_names: list[str], metrics: dict) -> dict:
+    """The model card of a run: backbone, data, metrics, image size, the flags that made it."""
+    return model_card(
+        class_names,
+        config.image_size,
+        config.to_flagfile(),
+        backbone=config.backbone,
+        data=config.data or "offline default (scikit-learn digits 5-9)",
+        metrics=card_metrics(metrics),
+    )
+
+
+def write_json_atomically(path: str, payload: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def export_saved_model(
     model: keras.Model,
     class_names: list[str],
     image_size: int,
     export_base: str,
     version: int | None = None,
+    card: dict | None = None,
 ) -> str:
-    """Writes `<export_base>/<version>/` atomically and returns its path."""
+    """Writes `<export_base>/<version>/` atomically and returns its path.
+
+    Args:
+      model: takes float32 0-255 pixels [batch, image_size, image_size, 3], or tf.string
+        [batch] (a text model: image_size is unused).
+      class_names: in output order.
+      image_size: the model's input size.
+      export_base: TF Serving's base path.
+      version: pin the version (0/None: the next free one).
+      card: written as model_card.json, with `version` and `signatures` added.
+
+    Raises:
+      UserError: the pinned version exists (versions are never overwritten).
+    """
     os.makedirs(export_base, exist_ok=True)
     remove_stale_temporaries(export_base)
     version = version or next_version(export_base)
     final = os.path.join(export_base, str(version))
     if os.path.exists(final):
-        raise FileExistsError(f"export version {final} exists; versions are never overwritten")
+        raise UserError(
+            f"export version {final} exists and versions are never overwritten; pass another "
+            f"--export_version, or none for the next free one ({next_version(export_base)})."
+        )
     tmp = os.path.join(export_base, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_archive(model, class_names, image_size).write_out(tmp, verbose=False)
+        text = is_text_model(model)
+        if text:
+            build_text_archive(model, class_names).write_out(tmp, verbose=False)
+        else:
+            build_archive(model, class_names, image_size).write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
         with open(os.path.join(tmp, "assets", LABELS_FILE), "w", encoding="utf-8") as f:
             f.write("\n".join(class_names) + "\n")
+        if text:
+            write_warmup_requests(tmp, b"a warm-up sentence", "text")
+            signatures = {"serving_default": "text: tf.string [batch]"}
+        else:
+            write_warmup_requests(tmp, warmup_image(image_size))
+            signatures = {
+                "serving_default": "image_bytes: tf.string [batch] (encoded JPEG/PNG/GIF/BMP)",
+                "predict_images": "images: float32 [batch, h, w, 3], 0-255 pixels",
+            }
+        signatures["outputs"] = "probabilities, top_k_indices, top_k_names, top_k_scores"
+        card = {
+            **(card or model_card(class_names, image_size)),
+            "version": version,
+            "signatures": signatures,
+        }
+        write_json_atomically(os.path.join(tmp, MODEL_CARD), card)
         faults.fault_point("export")
         os.rename(tmp, final)
     except Exception as e:

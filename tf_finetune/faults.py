@@ -308,7 +308,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
     def __init__(self, filepath: str, backup: AtomicBackup, monitor: str = "val_loss"):
         super().__init__(filepath, monitor=monitor, save_best_only=True, save_weights_only=True)
         self.backup = backup
-        self.state_path = os.path.join(os.path.dirname(filepath), "best.json")
+        # best.weights.h5 -> best.json (head_best.weights.h5 -> head_best.json)
+        self.state_path = filepath.removesuffix(".weights.h5") + ".json"
         self.best_epoch: int | None = None
 
     def on_train_begin(self, logs=None):
@@ -404,8 +405,8 @@ class SignalGuard:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, backup_dir: str):
-        self.backup_dir = backup_dir
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
         self.signum: int | None = None
         self.deferred = False
         self._previous: dict = {}
@@ -413,8 +414,8 @@ class SignalGuard:
     def stopped(self, detail: str) -> Stopped:
         name = signal.Signals(self.signum).name
         return Stopped(
-            f"stopped by {name}{detail}; rerun the same command to resume "
-            f"(backup in {self.backup_dir}).",
+            f"stopped by {name}{detail}; rerun the same command to resume from the backup "
+            f"in {self.run_dir}.",
             self.signum,
         )
 

@@ -33,11 +33,13 @@ from absl import logging
 from tf_finetune.errors import UserError
 
 __all__ = [
+    "ALL_OUTPUTS",
     "HubLayer",
     "hub_cache_dir",
     "is_hub_handle",
     "kaggle_url_to_handle",
     "load_module",
+    "resolve_handle",
     "module_image_size",
     "module_input_spec",
     "module_kind",
@@ -45,6 +47,9 @@ __all__ = [
     "module_output_shape",
     "tfhub_to_kaggle_handle",
 ]
+
+# HubLayer(output_key=ALL_OUTPUTS) returns a module's whole output dict.
+ALL_OUTPUTS = "*"
 
 _TFHUB_HOSTS = ("tfhub.dev", "www.tfhub.dev", "hub.tensorflow.google.cn")
 _KAGGLE_HOSTS = ("www.kaggle.com", "kaggle.com")
@@ -250,6 +255,33 @@ def _resolve_remote(handle: str) -> str:
         raise _unreachable(handle, _short(error)) from error
 
 
+def resolve_handle(handle) -> str:
+    """The local directory of ``handle``'s SavedModel, downloading it into the hub cache if needed.
+
+    Resolution goes through ``tensorflow_hub`` (``TFHUB_CACHE_DIR`` is honoured); nothing
+    is loaded, so TensorFlow's devices stay uninitialised. Raises :class:`UserError` for
+    a handle that cannot be reached or a local directory without a SavedModel; on the
+    tfhub.dev HTTP 403 (tensorflow/hub#932) it falls back to ``kagglehub`` (logged).
+    """
+    handle = os.fspath(handle)
+    if handle.startswith("gs://") or _url_parts(handle) is not None:
+        return _resolve_remote(handle)
+    path = os.path.expanduser(handle)
+    if not os.path.isdir(path):
+        raise UserError(
+            f"hub module directory {path} does not exist; pass a directory holding an "
+            f"extracted SavedModel (saved_model.pb), a https://tfhub.dev/... or "
+            f"https://www.kaggle.com/models/... URL (downloads are cached in {hub_cache_dir()}, "
+            f"TFHUB_CACHE_DIR)"
+        )
+    if not _is_local_saved_model(path):
+        raise UserError(
+            f"{path} holds no saved_model.pb; pass the directory of the extracted "
+            f"SavedModel (the one containing saved_model.pb and variables/)"
+        )
+    return path
+
+
 def load_module(handle):
     """Resolve ``handle`` through tensorflow_hub (honours ``TFHUB_CACHE_DIR``) and load it.
 
@@ -264,21 +296,7 @@ def load_module(handle):
     """
     handle = os.fspath(handle)
     remote = handle.startswith("gs://") or _url_parts(handle) is not None
-    if remote:
-        path = _resolve_remote(handle)
-    else:
-        path = os.path.expanduser(handle)
-        if not os.path.isdir(path):
-            raise UserError(
-                f"hub module directory {path} does not exist; pass a directory holding an "
-                f"extracted SavedModel (saved_model.pb), a https://tfhub.dev/... or "
-                f"https://www.kaggle.com/models/... URL (downloads are cached in {hub_cache_dir()})"
-            )
-        if not _is_local_saved_model(path):
-            raise UserError(
-                f"{path} holds no saved_model.pb; pass the directory of the extracted "
-                f"SavedModel (the one containing saved_model.pb and variables/)"
-            )
+    path = resolve_handle(handle)
     import tensorflow_hub as hub
 
     try:
@@ -510,7 +528,9 @@ class HubLayer(keras.layers.Layer):
             False the module runs in inference mode (``training=False``), like a
             frozen Keras BatchNormalization, so ``fit`` changes nothing in it.
         output_key: which entry to return when the module returns a dict. Default:
-            ``pooled_output``, else ``default``, else the only key.
+            ``pooled_output``, else ``default``, else the only key. ``ALL_OUTPUTS``
+            (``"*"``) returns the whole dict (e.g. a BERT preprocessor's
+            ``input_word_ids``/``input_mask``/``input_type_ids`` for the encoder).
         signature: call this SavedModel signature (e.g. ``"serving_default"``)
             instead of ``__call__``. Signatures cannot be fine-tuned.
         arguments: extra keyword arguments for every call of the module.
@@ -649,7 +669,7 @@ class HubLayer(keras.layers.Layer):
         if self.trainable:
             for loss in self._regularization_fns:
                 self.add_loss(loss())
-        if isinstance(result, dict):
+        if isinstance(result, dict) and self._output_key != ALL_OUTPUTS:
             result = result[_pick_output_key(result.keys(), self._output_key)]
         return result
 

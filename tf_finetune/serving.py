@@ -230,13 +230,33 @@ def _short_error(message: str) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _run_export_base(run_dir: Path) -> Path | None:
+    """The export base of a tf-finetune run dir (its flags.cfg's --export_dir, or export/)."""
+    flags_cfg = run_dir / "flags.cfg"
+    if not flags_cfg.is_file():
+        return None
+    for line in flags_cfg.read_text(encoding="utf-8").splitlines():
+        if line.startswith("--export_dir=") and line.split("=", 1)[1]:
+            return Path(line.split("=", 1)[1])
+    return run_dir / "export"
+
+
 def resolve_saved_model_dir(path: str | os.PathLike) -> Path:
-    """A version dir (contains saved_model.pb) as is; a base dir -> its highest version."""
+    """A version dir (contains saved_model.pb) as is; a base dir -> its highest version;
+    a run dir (holds flags.cfg) -> the highest version of its export base."""
     p = Path(path)
     if (p / "saved_model.pb").is_file():
         return p
     if not p.is_dir():
         raise UserError(f"--model {p}: no such directory; pass the export dir of a trained model")
+    base = _run_export_base(p)
+    if base is not None:
+        if not base.is_dir():
+            raise UserError(
+                f"--model {p} is a run without an export at {base}; run 'tf-finetune export "
+                f"--model_dir={p}' first"
+            )
+        p = base
     versions = [
         int(child.name)
         for child in p.iterdir()
@@ -702,7 +722,7 @@ def make_predictor(args: PredictArgs) -> Predictor:
     if args.model:
         if args.version is not None:
             raise UserError(
-                "--version works with --server/--grpc; for --model pass the version dir"
+                "--model_version works with --server/--grpc; for --model pass the version dir"
             )
         return LocalPredictor(args.model)
     if args.server:

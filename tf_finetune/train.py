@@ -5,6 +5,7 @@ A flat list of small functions ending in `train_and_evaluate(config)`.
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -15,10 +16,21 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import backbones, data, digits, evaluate, export, faults
+from tf_finetune import (
+    backbones,
+    data,
+    digits,
+    evaluate,
+    export,
+    faults,
+    features,
+    hub_model,
+    text_data,
+)
 from tf_finetune import model as model_lib
 from tf_finetune import multiworker as mw
 from tf_finetune.config import Config
+from tf_finetune.errors import UserError
 
 BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
 
@@ -63,13 +75,55 @@ def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
     if kind == "one_device":
         return tf.distribute.OneDeviceStrategy(devices[0])
     if kind == "mirrored" or len(devices) > 1:
-        return tf.distribute.MirroredStrategy(devices)
+        return _mirrored(tuple(devices))
     return tf.distribute.get_strategy()
+
+
+@functools.cache
+def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per device set and process.
+
+    A second MirroredStrategy over the same devices restarts the collective instance keys,
+    which then collide with the first one's ("Shape mismatch in the collective instance
+    100") when a process trains twice (tests, notebooks).
+    """
+    return tf.distribute.MirroredStrategy(list(devices))
+
+
+def skip_batches_smaller_than(
+    ds: tf.data.Dataset, replicas: int, count: int, batch_size: int
+) -> tf.data.Dataset:
+    """Drops training batches too small to give every replica an example.
+
+    MirroredStrategy splits each batch across replicas; a last batch smaller than the
+    number of replicas leaves one empty and its backward pass fails (`Matrix size-incompatible:
+    In[0]: [0,C]`, tensorflow#45594). At most replicas-1 examples are skipped per epoch, and
+    the reshuffle puts different ones last each epoch.
+    """
+    last = count % batch_size
+    if replicas <= 1 or last == 0 or last >= replicas:
+        return ds
+    # Keras needs the number of steps up front (else it warns that the data ran out).
+    ds = ds.filter(lambda x, y: tf.shape(y)[0] >= replicas)
+    return ds.apply(tf.data.experimental.assert_cardinality(count // batch_size))
 
 
 # ----------------------------------------------------------------------------- data
 def load_data(config: Config) -> data.DataSet:
     """The configured source as a DataSet (the offline default writes its PNG folders first)."""
+    if text_data.is_text_source(config):
+        dataset = text_data.load(config)
+        if not hub_model.is_text_model(config):
+            raise UserError(
+                f"--data={config.data} is text; pass a TF Hub text module as --backbone "
+                "(e.g. https://tfhub.dev/google/nnlm-en-dim50/2), see configs/imdb_nnlm.cfg."
+            )
+        return dataset
+    if hub_model.is_text_model(config):
+        raise UserError(
+            f"--backbone={config.backbone} is a text module but --data={config.data or '(digits)'} "
+            "holds images; pass a .csv/.tsv file or a TFDS text data set."
+        )
     if config.is_offline_default:
         root = digits.write_target_folder(digits.default_data_dir())
         return data.load_image_folder(root, config.image_size, config.validation_percent)
@@ -112,6 +166,10 @@ def compile_model(model: keras.Model, config: Config, num_classes: int) -> None:
 
 def build_model(config: Config, num_classes: int) -> keras.Model:
     """Builds and compiles the classifier; call inside `strategy.scope()`."""
+    if hub_model.is_hub_backbone(config.backbone):
+        model = hub_model.build_classifier(config, num_classes)
+        compile_model(model, config, num_classes)
+        return model
     spec = backbones.get_spec(config.backbone)
     model = model_lib.build_classifier(
         spec,
@@ -132,7 +190,12 @@ def build_model(config: Config, num_classes: int) -> keras.Model:
 
 # ----------------------------------------------------------------------------- fit
 def make_callbacks(
-    config: Config, verbose: int, guard: faults.SignalGuard, multi_worker: bool = False
+    config: Config,
+    verbose: int,
+    guard: faults.SignalGuard,
+    best_weights: str = BEST_WEIGHTS,
+    backup_name: str = "backup",
+    multi_worker: bool = False,
 ) -> list[keras.callbacks.Callback]:
     """NaN and signal stops, CSV history, best checkpoint, backup, TensorBoard, stoppers.
 
@@ -143,8 +206,8 @@ def make_callbacks(
     run = config.model_dir
     os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
     # Saved every epoch (and on SIGINT/SIGTERM); a rerun of the same command resumes from it.
-    backup = faults.AtomicBackup(os.path.join(run, "backup"))
-    best = faults.BestCheckpoint(os.path.join(run, BEST_WEIGHTS), backup, monitor="val_loss")
+    backup = faults.AtomicBackup(os.path.join(run, backup_name))
+    best = faults.BestCheckpoint(os.path.join(run, best_weights), backup, monitor="val_loss")
     callbacks = [
         faults.StopOnNaN(best),
         faults.StopOnSignal(guard, backup),
@@ -187,6 +250,95 @@ def truncate_history(history_csv: str, epochs_done: int) -> None:
         os.replace(tmp, history_csv)
 
 
+# Features above this size go to disk with --cache=auto.
+MEMORY_CACHE_BYTES = 2 * 1024**3
+HEAD_BEST_WEIGHTS = os.path.join("checkpoints", "head_best.weights.h5")
+
+
+def cache_mode(config: Config, feature_dim: int, count: int) -> str:
+    """none, memory or disk: whether (and where) to train the head on cached features."""
+    if config.unfreeze != "0":
+        if config.cache == "auto":
+            logging.info("Backbone unfrozen: training end to end on pixels (no feature cache).")
+        return "none"
+    if config.cache == "auto":
+        return "memory" if feature_dim * count * 4 <= MEMORY_CACHE_BYTES else "disk"
+    return config.cache
+
+
+def _cache_key(config: Config, split: data.Split, name: str) -> str:
+    weights = config.weights
+    if os.path.isfile(weights):
+        stat = os.stat(weights)
+        weights = f"{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
+    parts = {
+        "backbone": config.backbone,
+        "alpha": config.backbone_alpha,
+        "weights": weights,
+        "image_size": config.image_size,
+        "split": name,
+        "format": 1,
+    }
+    return f"{config.backbone}_{config.image_size}_{name}_" + features.fingerprint(
+        parts, split.source.map(lambda key, _: key)
+    )
+
+
+def fit_on_cached_features(
+    model: keras.Model,
+    config: Config,
+    dataset: data.DataSet,
+    strategy: tf.distribute.Strategy,
+    mode: str,
+    verbose: int,
+    guard: faults.SignalGuard,
+    extra_callbacks=(),
+) -> keras.callbacks.History:
+    """Trains the head of `model` on backbone features computed once (see features.py).
+
+    Leaves `model` (which shares the head's layers) with the best head weights, and writes them
+    as the full model's best checkpoint so `evaluate` and `export` find the usual file.
+    """
+    with strategy.scope():
+        extractor, head = features.split_classifier(model)
+        compile_model(head, config, dataset.num_classes)
+    cache_dir = None
+    if mode == "disk":
+        from keras.src.backend import config as keras_config
+
+        cache_dir = os.path.join(keras_config.keras_home(), "tf_finetune_features")
+    logging.info("Computing backbone features once (--cache=%s)", mode)
+    cached = {}
+    for name, split in (("train", dataset.train), ("val", dataset.val)):
+        pipeline = data.make_pipeline(
+            split, dataset.num_classes, config.batch_size, False, config.seed
+        )
+        key = _cache_key(config, split, name) if cache_dir else ""
+        cached[name] = features.cached_extract(
+            extractor, pipeline, split.count, cache_dir, key, verbose=1 if verbose == 1 else 0
+        )
+    replicas = strategy.num_replicas_in_sync
+    history = head.fit(
+        skip_batches_smaller_than(
+            features.dataset(cached["train"], config.batch_size, True, config.seed),
+            replicas,
+            cached["train"].count,
+            config.batch_size,
+        ),
+        validation_data=features.dataset(cached["val"], config.batch_size, False, config.seed),
+        epochs=config.epochs,
+        callbacks=make_callbacks(config, verbose, guard, HEAD_BEST_WEIGHTS, "backup_head")
+        + list(extra_callbacks),
+        verbose=verbose,
+        shuffle=False,
+    )
+    head_best = os.path.join(config.model_dir, HEAD_BEST_WEIGHTS)
+    if os.path.exists(head_best):
+        head.load_weights(head_best)
+        model.save_weights(os.path.join(config.model_dir, BEST_WEIGHTS))
+    return history
+
+
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
     """Keras metrics of `model` on each split, flat: val_accuracy, test_loss, ..."""
     results = {}
@@ -223,8 +375,6 @@ def evaluate_and_report(
 
 def evaluate_run(config: Config, split: str) -> dict:
     """Re-evaluates a finished run's best checkpoint on `split` (val or test) of `config.data`."""
-    from tf_finetune.errors import UserError
-
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     if not os.path.exists(best):
         raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
@@ -282,7 +432,7 @@ def train_and_evaluate(
     """Runs one configured training job end to end and returns metrics.json's content.
 
     Holds a lock on the run directory, turns SIGINT/SIGTERM into a clean stop with a backup,
-    and deletes the backup only once the export exists, so a run killed at any point resumes
+    and deletes the backups only once the export exists, so a run killed at any point resumes
     from its last saved state (see faults.py).
 
     Args:
@@ -299,19 +449,23 @@ def train_and_evaluate(
             config = dataclasses.replace(
                 config, model_dir=out_dir, export_dir=os.path.join(out_dir, "export")
             )
-    backup_dir = os.path.join(config.model_dir, "backup")
-    with faults.RunLock(config.model_dir), faults.SignalGuard(backup_dir) as guard:
+    with faults.RunLock(config.model_dir), faults.SignalGuard(config.model_dir) as guard:
         # The strategy comes first: MultiWorkerMirroredStrategy must precede any other TF op.
         strategy = make_strategy(config.strategy, config.cpu_replicas)
         metrics = _train_and_evaluate(config, strategy, guard, extra_callbacks)
         metrics["wall_time_seconds"] = round(time.time() - start, 1)
         _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
-        faults.remove_backup(backup_dir)  # only now: everything the run owes is written
+        for name in BACKUPS:  # only now: everything the run owes is written
+            faults.remove_backup(os.path.join(config.model_dir, name))
     if multi_worker and not mw.is_chief():
         import shutil
 
         shutil.rmtree(config.model_dir, ignore_errors=True)
     return metrics
+
+
+# The backup folders of the two ways to train (pixels end to end; the head on cached features).
+BACKUPS = ("backup", "backup_head")
 
 
 def weights_fingerprint(model: keras.Model) -> str:
@@ -341,10 +495,14 @@ def _train_and_evaluate(
     if config.backbone == "digits_cnn" and config.weights == "imagenet":
         digits.pretrained_weights_path()  # pretrain the source task before seeding this run
     keras.utils.set_random_seed(config.seed)
-    if not tf.config.list_physical_devices("GPU"):
+    if not tf.config.list_physical_devices("GPU") and hub_model.can_be_deterministic(config):
         # Same seed, same numbers on CPU. Not on GPUs: some kernels have no deterministic
         # version there and would raise, and the deterministic ones are slower.
         tf.config.experimental.enable_op_determinism()
+    else:
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()  # a previous run in this process may have enabled it
 
     dataset = load_data(config)
     logging.info(
@@ -354,18 +512,27 @@ def _train_and_evaluate(
         dataset.val.count,
         dataset.test.count if dataset.test else 0,
     )
+    # Training on pixels (a backbone that trains): decode each image once and keep it in RAM
+    # when the split fits. A frozen backbone trains on cached features instead.
+    keep = config.unfreeze != "0" and config.cache != "none"
     pipelines = {
-        "train": data.make_pipeline(
-            dataset.train, dataset.num_classes, config.batch_size, True, config.seed
-        ),
-        "val": data.make_pipeline(
-            dataset.val, dataset.num_classes, config.batch_size, False, config.seed
-        ),
+        name: data.make_pipeline(
+            split,
+            dataset.num_classes,
+            config.batch_size,
+            name == "train",
+            config.seed,
+            keep and data.fits_in_memory(split, config.image_size, data.IMAGE_CACHE_BYTES // 2),
+        )
+        for name, split in (("train", dataset.train), ("val", dataset.val))
     }
     if dataset.test:
         pipelines["test"] = data.make_pipeline(
             dataset.test, dataset.num_classes, config.batch_size, False, config.seed
         )
+    pipelines["train"] = skip_batches_smaller_than(
+        pipelines["train"], strategy.num_replicas_in_sync, dataset.train.count, config.batch_size
+    )
     fit_train, fit_val, steps = pipelines["train"], pipelines["val"], {}
     if config.data_service:
         fit_train = with_data_service(fit_train, config.data_service)
@@ -374,38 +541,48 @@ def _train_and_evaluate(
         # (a worker that ran out of batches first would leave the others hanging).
         fit_train, fit_val, steps = _multi_worker_inputs(dataset, config)
 
-    resumed = faults.read_backup(os.path.join(config.model_dir, "backup"))
+    with strategy.scope():
+        model = build_model(config, dataset.num_classes)
+    verbose = 1 if sys.stdout.isatty() else 2
+    mode = cache_mode(config, model.get_layer("pooler").output.shape[-1], dataset.train.count)
+    if mode != "none" and (multi_worker or config.data_service):
+        # The feature cache is computed in this process; these two train on pixels throughout.
+        logging.info("--cache=%s is not used with multi_worker / --data_service.", mode)
+        mode = "none"
+    resumed = faults.read_backup(
+        os.path.join(config.model_dir, "backup_head" if mode != "none" else "backup")
+    )
     # Rows of epochs this run (re)does go: a fresh run starts history.csv over, like the best
     # checkpoint; a resumed one drops rows written after its backup.
     truncate_history(
         os.path.join(config.model_dir, "history.csv"), resumed["epoch"] if resumed else 0
     )
-    with strategy.scope():
-        model = build_model(config, dataset.num_classes)
-    verbose = 1 if sys.stdout.isatty() else 2
-    history = model.fit(
-        fit_train,
-        validation_data=fit_val,
-        epochs=config.epochs,
-        callbacks=make_callbacks(config, verbose, guard, multi_worker) + list(extra_callbacks),
-        verbose=verbose,
-        shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
-        **steps,
-    )
+    if mode != "none":
+        history = fit_on_cached_features(
+            model, config, dataset, strategy, mode, verbose, guard, extra_callbacks
+        )
+    else:
+        history = model.fit(
+            fit_train,
+            validation_data=fit_val,
+            epochs=config.epochs,
+            callbacks=make_callbacks(config, verbose, guard, multi_worker=multi_worker)
+            + list(extra_callbacks),
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles (with the seed); Keras cannot shuffle a Dataset
+            **steps,
+        )
+    replicas = strategy.num_replicas_in_sync
     if multi_worker:
         logging.info("Final weights fingerprint %s", weights_fingerprint(model))
         # Evaluate and export in this process alone (no collectives): a plain copy of the
         # model. Only the chief's results are kept; the others have nothing more to do.
+        if not chief:
+            return {"epochs": _epochs_done(history, resumed), "replicas": replicas, "chief": False}
         trained = model
         model = build_model(config, dataset.num_classes)
         model.set_weights(trained.get_weights())
         strategy = tf.distribute.get_strategy()
-        if not chief:
-            return {
-                "epochs": _epochs_done(history, resumed),
-                "replicas": trained.distribute_strategy.num_replicas_in_sync,
-                "chief": False,
-            }
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     if os.path.exists(best):
         model.load_weights(best)  # the exported model is the best one on val_loss
@@ -420,14 +597,17 @@ def _train_and_evaluate(
         "skipped_files": [{"file": p, "reason": r} for p, r in dataset.skipped_files],
         "epochs": _epochs_done(history, resumed),
         "backbone": config.backbone,
-        "replicas": strategy.num_replicas_in_sync,
+        "replicas": replicas,
     }
-    if multi_worker:
-        metrics["replicas"] = trained.distribute_strategy.num_replicas_in_sync
-    if config.is_offline_default:
+    if config.is_offline_default and not hub_model.is_hub_backbone(config.backbone):
         metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
     metrics["export_path"] = export.export_saved_model(
-        model, list(dataset.class_names), config.image_size, config.export_base
+        model,
+        list(dataset.class_names),
+        config.image_size,
+        config.export_base,
+        version=config.export_version,
+        card=export.run_card(config, list(dataset.class_names), metrics),
     )
     return metrics
 

@@ -1,0 +1,106 @@
+"""Feature caching: the head trains on features computed once; the full model is what's trained."""
+
+import os
+
+import numpy as np
+import pytest
+
+from tests.images import write_class_folders
+from tf_finetune import data, features, train
+from tf_finetune.config import Config, resolve
+from tf_finetune.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=16)
+
+
+def frozen(folder, model_dir, **overrides) -> Config:
+    values = dict(
+        data=str(folder),
+        backbone="digits_cnn",
+        weights="none",  # random conv features still tell solid colours apart
+        image_size=16,
+        epochs=8,
+        batch_size=8,
+        learning_rate=0.05,
+        model_dir=str(model_dir),
+    )
+    values.update(overrides)
+    return resolve(Config(**values))
+
+
+def test_head_shares_layers_with_the_full_model(folder, tmp_path):
+    model = train.build_model(frozen(folder, tmp_path), 3)
+    extractor, head = features.split_classifier(model)
+    assert extractor.output_shape == (None, model.get_layer("pooler").output.shape[-1])
+    kernel = model.get_layer("predictions").kernel
+    assert head.get_layer("predictions").kernel is kernel
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(
+        head(extractor(pixels), training=False), model(pixels, training=False), atol=1e-6
+    )
+
+
+def test_memory_and_disk_features_match_and_disk_is_reused(folder, tmp_path):
+    config = frozen(folder, tmp_path)
+    model = train.build_model(config, 3)
+    extractor, _ = features.split_classifier(model)
+    dataset = data.load_image_folder(str(folder), 16, 20)
+    pipeline = data.make_pipeline(dataset.train, 3, 8, False, 0)
+    in_memory = features.extract(extractor, pipeline, dataset.train.count)
+    key = train._cache_key(config, dataset.train, "train")
+    on_disk = features.cached_extract(
+        extractor, pipeline, dataset.train.count, str(tmp_path / "c"), key
+    )
+    assert isinstance(on_disk.features, np.memmap)
+    np.testing.assert_allclose(in_memory.features, on_disk.features, atol=1e-6)
+    np.testing.assert_array_equal(in_memory.labels, on_disk.labels)
+    stamp = os.path.getmtime(tmp_path / "c" / key / "features.npy")
+    features.cached_extract(extractor, pipeline, dataset.train.count, str(tmp_path / "c"), key)
+    assert os.path.getmtime(tmp_path / "c" / key / "features.npy") == stamp  # reused, not rewritten
+    # Batches from the memory-mapped arrays hold every example once per epoch.
+    batches = list(features.dataset(on_disk, 5, True, seed=1))
+    seen = np.concatenate([f for f, _ in batches])
+    assert sorted(map(tuple, np.round(seen, 5))) == sorted(
+        map(tuple, np.round(in_memory.features, 5))
+    )
+
+
+def test_cache_key_changes_when_a_photo_or_the_weights_change(folder, tmp_path):
+    config = frozen(folder, tmp_path)
+    split = data.load_image_folder(str(folder), 16, 20).train
+    key = train._cache_key(config, split, "train")
+    assert train._cache_key(config, split, "train") == key
+    assert train._cache_key(frozen(folder, tmp_path, image_size=48), split, "train") != key
+    photo = next(p for p in split.source.map(lambda k, _: k).as_numpy_iterator()).decode()
+    with open(photo, "ab") as f:
+        f.write(b"\0")  # still decodes: JPEG/PNG readers ignore trailing bytes
+    try:
+        assert train._cache_key(config, split, "train") != key
+    finally:
+        with open(photo, "rb+") as f:
+            f.truncate(os.path.getsize(photo) - 1)
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cached_training_trains_the_full_model(folder, tmp_path, cache):
+    config = frozen(folder, tmp_path, cache=cache)
+    metrics = train.train_and_evaluate(config)
+    assert metrics["val_accuracy"] > 0.6, metrics  # evaluated by the full model on pixels
+    assert (tmp_path / "checkpoints" / "head_best.weights.h5").exists()
+    # The usual full-model checkpoint exists, so `evaluate` and `export` work after caching.
+    model = train.build_model(config, 3)
+    model.load_weights(tmp_path / train.BEST_WEIGHTS)
+    report = train.evaluate_run(config, "val")
+    assert report["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+
+
+def test_cache_modes_follow_the_backbone_and_size(folder, tmp_path):
+    assert train.cache_mode(frozen(folder, tmp_path), 1280, 1000) == "memory"
+    assert train.cache_mode(frozen(folder, tmp_path), 1280, 10**6) == "disk"
+    assert train.cache_mode(frozen(folder, tmp_path, unfreeze="all"), 1280, 10) == "none"
+    assert train.cache_mode(frozen(folder, tmp_path, cache="none"), 1280, 10) == "none"
+    with pytest.raises(UserError, match="needs a frozen backbone"):
+        frozen(folder, tmp_path, cache="memory", unfreeze="3")
