@@ -108,6 +108,21 @@ def test_sigint_mid_epoch_saves_a_backup_and_the_rerun_resumes(folder, tmp_path)
     assert not (tmp_path / "backup").exists()
 
 
+def test_head_phase_on_cached_features_resumes_too(folder, tmp_path):
+    """A frozen backbone trains its head on cached features, with its own backup folder."""
+    config = tiny(folder, tmp_path, unfreeze="0", cache="memory", epochs=3)
+    interrupt = _At(1, 0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(faults.Stopped, match="SIGTERM at epoch 2"):
+        train.train_and_evaluate(config, extra_callbacks=(interrupt,))
+    assert faults.read_backup(str(tmp_path / "backup_head"))["epoch"] == 1
+    assert (tmp_path / "checkpoints" / "head_best.json").exists()
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))
+    metrics = train.train_and_evaluate(config, extra_callbacks=(record,))
+    assert seen == [1, 2] and metrics["epochs"] == 3
+    assert not (tmp_path / "backup_head").exists()
+
+
 def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_path, capsys):
     guard = faults.SignalGuard(str(tmp_path / "backup"))
     guard.signum = signal.SIGTERM

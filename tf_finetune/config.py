@@ -278,7 +278,7 @@ def validate(config: Config) -> None:
                 f"--data={config.data} is a file; pass the folder that holds one subfolder per "
                 "class (or, for text, a .csv or .tsv file)."
             )
-    if config.data and not config.data.startswith("tfds:"):
+    if config.data and os.path.isdir(config.data):
         visible = [n for n in os.listdir(config.data) if not n.startswith(".")]
         if not visible:
             raise UserError(
