@@ -55,6 +55,9 @@ def cmd_train(config: config_lib.Config) -> int:
     from tf_finetune import train
 
     metrics = train.train_and_evaluate(config)
+    if metrics.get("chief") is False:  # a multi-worker run's other workers: the chief reports
+        print(f"Worker done: {metrics['epochs']} epochs on {metrics['replicas']} replicas.")
+        return 0
     _print_train_summary(config, metrics)
     return 0
 
@@ -88,6 +91,16 @@ def cmd_compare(config: config_lib.Config) -> int:
         + f"), one row per --unfreeze value:\n{result['table']}"
     )
     print(f"\nRuns and compare.json in {config.model_dir}")
+    return 0
+
+
+def cmd_check_data(config: config_lib.Config) -> int:
+    from tf_finetune import check_data
+
+    if config.is_offline_default:
+        raise UserError("check-data needs --data=FOLDER (the folder you would train on).")
+    report = check_data.check_folder(config.data, config.validation_percent, config.image_size)
+    print(check_data.format_report(report))
     return 0
 
 
@@ -159,6 +172,11 @@ COMMANDS: dict[str, Command] = {
         cmd_compare,
         "train one variant per --unfreeze value (e.g. 0,20,all) on the same data, seed and "
         "budget; print val accuracy, loss, trainable parameters and seconds per epoch",
+    ),
+    "check-data": Command(
+        cmd_check_data,
+        "report class counts per split, unreadable files, duplicates across splits, class "
+        "imbalance and image sizes of --data, without training",
     ),
     "export": Command(
         cmd_export,
@@ -258,6 +276,29 @@ def _with_run_flagfile(command: str, argv: list[str]) -> list[str]:
     return [f"--flagfile={saved}", *argv] if saved and os.path.exists(saved) else argv
 
 
+def _flagfile_line(argv: list[str], flagname: str | None, depth: int = 0) -> str:
+    """'FILE line N: ' where a flagfile (or one it includes) sets `flagname`; else ''."""
+    if not flagname or depth > 10:
+        return ""
+    for arg in argv:
+        if not arg.startswith("--flagfile="):
+            continue
+        path = arg.split("=", 1)[1]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for number, line in enumerate(lines, 1):
+            name = line.strip().lstrip("-").split("=", 1)[0]
+            if name in (flagname, f"no{flagname}"):
+                return f"{path} line {number}: "
+        nested = _flagfile_line([ln.strip() for ln in lines], flagname, depth + 1)
+        if nested:
+            return nested
+    return ""
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
@@ -278,7 +319,8 @@ def main(argv: list[str]) -> int:
     try:
         positional = FLAGS([PROG, *_with_run_flagfile(command, rest)])[1:]
     except flags.Error as e:
-        return _fail(f"{e}. Run '{PROG} --help' for the flags.")
+        where = _flagfile_line(rest, getattr(e, "flagname", None))
+        return _fail(f"{where}{e}. Run '{PROG} --help' for the flags.")
     chosen = COMMANDS[command]
     if positional and not chosen.takes_inputs:
         return _fail(
@@ -289,6 +331,7 @@ def main(argv: list[str]) -> int:
         config = config_from_flags()
         return chosen.run(config, positional) if chosen.takes_inputs else chosen.run(config)
     except UserError as e:
+        # Stopped (signal) and NonFiniteLoss carry their own exit codes.
         return _fail(str(e), getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume from the last epoch.", 130)

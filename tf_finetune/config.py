@@ -74,6 +74,14 @@ class Config:
         "label", "Text data: the CSV/TSV column (or TFDS feature) holding the label.", "data"
     )
 
+    data_service: str = _field(
+        "",
+        "grpc://HOST:PORT of a tf.data service dispatcher: its workers read, decode and batch "
+        "the training images (each example once per epoch), for input pipelines that outgrow "
+        "this machine. The workers must see --data at the same path. Empty: local input.",
+        "data",
+    )
+
     # --- model ---
     backbone: str = _field(
         "auto",
@@ -210,9 +218,10 @@ class Config:
     strategy: str = _field(
         "auto",
         "auto: MirroredStrategy over all GPUs, or over --cpu_replicas logical CPUs; "
-        "one_device: a single device; mirrored: MirroredStrategy even with one replica.",
+        "one_device: a single device; mirrored: MirroredStrategy even with one replica; "
+        "multi_worker: MultiWorkerMirroredStrategy across the machines in TF_CONFIG.",
         "distribution",
-        ("auto", "mirrored", "one_device"),
+        ("auto", "mirrored", "one_device", "multi_worker"),
     )
     cpu_replicas: int = _field(
         1,
@@ -427,6 +436,49 @@ def validate(config: Config) -> None:
                 f"--data={config.data} is a file; pass the folder that holds one subfolder per "
                 "class (or, for text, a .csv or .tsv file)."
             )
+    if config.data and os.path.isdir(config.data):
+        visible = [n for n in os.listdir(config.data) if not n.startswith(".")]
+        if not visible:
+            raise UserError(
+                f"--data={config.data} is an empty folder; put one subfolder of images per class "
+                "in it (or train/ val/ test/ folders that each hold them)."
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        tfds_only = [
+            n
+            for n in ("train_split", "val_split", "test_split")
+            if getattr(config, n) != defaults[n]
+        ]
+        if tfds_only:
+            raise UserError(
+                f"--{tfds_only[0]} selects a TFDS split, but --data={config.data} is a folder: "
+                "a folder's splits are its train/ val/ test/ subfolders (or --validation_percent)."
+            )
+    if config.weight_decay != Config.weight_decay and config.optimizer != "adamw":
+        raise UserError(
+            f"--weight_decay only applies to --optimizer=adamw (got --optimizer={config.optimizer}); "
+            "add --optimizer=adamw or drop --weight_decay."
+        )
+    if config.cpu_replicas > 1 and config.strategy in ("one_device", "multi_worker"):
+        raise UserError(
+            f"--cpu_replicas={config.cpu_replicas} splits the CPU for MirroredStrategy; it "
+            f"conflicts with --strategy={config.strategy} (use --strategy=auto or mirrored)."
+        )
+    if config.data_service:
+        host, _, port = config.data_service.removeprefix("grpc://").rpartition(":")
+        if not config.data_service.startswith("grpc://") or not host or not port.isdigit():
+            raise UserError(
+                f"--data_service={config.data_service} must look like grpc://HOST:PORT "
+                "(the tf.data service dispatcher)."
+            )
+        if config.strategy == "multi_worker":
+            raise UserError(
+                "--data_service with --strategy=multi_worker is not supported; use one of them."
+            )
+    if config.strategy == "multi_worker":
+        from tf_finetune import multiworker
+
+        multiworker.parse_tf_config()  # a missing or malformed TF_CONFIG, before any TF op
     if config.data.startswith("tfds:") and not config.data[5:]:
         raise UserError("--data=tfds:NAME needs a dataset name, e.g. tfds:tf_flowers.")
     if config.quantize != "none" and config.format != "tflite":

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import struct
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -20,6 +21,10 @@ from absl import logging
 from tf_finetune.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Files whose header announces more pixels than this are skipped without being decoded, so one
+# huge (or malicious) file cannot exhaust memory: decoding takes width * height * 3 bytes
+# (~270 MB at this limit, PIL's decompression-bomb threshold), per parallel decode.
+MAX_IMAGE_PIXELS = 89_478_485
 VALIDATION_DIRS = ("val", "validation")
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -84,10 +89,17 @@ class FolderListing:
 
     class_names: tuple[str, ...]
     splits: dict  # split name -> (paths, labels)
+    unusable: tuple[tuple[str, str], ...] = ()  # (path, reason): e.g. a name that is not UTF-8
 
 
 def _is_image(name: str) -> bool:
+    # Hidden files (.DS_Store, macOS "._photo.jpg" resource forks) are never images.
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def printable_path(path: str) -> str:
+    """`path` with undecodable bytes of its name escaped, safe to print and to store in JSON."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _class_dirs(root: str) -> list[str]:
@@ -98,18 +110,42 @@ def _class_dirs(root: str) -> list[str]:
     )
 
 
-def _files_by_class(root: str, class_names) -> tuple[list[str], list[int]]:
+def _files_by_class(
+    root: str, class_names, unusable: list | None = None
+) -> tuple[list[str], list[int]]:
+    """Image files under each class folder, nested folders and symlinks included.
+
+    A symlinked folder is followed once: a link back to a parent (a loop) is not walked again.
+    Names that are not valid UTF-8 cannot go through TensorFlow: they go to `unusable`.
+    """
     paths, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(root, name)
         if not os.path.isdir(class_dir):
             continue
+        seen = {os.path.realpath(class_dir)}
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            kept = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if not d.startswith(".") and real not in seen:
+                    seen.add(real)
+                    kept.append(d)
+            dirnames[:] = kept
             for filename in sorted(filenames):
-                if _is_image(filename):
-                    paths.append(os.path.join(dirpath, filename))
-                    labels.append(label)
+                if not _is_image(filename):
+                    continue
+                path = os.path.join(dirpath, filename)
+                try:
+                    path.encode("utf-8")
+                except UnicodeEncodeError:
+                    if unusable is not None:
+                        unusable.append(
+                            (printable_path(path), "file name is not valid UTF-8; rename it")
+                        )
+                    continue
+                paths.append(path)
+                labels.append(label)
     return paths, labels
 
 
@@ -137,18 +173,19 @@ def partition(keys: list, labels: list, is_val: list[bool]) -> tuple[tuple, tupl
 def list_image_folder(root: str, validation_percent: int) -> FolderListing:
     """Finds classes and files; splits train/val by path hash unless the folder has val/."""
     subdirs = _class_dirs(root)
+    unusable: list[tuple[str, str]] = []
     if "train" in subdirs:
         class_names = tuple(_class_dirs(os.path.join(root, "train")))
-        splits = {"train": _files_by_class(os.path.join(root, "train"), class_names)}
+        splits = {"train": _files_by_class(os.path.join(root, "train"), class_names, unusable)}
         val_dir = next((d for d in VALIDATION_DIRS if d in subdirs), None)
         if val_dir:
-            splits["val"] = _files_by_class(os.path.join(root, val_dir), class_names)
+            splits["val"] = _files_by_class(os.path.join(root, val_dir), class_names, unusable)
         if "test" in subdirs:
-            splits["test"] = _files_by_class(os.path.join(root, "test"), class_names)
+            splits["test"] = _files_by_class(os.path.join(root, "test"), class_names, unusable)
         source_root = os.path.join(root, "train")
     else:
         class_names = tuple(subdirs)
-        splits = {"train": _files_by_class(root, class_names)}
+        splits = {"train": _files_by_class(root, class_names, unusable)}
         source_root = root
     if not class_names:
         raise UserError(
@@ -162,44 +199,133 @@ def list_image_folder(root: str, validation_percent: int) -> FolderListing:
         paths, labels = splits["train"]
         is_val = [hash_percent(os.path.relpath(p, source_root)) < validation_percent for p in paths]
         splits["train"], splits["val"] = partition(paths, labels, is_val)
-    return FolderListing(class_names, splits)
+    return FolderListing(class_names, splits, tuple(unusable))
+
+
+# The first bytes of each format TensorFlow decodes (decode_image sniffs the content, so a PNG
+# named .jpg still works).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(f) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, walking the marker segments (no decoding)."""
+    f.seek(2)
+    while True:
+        byte = f.read(1)
+        while byte == b"\xff":  # fill bytes before a marker
+            byte = f.read(1)
+        if not byte:
+            return None
+        marker = byte[0]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            continue
+        length_bytes = f.read(2)
+        if len(length_bytes) < 2 or marker == 0xDA:  # start of scan: no frame header found
+            return None
+        length = struct.unpack(">H", length_bytes)[0]
+        if marker in _JPEG_SOF:
+            header = f.read(5)
+            if len(header) < 5:
+                return None
+            height, width = struct.unpack(">HH", header[1:5])
+            return width, height
+        f.seek(length - 2, os.SEEK_CUR)
+        if f.read(1) != b"\xff":
+            return None
+        f.seek(-1, os.SEEK_CUR)
+
+
+def image_header(path: str) -> tuple[str, int | None, int | None] | None:
+    """(format, width, height) read from the file's first bytes, or None if not an image.
+
+    Width and height are None when the header does not say (then decoding decides).
+    """
+    with open(path, "rb") as f:
+        head = f.read(32)
+        if head.startswith(b"\xff\xd8\xff"):
+            size = _jpeg_size(f)
+            return ("JPEG", *size) if size else ("JPEG", None, None)
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24:
+        return ("PNG", *struct.unpack(">II", head[16:24]))
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return ("GIF", *struct.unpack("<HH", head[6:10]))
+    if head.startswith(b"BM") and len(head) >= 26:
+        width, height = struct.unpack("<ii", head[18:26])
+        return "BMP", abs(width), abs(height)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP", None, None
+    return None
+
+
+def precheck(path: str) -> str | None:
+    """Why `path` must not be decoded (empty, not an image, too large), from its header; or None."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        header = image_header(path)
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "file disappeared"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if header is None:
+        with open(path, "rb") as f:
+            start = f.read(16)
+        kind = "a text file" if start.isascii() and start.decode("ascii").isprintable() else "data"
+        return f"not an image: {kind} starting with {start!r}"
+    fmt, width, height = header
+    if width is not None and height is not None and width * height > MAX_IMAGE_PIXELS:
+        return (
+            f"{fmt} too large to decode safely: {width}x{height} pixels "
+            f"(limit {MAX_IMAGE_PIXELS:,})"
+        )
+    return None
+
+
+def _decode_error(error: Exception, path: str) -> str:
+    message = getattr(error, "message", None) or str(error)
+    message = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]( name: \S*)?", "", message)
+    message = " ".join(message.split())[:160]
+    header = image_header(path)
+    fmt = header[0] if header else "image"
+    return f"corrupt or truncated {fmt}: {message}"
 
 
 def find_unreadable(paths: list[str]) -> list[tuple[str, str]]:
     """Returns (path, reason) for each file that cannot be decoded as an image.
 
-    All files are decoded once in parallel by tf.data; only the failures are decoded again,
-    one by one, to learn why.
+    Headers are checked first (empty, not an image, more than MAX_IMAGE_PIXELS: never decoded).
+    The rest are decoded once in parallel by tf.data; only the failures are decoded again, one
+    by one, to learn why.
     """
-    if not paths:
-        return []
-
-    def check(path):
-        image = tf.io.decode_image(
-            tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8
-        )
-        # Reading a value forces the whole decode (a truncated file fails here).
-        return path, tf.shape(image)[0]
-
-    ds = tf.data.Dataset.from_tensor_slices(paths).map(check, num_parallel_calls=AUTOTUNE)
-    ds = ds.ignore_errors()
-    good = {p.decode("utf-8") for p, _ in ds.as_numpy_iterator()}
-    bad = []
+    bad = {}
     for path in paths:
-        if path in good:
-            continue
-        try:
-            if os.path.getsize(path) == 0:
-                reason = "empty file (0 bytes)"
-            else:
+        reason = precheck(path)
+        if reason:
+            bad[path] = reason
+    candidates = [p for p in paths if p not in bad]
+    if candidates:
+
+        def check(path):
+            image = tf.io.decode_image(
+                tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8
+            )
+            # Reading a value forces the whole decode (a truncated file fails here).
+            return path, tf.shape(image)[0]
+
+        ds = tf.data.Dataset.from_tensor_slices(candidates).map(check, num_parallel_calls=AUTOTUNE)
+        ds = ds.ignore_errors()
+        good = {p.decode("utf-8") for p, _ in ds.as_numpy_iterator()}
+        for path in candidates:
+            if path in good:
+                continue
+            try:
                 tf.io.decode_image(
                     tf.io.read_file(path), channels=3, expand_animations=False
                 ).numpy()
-                reason = "could not be decoded"
-        except (tf.errors.OpError, OSError) as e:
-            reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:200]
-        bad.append((path, reason))
-    return bad
+                bad[path] = "could not be decoded"
+            except (tf.errors.OpError, OSError) as e:
+                bad[path] = _decode_error(e, path)
+    return [(p, bad[p]) for p in paths if p in bad]
 
 
 def _folder_split(paths, labels, image_size) -> Split:
@@ -213,7 +339,7 @@ def load_image_folder(root: str, image_size: int, validation_percent: int) -> Da
     all_paths = [p for paths, _ in listing.splits.values() for p in paths]
     if not all_paths:
         raise UserError(f"--data={root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, any case).")
-    skipped = find_unreadable(all_paths)
+    skipped = list(listing.unusable) + find_unreadable(all_paths)
     if skipped:
         logging.warning(
             "Skipping %d unreadable file(s), e.g. %s",

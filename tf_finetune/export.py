@@ -33,6 +33,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tf_finetune import faults
 from tf_finetune.config import Config
 from tf_finetune.data import decode_and_resize, resize_uint8
 from tf_finetune.errors import UserError
@@ -50,6 +51,23 @@ def next_version(export_base: str) -> int:
 
 def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
+
+
+def remove_stale_temporaries(export_base: str) -> list[str]:
+    """Deletes `.tmp-<version>-<pid>` folders whose writer is gone (an export that was killed).
+
+    Never visible as a version (TF Serving only loads integer names); removed so they do not
+    pile up. A folder of a live process (another run exporting right now) is left alone.
+    """
+    removed = []
+    for name in _listdir(export_base):
+        match = re.fullmatch(r"\.tmp-\d+-(\d+)", name)
+        if match and (int(match.group(1)) == os.getpid() or not faults.pid_alive(int(match[1]))):
+            shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
+            removed.append(name)
+    if removed:
+        logging.info("Removed unfinished export(s) of killed runs: %s", ", ".join(removed))
+    return removed
 
 
 def _outputs(probabilities: tf.Tensor, class_names: tf.Tensor, k: int) -> dict:
@@ -238,6 +256,7 @@ def export_saved_model(
       UserError: the pinned version exists (versions are never overwritten).
     """
     os.makedirs(export_base, exist_ok=True)
+    remove_stale_temporaries(export_base)
     version = version or next_version(export_base)
     final = os.path.join(export_base, str(version))
     if os.path.exists(final):
@@ -272,7 +291,12 @@ def export_saved_model(
             "signatures": signatures,
         }
         write_json_atomically(os.path.join(tmp, MODEL_CARD), card)
+        faults.fault_point("export")
         os.rename(tmp, final)
+    except Exception as e:
+        if faults.is_disk_full(e):
+            raise faults.disk_full_error("export", final) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logging.info("Exported SavedModel version %d to %s", version, final)

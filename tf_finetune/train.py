@@ -3,6 +3,7 @@
 A flat list of small functions ending in `train_and_evaluate(config)`.
 """
 
+import csv
 import dataclasses
 import functools
 import json
@@ -25,6 +26,7 @@ from tf_finetune import (
     digits,
     evaluate,
     export,
+    faults,
     features,
     hub_model,
     phases,
@@ -33,6 +35,7 @@ from tf_finetune import (
 )
 from tf_finetune import config as config_lib
 from tf_finetune import model as model_lib
+from tf_finetune import multiworker as mw
 from tf_finetune.config import Config
 from tf_finetune.errors import BelowMinAccuracy, UserError
 
@@ -67,7 +70,15 @@ def configure_cpu_replicas(cpu_replicas: int) -> None:
 
 
 def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs (or `cpu_replicas` logical CPUs); else one device."""
+    """MirroredStrategy over all GPUs (or `cpu_replicas` logical CPUs); else one device.
+
+    `multi_worker`: MultiWorkerMirroredStrategy from TF_CONFIG, with the Keras 3 workarounds
+    (keras-team/keras#20585); must be the first TensorFlow op of the process.
+    """
+    if kind == "multi_worker":
+        strategy = mw.make_multi_worker_strategy()
+        mw.apply_keras_workarounds()
+        return strategy
     configure_cpu_replicas(cpu_replicas)
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -251,13 +262,13 @@ def build_model(
 
 # ----------------------------------------------------------------------------- fit
 class _SaveRunState(keras.callbacks.Callback):
-    """Records the running phase and the best val_loss so far in backup/state.json.
+    """Records the running phase in backup/state.json (two-phase runs), with a copy of the
+    best val_loss so far for the record (the checkpoint's best.json is what a resume reads).
 
-    Runs after ModelCheckpoint (so the best value matches the best file) and before
-    BackupAndRestore writes the epoch's backup.
+    Runs after the best checkpoint and before the backup marks the epoch done.
     """
 
-    def __init__(self, model_dir: str, phase: int, checkpoint: keras.callbacks.ModelCheckpoint):
+    def __init__(self, model_dir: str, phase: int, checkpoint: faults.BestCheckpoint):
         super().__init__()
         self.model_dir, self.phase, self.checkpoint = model_dir, phase, checkpoint
 
@@ -270,42 +281,56 @@ class _SaveRunState(keras.callbacks.Callback):
 def make_callbacks(
     config: Config,
     verbose: int,
+    guard: faults.SignalGuard | None = None,
+    best_weights: str = BEST_WEIGHTS,
+    backup_name: str = "backup",
+    multi_worker: bool = False,
+    *,
     phase: phases.Phase | None = None,
     best_val_loss: float | None = None,
     last_phase: bool = True,
-    best_weights: str = BEST_WEIGHTS,
 ) -> list[keras.callbacks.Callback]:
-    """Best checkpoint, backup for resuming, TensorBoard, CSV history, optional stoppers.
+    """NaN and signal stops, CSV history, best checkpoint, backup, TensorBoard, stoppers.
+
+    The order matters at each epoch end: history row, then best checkpoint, then the run
+    state (two-phase runs), then the backup that marks the epoch done. A kill in between
+    reruns the epoch, which only repeats a row (`truncate_history` drops it) and never loses
+    a better checkpoint.
 
     Args:
-      phase: the fit call these are for (default: a one-phase run).
-      best_val_loss: the best so far in this run (a resumed run, or phase 2): only a better
-        epoch replaces the best checkpoint.
-      last_phase: EarlyStopping only stops the last phase (the head warmup always runs out).
+      guard: turns SIGINT/SIGTERM into a backup and a clean stop (None: signals are not
+        handled, e.g. under tune and compare).
       best_weights: where the best checkpoint goes (the head's own file on cached features).
+      backup_name: the backup folder, relative to the run (`phase_backup` of the phase).
+      multi_worker: checks that every worker resumes from the same epoch.
+      phase: the fit call these are for (default: a one-phase run).
+      best_val_loss: the best so far in this run when this fit starts without a backup of
+        its own (phase 2 after phase 1): only a better epoch replaces the best checkpoint.
+        With a backup, the checkpoint's best.json carries the best (faults.BestCheckpoint).
+      last_phase: EarlyStopping only stops the last phase (the head warmup always runs out).
     """
     run = config.model_dir
     phase = phase or phases.plan(config)[-1]
     os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
-    checkpoint = keras.callbacks.ModelCheckpoint(
+    # Saved every epoch (and on SIGINT/SIGTERM); a rerun of the same command resumes from it.
+    # Deleted at the end of the run (after the export), not of the phase.
+    backup = faults.AtomicBackup(os.path.join(run, backup_name))
+    best = faults.BestCheckpoint(
         os.path.join(run, best_weights),
+        backup,
         monitor="val_loss",
-        save_best_only=True,
-        save_weights_only=True,
         initial_value_threshold=best_val_loss,
-        verbose=0,
     )
+    two_phase = len(phases.plan(config)) > 1
     callbacks = [
-        checkpoint,
-        _SaveRunState(run, phase.index, checkpoint),
-        # Saved every epoch; a rerun of the same command resumes from it. Deleted at the end
-        # of the run (by phases.finish), not of the phase: the state says what comes next.
-        keras.callbacks.BackupAndRestore(
-            phases.backup_dir(run, phase.index), delete_checkpoint=False
-        ),
-        keras.callbacks.TensorBoard(os.path.join(run, "logs")),
+        faults.StopOnNaN(best),
+        faults.StopOnSignal(guard or faults.SignalGuard(run), backup),
         keras.callbacks.CSVLogger(os.path.join(run, "history.csv"), append=True),
-        keras.callbacks.TerminateOnNaN(),
+        best,
+        *([_SaveRunState(run, phase.index, best)] if two_phase else []),
+        backup,
+        *([mw.resume_epoch_check()] if multi_worker else []),
+        keras.callbacks.TensorBoard(os.path.join(run, "logs")),
     ]
     if config.average_checkpoints:
         callbacks.append(
@@ -326,6 +351,24 @@ def make_callbacks(
             )
         )
     return callbacks
+
+
+def truncate_history(history_csv: str, epochs_done: int) -> None:
+    """Drops rows of epochs a resumed run will redo (a kill between the row and the backup)."""
+    if not os.path.exists(history_csv):
+        return
+    with open(history_csv, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = lines[:1] + [
+        ln
+        for ln in lines[1:]
+        if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) < epochs_done
+    ]
+    if len(kept) != len(lines):
+        tmp = history_csv + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, history_csv)
 
 
 # Features above this size go to disk with --cache=auto.
@@ -377,6 +420,7 @@ def fit_on_cached_features(
     strategy: tf.distribute.Strategy,
     mode: str,
     verbose: int,
+    guard: faults.SignalGuard | None = None,
     extra_callbacks=(),
     *,
     callbacks: list[keras.callbacks.Callback] | None = None,
@@ -394,7 +438,9 @@ def fit_on_cached_features(
     """
     phase = phase or phases.plan(config)[-1]
     if callbacks is None:
-        callbacks = make_callbacks(config, verbose, phase, best_weights=HEAD_BEST_WEIGHTS)
+        callbacks = make_callbacks(
+            config, verbose, guard, HEAD_BEST_WEIGHTS, phase_backup(config, phase, "memory")
+        )
         callbacks += list(extra_callbacks)
     with strategy.scope():
         extractor, head = features.split_classifier(model)
@@ -438,8 +484,44 @@ def fit_on_cached_features(
     head_best = os.path.join(config.model_dir, HEAD_BEST_WEIGHTS)
     if os.path.exists(head_best):
         head.load_weights(head_best)
-        model.save_weights(os.path.join(config.model_dir, BEST_WEIGHTS))
+        best = os.path.join(config.model_dir, BEST_WEIGHTS)
+        tmp = best.replace(".weights.h5", ".tmp.weights.h5")  # a kill leaves old or new
+        model.save_weights(tmp)
+        os.replace(tmp, best)
+        # best.json describes best.weights.h5: a following phase (or its resume) compares with it.
+        head_json = head_best.removesuffix(".weights.h5") + ".json"
+        if os.path.exists(head_json):
+            with open(head_json, encoding="utf-8") as f:
+                faults.write_json_atomic(best.removesuffix(".weights.h5") + ".json", json.load(f))
     return history
+
+
+def phase_backup(config: Config, phase: phases.Phase, mode: str) -> str:
+    """The backup folder of `phase`, relative to the run dir.
+
+    A one-phase run keeps the plain layout (`backup`, or `backup_head` for the head on cached
+    features); a two-phase run has one folder per phase beside its state.json.
+    """
+    if len(phases.plan(config)) == 1:
+        return BACKUPS[1] if mode != "none" else BACKUPS[0]
+    return os.path.relpath(phases.backup_dir(config.model_dir, phase.index), config.model_dir)
+
+
+# The backup folders of a one-phase run (pixels end to end; the head on cached features).
+# A two-phase run's live under backup/ (phases.backup_dir).
+BACKUPS = ("backup", "backup_head")
+
+
+def remove_backups(model_dir: str) -> None:
+    """Deletes a finished run's backups (each one's metadata first, see faults.remove_backup)."""
+    root = phases.backup_dir(model_dir)
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            if os.path.isdir(os.path.join(root, name)):
+                faults.remove_backup(os.path.join(root, name))
+    for name in BACKUPS:
+        faults.remove_backup(os.path.join(model_dir, name))
+    phases.finish(model_dir)
 
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
@@ -492,7 +574,9 @@ def evaluate_run(config: Config, split: str) -> dict:
     final = os.path.join(config.model_dir, FINAL_WEIGHTS)
     if not os.path.exists(best):
         raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
-    strategy = make_strategy(config.strategy, config.cpu_replicas)
+    # A multi-worker run is evaluated in one process.
+    kind = "auto" if config.strategy == "multi_worker" else config.strategy
+    strategy = make_strategy(kind, config.cpu_replicas)
     dataset = load_data(config)
     chosen = {"val": dataset.val, "test": dataset.test}[split]
     if chosen is None:
@@ -593,11 +677,34 @@ class EpochTimer(keras.callbacks.Callback):
 @dataclasses.dataclass
 class Fit:
     """What `fit_phases` leaves: the model as fit left it (with `--ema`, holding the EMA
-    weights), one History per phase run in this call, and each epoch's seconds."""
+    weights), one History per phase run in this call, each epoch's seconds, and the epochs
+    the last phase had done before this call (a resumed run; 0 otherwise)."""
 
     model: keras.Model
     histories: list[keras.callbacks.History]
     epoch_seconds: dict[int, float]
+    epochs_before: int = 0
+
+    @property
+    def epochs(self) -> int:
+        """Epochs the run has done in all (the last phase's end, or where it resumed)."""
+        epochs = self.histories[-1].epoch if self.histories else []
+        return epochs[-1] + 1 if epochs else self.epochs_before
+
+
+def _resume_point(config: Config, plan: list[phases.Phase]) -> tuple[phases.State | None, int]:
+    """The state of an unfinished run (None: a new run) and the epochs it had completed."""
+    state = phases.load_state(config.model_dir) if len(plan) > 1 else None
+    if state is not None and state.phase > len(plan):
+        logging.warning("The unfinished run in %s had more phases: starting anew", config.model_dir)
+        remove_backups(config.model_dir)
+        state = None
+    phase = plan[state.phase - 1] if state else plan[0]
+    for mode in ("none", "memory"):  # whichever way the phase trains, its backup says
+        meta = faults.read_backup(os.path.join(config.model_dir, phase_backup(config, phase, mode)))
+        if meta is not None:
+            return state or phases.State(), meta["epoch"]
+    return state, phase.initial_epoch if state else 0
 
 
 def fit_phases(
@@ -607,19 +714,33 @@ def fit_phases(
     strategy: tf.distribute.Strategy,
     extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
     verbose: int = 2,
+    *,
+    guard: faults.SignalGuard | None = None,
+    keep_backups: bool = False,
+    fit_inputs: tuple[tf.data.Dataset, tf.data.Dataset, dict] | None = None,
 ) -> Fit:
-    """Builds the model and runs the phases of `config`, resuming an unfinished run."""
+    """Builds the model and runs the phases of `config`, resuming an unfinished run.
+
+    Args:
+      guard: SIGINT/SIGTERM handling (see faults.SignalGuard); None under tune and compare.
+      keep_backups: leave the backups for the caller to delete once everything the run owes
+        is written (train_and_evaluate: after the export); else deleted when fit ends.
+      fit_inputs: train and val inputs and fit's step counts when they are not the
+        pipelines' (multi-worker: endless inputs; tf.data service). The feature cache is
+        not used then (it is computed in this process).
+    """
     plan = phases.plan(config)
-    state = phases.load_state(config.model_dir)
-    if state is not None and state.phase > len(plan):
-        logging.warning("The unfinished run in %s had more phases: starting anew", config.model_dir)
-        phases.finish(config.model_dir)
-        state = None
+    multi_worker = config.strategy == "multi_worker"
+    state, epochs_done = _resume_point(config, plan)
     if state is None:  # a new run: nothing of an earlier run in this dir may leak in
         shutil.rmtree(os.path.join(config.model_dir, TOP_CHECKPOINTS), ignore_errors=True)
-        state = phases.State()
     else:
         logging.info("Resuming an unfinished run in phase %d of %d", state.phase, len(plan))
+    resumed = state is not None
+    state = state or phases.State()
+    # Rows of epochs this run (re)does go: a fresh run starts history.csv over, like the best
+    # checkpoint; a resumed one drops rows written after its backup.
+    truncate_history(os.path.join(config.model_dir, "history.csv"), epochs_done)
     steps = phases.steps_per_epoch(dataset.train.count, config.batch_size)
     class_weight = (
         data.balanced_class_weights(data.class_counts(dataset.train, dataset.num_classes))
@@ -633,17 +754,32 @@ def fit_phases(
         _load_quietly(model, phases.phase_end_weights(config.model_dir, state.phase - 1))
     histories = []
     timer = EpochTimer()
-    best_val_loss = state.best_val_loss
+    # The best val_loss so far, for a phase that starts without a backup of its own (a phase
+    # with one reads it from best.json itself): none in a new run.
+    best_val_loss = _best_so_far(config.model_dir) if state.phase > 1 else None
     for phase in plan[state.phase - 1 :]:
         last = phase is plan[-1]
         if histories:  # the first phase of this call was prepared by build_model
             with strategy.scope():
                 prepare_phase(model, config, dataset.num_classes, phase, steps)
-        model._initial_epoch = None  # set by an earlier fit's BackupAndRestore; not ours
+        model._initial_epoch = None  # set by an earlier fit's backup restore; not ours
         feature_dim = model.get_layer("pooler").output.shape[-1]
         mode = cache_mode(config, feature_dim, dataset.train.count, phase)
+        if mode != "none" and fit_inputs is not None:
+            logging.info("--cache=%s is not used with multi_worker / --data_service.", mode)
+            mode = "none"
         best_weights = HEAD_BEST_WEIGHTS if mode != "none" else BEST_WEIGHTS
-        callbacks = make_callbacks(config, verbose, phase, best_val_loss, last, best_weights)
+        callbacks = make_callbacks(
+            config,
+            verbose,
+            guard,
+            best_weights,
+            phase_backup(config, phase, mode),
+            multi_worker,
+            phase=phase,
+            best_val_loss=best_val_loss,
+            last_phase=last,
+        )
         if mode != "none":
             history = fit_on_cached_features(
                 model,
@@ -658,26 +794,44 @@ def fit_phases(
                 class_weight=class_weight,
             )
         else:
+            train_ds, val_ds, fit_steps = fit_inputs or (pipelines["train"], pipelines["val"], {})
             history = model.fit(
-                pipelines["train"],
-                validation_data=pipelines["val"],
+                train_ds,
+                validation_data=val_ds,
                 initial_epoch=phase.initial_epoch,
                 epochs=phase.epochs,
                 class_weight=class_weight,
                 callbacks=[timer, *callbacks, *extra_callbacks],
                 verbose=verbose,
                 shuffle=False,  # the pipeline shuffles with the seed; Keras cannot shuffle a Dataset
+                **fit_steps,
             )
         histories.append(history)
-        best = callbacks[0].best  # the ModelCheckpoint
+        best = _best_checkpoint(callbacks).best
         best_val_loss = float(best) if best is not None and np.isfinite(best) else best_val_loss
         if not last:
             # Order matters for a kill at any point: weights, then the state, then the backup.
             phases.save_phase_end(model, config.model_dir, phase.index)
             phases.save_state(config.model_dir, phases.State(phase.index + 1, best_val_loss))
-            shutil.rmtree(phases.backup_dir(config.model_dir, phase.index), ignore_errors=True)
-    phases.finish(config.model_dir)
-    return Fit(model, histories, timer.seconds)
+            faults.remove_backup(phases.backup_dir(config.model_dir, phase.index))
+    if not keep_backups:
+        remove_backups(config.model_dir)
+    before = epochs_done if resumed and state.phase == plan[-1].index else 0
+    return Fit(model, histories, timer.seconds, before)
+
+
+def _best_checkpoint(callbacks: list[keras.callbacks.Callback]) -> faults.BestCheckpoint:
+    return next(c for c in callbacks if isinstance(c, faults.BestCheckpoint))
+
+
+def _best_so_far(model_dir: str) -> float | None:
+    """The best val_loss of the run's best checkpoint (its best.json), if any."""
+    path = os.path.join(model_dir, BEST_WEIGHTS).removesuffix(".weights.h5") + ".json"
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return float(saved["best"]) if saved.get("monitor") == "val_loss" else None
 
 
 def best_checkpoint_scores(model: keras.Model, config: Config, pipelines: dict) -> dict:
@@ -786,13 +940,64 @@ def train_and_evaluate(
 ) -> dict:
     """Runs one configured training job end to end and returns metrics.json's content.
 
+    Holds a lock on the run directory, turns SIGINT/SIGTERM into a clean stop with a backup,
+    and deletes the backups only once the export exists, so a run killed at any point resumes
+    from its last saved state (see faults.py) in the phase it was in (see phases.py).
+
     Args:
       config: a resolved config (`config.resolve`).
       extra_callbacks: added to fit's callbacks (tests use it to interrupt a run).
+
+    Raises:
+      BelowMinAccuracy: the model missed --min_accuracy (metrics.json written, not exported).
     """
     start = time.time()
     check_supported(config)
-    strategy = make_strategy(config.strategy, config.cpu_replicas)
+    multi_worker = config.strategy == "multi_worker"
+    if multi_worker:
+        # Every worker runs the same code; only the chief writes into model_dir, the others
+        # into a private scratch dir (removed once the run succeeds).
+        out_dir = mw.scratch_dir_for(config.model_dir)
+        if out_dir != config.model_dir:
+            config = dataclasses.replace(
+                config, model_dir=out_dir, export_dir=os.path.join(out_dir, "export")
+            )
+    with faults.RunLock(config.model_dir), faults.SignalGuard(config.model_dir) as guard:
+        # The strategy comes first: MultiWorkerMirroredStrategy must precede any other TF op.
+        strategy = make_strategy(config.strategy, config.cpu_replicas)
+        metrics = _train_and_evaluate(config, strategy, guard, extra_callbacks)
+        metrics["wall_time_seconds"] = round(time.time() - start, 1)
+        _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+        remove_backups(config.model_dir)  # only now: everything the run owes is written
+    if multi_worker and not mw.is_chief():
+        shutil.rmtree(config.model_dir, ignore_errors=True)
+    gate = metrics.get("min_accuracy")
+    if gate and gate["accuracy"] < gate["bar"]:
+        raise BelowMinAccuracy(
+            f"{gate['split']} accuracy {gate['accuracy']:.4f} is below --min_accuracy="
+            f"{gate['bar']}: not exported; the run is kept in {config.model_dir}."
+        )
+    return metrics
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short hash of all weights: equal on every worker of a multi-worker run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(w.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _train_and_evaluate(
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    guard: faults.SignalGuard,
+    extra_callbacks: tuple[keras.callbacks.Callback, ...],
+) -> dict:
+    multi_worker = config.strategy == "multi_worker"
+    chief = mw.is_chief()
     logging.info(
         "Strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync
     )
@@ -812,26 +1017,55 @@ def train_and_evaluate(
         dataset.test.count if dataset.test else 0,
     )
     pipelines = make_pipelines(config, dataset, strategy.num_replicas_in_sync)
+    fit_inputs = None
+    if multi_worker:
+        # Endless input and a fixed number of steps: every worker runs exactly the same steps
+        # (a worker that ran out of batches first would leave the others hanging).
+        fit_inputs = _multi_worker_inputs(dataset, config)
+    elif config.data_service:
+        fit_inputs = (
+            with_data_service(pipelines["train"], config.data_service),
+            pipelines["val"],
+            {},
+        )
     verbose = 1 if sys.stdout.isatty() else 2
-    fit = fit_phases(config, dataset, pipelines, strategy, extra_callbacks, verbose)
-    model, histories = fit.model, fit.histories
+    fit = fit_phases(
+        config,
+        dataset,
+        pipelines,
+        strategy,
+        extra_callbacks,
+        verbose,
+        guard=guard,
+        keep_backups=True,
+        fit_inputs=fit_inputs,
+    )
+    model = fit.model
+    replicas = strategy.num_replicas_in_sync
+    if multi_worker:
+        logging.info("Final weights fingerprint %s", weights_fingerprint(model))
+        # Evaluate and export in this process alone (no collectives): a plain copy of the
+        # model. Only the chief's results are kept; the others have nothing more to do.
+        if not chief:
+            return {"epochs": fit.epochs, "replicas": replicas, "chief": False}
+        trained = model
+        model = build_model(config, dataset.num_classes)
+        model.set_weights(trained.get_weights())
+        strategy = tf.distribute.get_strategy()
     exported_weights, candidates = candidate_weights(model, config, pipelines)
 
-    history = histories[-1].history
-    last_epoch = {k: float(v[-1]) for k, v in history.items() if v and not k.startswith("val_")}
-    epochs = histories[-1].epoch
     metrics = {
-        **{k: last_epoch[k] for k in ("loss", "accuracy") if k in last_epoch},
+        **_last_epoch(fit.histories[-1], config.model_dir),
         **evaluate_and_report(model, config, dataset, pipelines, phase_boundary(config)),
         "class_names": list(dataset.class_names),
         "train_images": dataset.train.count,
         "val_images": dataset.val.count,
         "test_images": dataset.test.count if dataset.test else 0,
         "skipped_files": [{"file": p, "reason": r} for p, r in dataset.skipped_files],
-        "epochs": epochs[-1] + 1 if epochs else config.epochs,
+        "epochs": fit.epochs,
         "phase_boundary_epoch": phase_boundary(config),
         "backbone": config.backbone,
-        "replicas": strategy.num_replicas_in_sync,
+        "replicas": replicas,
         "trainable_parameters": count_parameters(model.trainable_weights),
         # This call's epochs only (a resumed run did not time the earlier ones).
         "epoch_seconds": {str(e): t for e, t in sorted(fit.epoch_seconds.items())},
@@ -841,18 +1075,12 @@ def train_and_evaluate(
         metrics["exported_weights"] = exported_weights
     if config.is_offline_default and not hub_model.is_hub_backbone(config.backbone):
         metrics.update(scratch_baseline(config, pipelines, dataset.num_classes, strategy))
-    metrics_path = os.path.join(config.model_dir, "metrics.json")
     if config.min_accuracy:
         split, accuracy = gate_accuracy(metrics)
         metrics["min_accuracy"] = {"split": split, "accuracy": accuracy, "bar": config.min_accuracy}
         if accuracy < config.min_accuracy:
-            metrics["export_path"] = None
-            metrics["wall_time_seconds"] = round(time.time() - start, 1)
-            _write_json(metrics_path, metrics)
-            raise BelowMinAccuracy(
-                f"{split} accuracy {accuracy:.4f} is below --min_accuracy={config.min_accuracy}: "
-                f"not exported; the run is kept in {config.model_dir}."
-            )
+            metrics["export_path"] = None  # train_and_evaluate raises BelowMinAccuracy
+            return metrics
     metrics["export_path"] = export.export_saved_model(
         model,
         list(dataset.class_names),
@@ -861,10 +1089,60 @@ def train_and_evaluate(
         version=config.export_version,
         card=export.run_card(config, list(dataset.class_names), metrics),
     )
-    metrics["wall_time_seconds"] = round(time.time() - start, 1)
-    _write_json(metrics_path, metrics)
     return metrics
 
 
 def count_parameters(weights) -> int:
     return int(sum(np.prod(w.shape) for w in weights))
+
+
+def with_data_service(ds: tf.data.Dataset, address: str) -> tf.data.Dataset:
+    """Runs the whole training pipeline (read, decode, batch) on tf.data service workers.
+
+    `distributed_epoch`: the workers split the list of files, so each example is seen once per
+    epoch however many workers there are (in an order that is no longer reproducible).
+    """
+    distributed = ds.apply(
+        tf.data.experimental.service.distribute(
+            processing_mode="distributed_epoch", service=address
+        )
+    )
+    return distributed.prefetch(data.AUTOTUNE)
+
+
+def _multi_worker_inputs(dataset: data.DataSet, config: Config):
+    """Repeated train/val pipelines and the step counts that make one epoch of each."""
+    options = tf.data.Options()
+    # Folder pipelines start from a list of paths, not files: shard by data.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+
+    def endless(split, training):
+        repeated = dataclasses.replace(split, source=split.source.repeat())
+        ds = data.make_pipeline(
+            repeated, dataset.num_classes, config.batch_size, training, config.seed
+        )
+        return ds.with_options(options)
+
+    def steps(split):
+        return max(1, -(-split.count // config.batch_size))
+
+    train_ds = augment.augment_training_pipeline(
+        endless(dataset.train, True), config.augment, config.mixup, config.cutmix, config.seed
+    )
+    return (
+        train_ds,
+        endless(dataset.val, False),
+        {"steps_per_epoch": steps(dataset.train), "validation_steps": steps(dataset.val)},
+    )
+
+
+def _last_epoch(history: keras.callbacks.History, model_dir: str) -> dict[str, float]:
+    """The last epoch's training loss and accuracy (from history.csv when fit had none left)."""
+    rows = {k: v for k, v in history.history.items() if v}
+    if not rows:
+        path = os.path.join(model_dir, "history.csv")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                last = list(csv.DictReader(f))[-1:]
+            rows = {k: [float(v)] for row in last for k, v in row.items() if v}
+    return {k: float(rows[k][-1]) for k in ("loss", "accuracy") if k in rows}

@@ -1,0 +1,192 @@
+"""`tf-finetune check-data`: what training would see in an image folder, without training.
+
+Class counts per split (the same split training uses), unreadable files with the reason,
+exact duplicate files (by content hash) within a split and across splits (leakage: the same
+image in train and val/test inflates the honest numbers), class imbalance, image sizes from
+the file headers (nothing is decoded twice), and the files that were ignored.
+"""
+
+import collections
+import hashlib
+import os
+import statistics
+
+from tf_finetune import data
+from tf_finetune.errors import UserError
+
+# A largest/smallest class ratio from which the report warns: accuracy then mostly reflects
+# the big classes (look at per-class recall, or rebalance).
+IMBALANCE_WARNING_RATIO = 3.0
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _ignored_files(root: str) -> dict[str, list[str]]:
+    """Files training never looks at: hidden ones and ones without an image extension."""
+    ignored = {"hidden": [], "not an image extension": []}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            path = data.printable_path(os.path.join(dirpath, name))
+            if name.startswith("."):
+                ignored["hidden"].append(path)
+            elif not name.lower().endswith(data.IMAGE_EXTENSIONS):
+                ignored["not an image extension"].append(path)
+    return ignored
+
+
+def _size_stats(sizes: list[tuple[int, int]], image_size: int) -> dict:
+    if not sizes:
+        return {}
+    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
+    return {
+        "images": len(sizes),
+        "width": {"min": min(widths), "median": statistics.median(widths), "max": max(widths)},
+        "height": {"min": min(heights), "median": statistics.median(heights), "max": max(heights)},
+        "smaller_than_image_size": sum(min(w, h) < image_size for w, h in sizes),
+        "non_square": sum(w != h for w, h in sizes),
+    }
+
+
+def check_folder(root: str, validation_percent: int, image_size: int) -> dict:
+    """The report as a dict (see `format_report` for what each part means)."""
+    if root.startswith("tfds:"):
+        raise UserError("check-data checks image folders; TFDS data sets are already curated.")
+    listing = data.list_image_folder(root, validation_percent)
+    all_paths = [p for paths, _ in listing.splits.values() for p in paths]
+    unreadable = list(listing.unusable) + data.find_unreadable(all_paths)
+    bad = {p for p, _ in unreadable}
+
+    counts, sizes, by_hash = {}, [], collections.defaultdict(list)
+    for split, (paths, labels) in listing.splits.items():
+        per_class = collections.Counter()
+        for path, label in zip(paths, labels):
+            if path in bad:
+                continue
+            per_class[listing.class_names[label]] += 1
+            header = data.image_header(path)
+            if header and header[1] is not None:
+                sizes.append(header[1:])
+            by_hash[_sha256(path)].append((split, listing.class_names[label], path))
+        counts[split] = {name: per_class.get(name, 0) for name in listing.class_names}
+
+    duplicates = []
+    for copies in by_hash.values():
+        if len(copies) > 1:
+            splits = sorted({s for s, _, _ in copies})
+            classes = sorted({c for _, c, _ in copies})
+            duplicates.append(
+                {
+                    "files": [p for _, _, p in copies],
+                    "splits": splits,
+                    "classes": classes,
+                    "leak": len(splits) > 1,
+                    "conflicting_labels": len(classes) > 1,
+                }
+            )
+    duplicates.sort(key=lambda d: (not d["leak"], d["files"]))
+    train = counts["train"]
+    largest, smallest = max(train.values()), min(train.values())
+    return {
+        "data": root,
+        "class_names": list(listing.class_names),
+        "counts": counts,
+        "unreadable": [{"file": p, "reason": r} for p, r in unreadable],
+        "duplicates": duplicates,
+        "imbalance": {
+            "largest": largest,
+            "smallest": smallest,
+            "ratio": (largest / smallest) if smallest else float("inf"),
+            "warning": smallest == 0 or largest / smallest >= IMBALANCE_WARNING_RATIO,
+        },
+        "sizes": _size_stats(sizes, image_size),
+        "image_size": image_size,
+        "ignored": _ignored_files(root),
+    }
+
+
+def format_report(report: dict, max_listed: int = 20) -> str:
+    """The report as text for the terminal."""
+    names = report["class_names"]
+    splits = list(report["counts"])
+    width = max(12, *(len(n) for n in names))
+    lines = [f"Data: {report['data']}", ""]
+    lines.append(f"  {'class':{width}s}" + "".join(f"{s:>8s}" for s in splits))
+    for name in names:
+        lines.append(
+            f"  {name:{width}s}" + "".join(f"{report['counts'][s][name]:8d}" for s in splits)
+        )
+    totals = "".join(f"{sum(report['counts'][s].values()):8d}" for s in splits)
+    lines.append(f"  {'total':{width}s}{totals}")
+
+    imb = report["imbalance"]
+    lines.append("")
+    ratio = "inf" if imb["ratio"] == float("inf") else f"{imb['ratio']:.1f}"
+    note = (
+        f"  WARNING: imbalanced (>= {IMBALANCE_WARNING_RATIO:g}); accuracy mostly reflects the "
+        "large classes: read per-class recall, or add images to the small ones."
+        if imb["warning"]
+        else ""
+    )
+    lines.append(
+        f"Class balance (train): largest {imb['largest']}, smallest {imb['smallest']}, "
+        f"ratio {ratio}.{note}"
+    )
+
+    unreadable = report["unreadable"]
+    lines += ["", f"Unreadable files (skipped by training): {len(unreadable)}"]
+    lines += [f"  {u['file']}: {u['reason']}" for u in unreadable[:max_listed]]
+    if len(unreadable) > max_listed:
+        lines.append(f"  ... and {len(unreadable) - max_listed} more")
+
+    dups = report["duplicates"]
+    leaks = [d for d in dups if d["leak"]]
+    conflicts = [d for d in dups if d["conflicting_labels"]]
+    lines += [
+        "",
+        f"Exact duplicates: {len(dups)} group(s); {len(leaks)} across splits (leakage: "
+        f"inflates val/test numbers), {len(conflicts)} with different labels.",
+    ]
+    for d in dups[:max_listed]:
+        tags = ", ".join(
+            t
+            for t, on in (
+                (f"LEAK {'/'.join(d['splits'])}", d["leak"]),
+                ("CONFLICTING LABELS " + "/".join(d["classes"]), d["conflicting_labels"]),
+            )
+            if on
+        )
+        lines.append(f"  {' = '.join(d['files'])}" + (f"  [{tags}]" if tags else ""))
+    if len(dups) > max_listed:
+        lines.append(f"  ... and {len(dups) - max_listed} more")
+
+    sizes = report["sizes"]
+    if sizes:
+        w, h = sizes["width"], sizes["height"]
+        lines += [
+            "",
+            f"Image sizes ({sizes['images']} images, from headers): width {w['min']}-{w['max']} "
+            f"(median {w['median']:g}), height {h['min']}-{h['max']} (median {h['median']:g}); "
+            f"{sizes['non_square']} not square; {sizes['smaller_than_image_size']} smaller than "
+            f"--image_size={report['image_size']} (upscaled).",
+        ]
+    ignored = report["ignored"]
+    lines += [
+        "",
+        f"Ignored: {len(ignored['hidden'])} hidden file(s), "
+        f"{len(ignored['not an image extension'])} without an image extension "
+        f"({', '.join(data.IMAGE_EXTENSIONS)}, any case)"
+        + (
+            f", e.g. {ignored['not an image extension'][0]}"
+            if ignored["not an image extension"]
+            else ""
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
