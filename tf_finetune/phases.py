@@ -5,12 +5,14 @@ Phase 1 ("head") trains the new head with the backbone frozen for `--warmup_epoc
 continuing the epoch numbering (`initial_epoch`) so history.csv and TensorBoard run on. Without
 `--warmup_epochs` (or with `--unfreeze=0`) a run is one phase ("train").
 
-Resuming: `keras.callbacks.BackupAndRestore` backs up one `fit` call, so each phase has its own
-backup folder (`backup/phase<i>`) and `backup/state.json` records which phase is running and
-the best val_loss so far (so a resumed `ModelCheckpoint` does not overwrite a better
-checkpoint). When a phase finishes, its final weights are saved to `backup/phase<i>_end
-.weights.h5` before the state moves on, so a run killed early in the next phase restarts that
-phase from them. All of `backup/` is removed when the run finishes.
+Resuming: a backup (faults.AtomicBackup) covers one `fit` call, so each phase of a two-phase
+run has its own backup folder (`backup/phase<i>`) and `backup/state.json` records which phase
+is running (with a copy of the best val_loss so far, for the record: the best checkpoint's
+`checkpoints/best.json` is what a resumed phase compares with, see faults.BestCheckpoint).
+When a phase finishes, its final weights are saved to `backup/phase<i>_end.weights.h5` before
+the state moves on, so a run killed early in the next phase restarts that phase from them.
+All of `backup/` is removed when the run finishes (after the export). A one-phase run keeps
+faults.py's plain layout (`backup/` or `backup_head/`, no state).
 """
 
 import dataclasses
