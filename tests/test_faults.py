@@ -123,6 +123,32 @@ def test_head_phase_on_cached_features_resumes_too(folder, tmp_path):
     assert not (tmp_path / "backup_head").exists()
 
 
+def test_sigterm_in_phase_two_resumes_there_and_keeps_the_best_of_phase_one(folder, tmp_path):
+    """Two-phase runs: each phase backs up to backup/phase<i>; best.json spans the phases."""
+    from tf_finetune import phases
+
+    config = tiny(folder, tmp_path, epochs=4, warmup_epochs=2, unfreeze="1", cache="memory")
+    # Sent after step 1 (once our callback has looked): step 2 runs, then the run stops.
+    interrupt = _At(2, 0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(faults.Stopped, match="SIGTERM at epoch 3, step 2"):
+        train.train_and_evaluate(config, extra_callbacks=(interrupt,))
+    assert phases.load_state(str(tmp_path)).phase == 2
+    meta = faults.read_backup(phases.backup_dir(str(tmp_path), 2))
+    assert (meta["epoch"], meta["batch"]) == (2, 2)  # phase 2's first epoch reruns
+    # Phase 1 trained the head on cached features; its best is the full model's best now.
+    head_best = json.loads((tmp_path / "checkpoints" / "head_best.json").read_text())
+    best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
+    assert best["best"] == head_best["best"] and best["epoch"] <= 1
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))
+    metrics = train.train_and_evaluate(config, extra_callbacks=(record,))
+    assert seen == [2, 3] and metrics["epochs"] == 4
+    assert _history_epochs(tmp_path) == [0, 1, 2, 3]
+    final = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
+    assert final["best"] <= best["best"]  # only a better phase-2 epoch replaced it
+    assert not (tmp_path / "backup").exists() and not (tmp_path / "backup_head").exists()
+
+
 def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_path, capsys):
     guard = faults.SignalGuard(str(tmp_path / "backup"))
     guard.signum = signal.SIGTERM
