@@ -181,7 +181,13 @@ def bench_head_only(folder, image_size, batch, epochs, workdir) -> dict:
     model = train.build_model(config, dataset.num_classes)
     epoch_times = _EpochTimes()
     history = train.fit_on_cached_features(
-        model, config, dataset, tf.distribute.get_strategy(), "memory", 0, (epoch_times,)
+        model,
+        config,
+        dataset,
+        tf.distribute.get_strategy(),
+        "memory",
+        0,
+        extra_callbacks=(epoch_times,),
     )
     seconds = time.perf_counter() - start
     val = data.make_pipeline(dataset.val, dataset.num_classes, batch, False, 0)
