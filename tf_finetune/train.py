@@ -546,21 +546,26 @@ def evaluate_and_report(
     """
     evaluated = {k: v for k, v in pipelines.items() if k != "train"}
     results = evaluate_splits(model, evaluated)
-    history_csv = os.path.join(config.model_dir, "history.csv")
     for split, ds in evaluated.items():
-        report = evaluate.write_report(
-            model,
-            ds,
-            list(dataset.class_names),
-            config.model_dir,
-            split_name=split,
-            history_csv=history_csv if os.path.exists(history_csv) else None,
-            phase_boundary_epoch=phase_boundary_epoch,
-        )
+        report = _write_split_report(model, ds, dataset, config, split, phase_boundary_epoch)
         results[f"{split}_macro_f1"] = report["macro_f1"]
         results[f"{split}_weighted_f1"] = report["weighted_f1"]
         logging.info("%s report:\n%s", split, evaluate.format_report(report, dataset.class_names))
     return results
+
+
+def _write_split_report(model, ds, dataset, config: Config, split: str, boundary) -> dict:
+    """evaluate.write_report for one split into the run dir (curves from history.csv if any)."""
+    history_csv = os.path.join(config.model_dir, "history.csv")
+    return evaluate.write_report(
+        model,
+        ds,
+        list(dataset.class_names),
+        config.model_dir,
+        split_name=split,
+        history_csv=history_csv if os.path.exists(history_csv) else None,
+        phase_boundary_epoch=boundary,
+    )
 
 
 def phase_boundary(config: Config) -> int | None:
@@ -589,16 +594,7 @@ def evaluate_run(config: Config, split: str) -> dict:
     pipeline = data.make_pipeline(
         chosen, dataset.num_classes, config.batch_size, False, config.seed
     )
-    history_csv = os.path.join(config.model_dir, "history.csv")
-    report = evaluate.write_report(
-        model,
-        pipeline,
-        list(dataset.class_names),
-        config.model_dir,
-        split_name=split,
-        history_csv=history_csv if os.path.exists(history_csv) else None,
-        phase_boundary_epoch=phase_boundary(config),
-    )
+    report = _write_split_report(model, pipeline, dataset, config, split, phase_boundary(config))
     report["text"] = evaluate.format_report(report, dataset.class_names)
     return report
 
