@@ -114,7 +114,7 @@ def test_reader_survives_and_reports_every_bad_kind(messy):
     assert dataset.train.count + dataset.val.count == 16 + n_readable
     images = [x for split in (dataset.train, dataset.val) for x, _ in split.examples()]
     assert len(images) == 16 + n_readable
-    assert all(tuple(x.shape) == (16, 16, 3) and x.dtype == np.uint8 for x in images)
+    assert all(tuple(x.shape) == (16, 16, 3) and x.dtype == np.float32 for x in images)
     json.dumps(dataset.skipped_files)  # goes into metrics.json as is
 
 

@@ -39,7 +39,7 @@ def test_mixed_formats_modes_and_sizes_decode_to_rgb(tmp_path):
     assert dataset.train.count + dataset.val.count == 2 * len(cases) + 1
     assert dataset.skipped_files == ()
     images, labels = _decoded(dataset.train)
-    assert images.shape[1:] == (24, 24, 3) and images.dtype == np.uint8
+    assert images.shape[1:] == (24, 24, 3) and images.dtype == np.float32
     # Solid colours survive every format and mode: cats are red-dominant or grey, never blue.
     for image, label in zip(images, labels):
         r, g, b = image.reshape(-1, 3).mean(axis=0)
@@ -121,6 +121,13 @@ def test_pipeline_shuffles_with_seed_and_evaluates_in_order(tmp_path):
     assert np.array_equal(labels(True, 1), labels(True, 1))
     assert not np.array_equal(labels(True, 1), labels(True, 2))
     assert np.array_equal(labels(False, 1), labels(False, 2))
+    # Without --deterministic, parallel decoding may hand over images out of order (training
+    # only: evaluation keeps the split's order, which reports rely on).
+    options = data.make_pipeline(dataset.train, 3, 4, True, 0, deterministic=False).options()
+    assert options.deterministic is False
+    assert data.make_pipeline(dataset.train, 3, 4, True, 0).options().deterministic is not False
+    evaluation = data.make_pipeline(dataset.val, 3, 4, False, 0, deterministic=False)
+    assert evaluation.options().deterministic is not False
     x, y = next(iter(data.make_pipeline(dataset.train, 3, 4, True, 0)))
     assert x.dtype == tf.float32 and y.shape == (4, 3)
     assert float(tf.reduce_max(x)) > 1.0  # raw 0-255 pixels: scaling is the model's job
@@ -144,3 +151,22 @@ def test_tfds_with_mock_data_carves_validation_with_the_seed():
 def test_tfds_unknown_name_is_a_user_error():
     with pytest.raises(UserError, match="tfds:no_such_dataset_xyz"):
         data.load_tfds("no_such_dataset_xyz", 16, "train", "", "", 20, seed=0)
+
+
+def test_pipeline_pixels_are_what_the_export_decodes_and_the_image_cache_rounds_them(tmp_path):
+    write_class_folders(tmp_path, num_classes=2, per_class=6, size=(37, 23))  # a real resize
+    dataset = data.load_image_folder(str(tmp_path), image_size=16, validation_percent=20)
+    paths = [p.decode() for p, _ in dataset.val.source.as_numpy_iterator()]
+    # decode_and_resize is what the exported serving_default runs on each image's bytes.
+    expected = np.stack([data.decode_and_resize(tf.io.read_file(p), 16).numpy() for p in paths])
+    assert not np.array_equal(expected, np.round(expected))  # bilinear gives fractions
+
+    def batches(cache_images):
+        ds = data.make_pipeline(dataset.val, 2, 64, False, 0, cache_images=cache_images)
+        return np.concatenate([x.numpy() for x, _ in ds])
+
+    streamed = batches(False)
+    assert streamed.dtype == np.float32
+    np.testing.assert_array_equal(streamed, expected)
+    cached = batches(True)  # kept as uint8: within half a grey level
+    np.testing.assert_array_equal(cached, np.round(expected))

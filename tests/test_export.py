@@ -203,9 +203,7 @@ def test_fresh_process_serves_every_signature_like_keras(run, keras_model, tmp_p
     expected = keras_model.predict(np.stack([_decoded(b) for b in images]), verbose=0)
     assert np.max(np.abs(np.array(served["bytes"]) - expected)) < 1e-5
     assert [row[0] for row in served["names"]] == [CLASSES[i] for i in expected.argmax(1)]
-    resized = np.stack(
-        [data.resize_uint8(tf.constant(p), SIZE).numpy().astype("float32") for p in pixels]
-    )
+    resized = np.stack([data.resize(tf.constant(p), SIZE).numpy() for p in pixels])
     np.testing.assert_allclose(served["pixels"], keras_model.predict(resized, verbose=0), atol=1e-5)
     assert served["empty"] == {
         "probabilities": [0, 3],

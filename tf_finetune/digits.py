@@ -72,13 +72,13 @@ def pretrained_weights_path() -> str:
 
 def _pretrain(path: str) -> None:
     from tf_finetune.backbones import Preprocessing
-    from tf_finetune.data import resize_uint8
+    from tf_finetune.data import resize, to_uint8
 
     logging.info("Pretraining digits_cnn on the digits 0-4 (once; cached in %s)", path)
     images, labels = _digits_uint8()
     keep = np.isin(labels, SOURCE_DIGITS)
     x = np.repeat(images[keep][..., None], 3, axis=-1)
-    x = resize_uint8(tf.constant(x), PRETRAIN_SIZE).numpy().astype("float32")
+    x = to_uint8(resize(tf.constant(x), PRETRAIN_SIZE)).numpy().astype("float32")
     y = labels[keep]
     # Callers run this before choosing their strategy and seed (train.py does).
     keras.utils.set_random_seed(PRETRAIN_SEED)

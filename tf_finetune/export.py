@@ -35,7 +35,7 @@ from absl import logging
 
 from tf_finetune import faults
 from tf_finetune.config import Config
-from tf_finetune.data import decode_and_resize, resize_uint8
+from tf_finetune.data import decode_and_resize, resize
 from tf_finetune.errors import UserError
 
 LABELS_FILE = "labels.txt"
@@ -91,11 +91,11 @@ def build_archive(
 
     num_classes = len(class_names)
 
-    def classify(pixels_uint8):
+    def classify(pixels):
         # An empty batch skips the model: TF's CPU Conv2D fails on a zero-size batch.
         probabilities = tf.cond(
-            tf.shape(pixels_uint8)[0] > 0,
-            lambda: tf.cast(model(tf.cast(pixels_uint8, tf.float32), training=False), tf.float32),
+            tf.shape(pixels)[0] > 0,
+            lambda: tf.cast(model(pixels, training=False), tf.float32),
             lambda: tf.zeros([0, num_classes], tf.float32),
         )
         return _outputs(tf.ensure_shape(probabilities, [None, num_classes]), names, k)
@@ -106,13 +106,13 @@ def build_archive(
         pixels = tf.map_fn(
             lambda b: decode_and_resize(b, image_size),
             image_bytes,
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
         return classify(pixels)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
     def serve_images(images):
-        pixels = resize_uint8(tf.clip_by_value(images, 0.0, 255.0), image_size)
+        pixels = resize(tf.clip_by_value(images, 0.0, 255.0), image_size)
         return classify(pixels)
 
     archive.add_endpoint("serving_default", serve_bytes)

@@ -70,7 +70,7 @@ def representative_images(split: data.Split, seed: int, count: int = REPRESENTAT
     """
     ds = split.source.shuffle(max(split.count, 1), seed=seed).take(count)
     load = split.load
-    ds = ds.map(lambda key, _: tf.cast(load(key), tf.float32)[None])
+    ds = ds.map(lambda key, _: load(key)[None])
 
     def generate() -> Iterator[list[np.ndarray]]:
         for image in ds.as_numpy_iterator():

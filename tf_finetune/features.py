@@ -92,7 +92,7 @@ def extract(
       path: a folder to write `features.npy`/`labels.npy` into (memory-mapped, never all in
         RAM); None keeps them in memory.
     """
-    progress = keras.utils.Progbar(count, unit_name="image")
+    progress = keras.utils.Progbar(count, unit_name="image") if verbose else _Silent()
     if path is None:
         feats, labels = [], []
         for f, y in _batches(pipeline, extractor):
