@@ -80,6 +80,21 @@ def test_resolve_fills_backbone_and_size_and_offline_preset():
     assert (user.backbone, user.image_size, user.unfreeze) == ("mobilenet_v2", 224, "0")
 
 
+def test_an_explicit_seed_asks_for_determinism(tmp_path):
+    def parsed(*argv):
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["prog", "--data=tfds:beans", *argv])
+        return cli.config_from_flags()
+
+    assert parsed().deterministic is False  # the default: fastest input, seeded all the same
+    assert parsed("--seed=7").deterministic is True
+    assert parsed("--seed=7", "--nodeterministic").deterministic is False
+    assert parsed("--deterministic").deterministic is True
+    flagfile = tmp_path / "flags.cfg"  # a run's flags.cfg reruns it as it was
+    flagfile.write_text(parsed().to_flagfile())
+    assert parsed(f"--flagfile={flagfile}").deterministic is False
+
+
 def test_flagfile_written_by_config_reruns_the_same_config(tmp_path, capsys):
     config = resolve(Config(data="tfds:beans", backbone="resnet50", epochs=7, label_smoothing=0.1))
     path = tmp_path / "flags.cfg"

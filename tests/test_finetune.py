@@ -401,9 +401,21 @@ def test_jit_compile_turns_op_determinism_off_so_keras_keeps_xla(folder, tmp_pat
         assert not tf_config.is_op_determinism_enabled()
         assert train.build_model(tiny(folder, tmp_path, jit_compile=True), 3).jit_compile is True
     finally:
-        train.seed_everything(tiny(folder, tmp_path))
+        train.seed_everything(tiny(folder, tmp_path, deterministic=True))
     assert tf_config.is_op_determinism_enabled()
     assert train.build_model(tiny(folder, tmp_path), 3).jit_compile is False
+
+
+def test_op_determinism_only_with_deterministic(folder, tmp_path):
+    from tensorflow.python.framework import config as tf_config
+
+    try:
+        train.seed_everything(tiny(folder, tmp_path, deterministic=False))
+        assert not tf_config.is_op_determinism_enabled()
+        train.seed_everything(tiny(folder, tmp_path, deterministic=True))
+        assert tf_config.is_op_determinism_enabled()
+    finally:
+        tf_config.disable_op_determinism()
 
 
 def test_layer_lr_decay_scales_each_layers_rate_under_mirrored_strategy(folder, tmp_path):

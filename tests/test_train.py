@@ -133,8 +133,9 @@ def test_killed_run_resumes_from_its_backup(folder, tmp_path):
 
 
 def test_same_seed_same_numbers(folder, tmp_path):
+    # --deterministic is what an explicit --seed turns on (tests/test_cli.py).
     def history(name, **overrides):
-        train.train_and_evaluate(tiny(folder, tmp_path / name, **overrides))
+        train.train_and_evaluate(tiny(folder, tmp_path / name, deterministic=True, **overrides))
         return (tmp_path / name / "history.csv").read_text()
 
     a, b, c = history("a"), history("b"), history("c", seed=7)

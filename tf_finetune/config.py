@@ -121,7 +121,19 @@ class Config:
     optimizer: str = _field("adam", "Optimizer.", "training", ("adam", "sgd", "adamw"))
     weight_decay: float = _field(1e-4, "Weight decay for --optimizer=adamw.", "training")
     label_smoothing: float = _field(0.0, "Label smoothing (0 to 1).", "training")
-    seed: int = _field(42, "Random seed: the same seed gives the same numbers on CPU.", "training")
+    seed: int = _field(
+        42,
+        "Random seed: fixes the splits carved from TFDS, the shuffle order, the initial weights "
+        "and dropout. Given explicitly, it also turns on --deterministic.",
+        "training",
+    )
+    deterministic: bool = _field(
+        False,
+        "Bit-reproducible runs on CPU: op determinism, and the input pipeline hands images to "
+        "fit in order (otherwise a slow image does not hold up the ones behind it). "
+        "Default: on when --seed is given, off otherwise.",
+        "training",
+    )
     warmup_epochs: int = _field(
         0,
         "Two-phase fine-tuning: train only the head (backbone frozen) for N epochs, then "
@@ -571,6 +583,8 @@ def resolve(config: Config, explicit: frozenset[str] = frozenset()) -> Config:
     if config.is_offline_default:
         preset = {k: v for k, v in OFFLINE_DEFAULT_PRESET.items() if k not in explicit}
         config = dataclasses.replace(config, **preset)
+    if "seed" in explicit and "deterministic" not in explicit:
+        config = dataclasses.replace(config, deterministic=True)
     validate(config)
     if hub_model.is_hub_backbone(config.backbone):
         return hub_model.resolve(config)

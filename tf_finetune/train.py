@@ -631,6 +631,7 @@ def make_pipelines(
             training,
             config.seed,
             keep and data.fits_in_memory(split, config.image_size, data.IMAGE_CACHE_BYTES // 2),
+            config.deterministic,
         )
         for split, training in ((dataset.train, True), (dataset.val, False))
     )
@@ -902,8 +903,8 @@ def scratch_baseline(
 
 
 def seed_everything(config: Config) -> None:
-    """Seeds Python, NumPy and TF; op determinism on CPU unless XLA is asked for or a
-    fine-tuned hub module has unseeded random ops (hub_model.can_be_deterministic).
+    """Seeds Python, NumPy and TF; with --deterministic, op determinism on CPU unless XLA is
+    asked for or a fine-tuned hub module has unseeded random ops (can_be_deterministic).
 
     Keras silently drops `jit_compile=True` while op determinism is on (not every XLA kernel
     is deterministic), so `--jit_compile` turns it off, also after an earlier run in this
@@ -913,7 +914,8 @@ def seed_everything(config: Config) -> None:
 
     keras.utils.set_random_seed(config.seed)
     if (
-        not config.jit_compile
+        config.deterministic
+        and not config.jit_compile
         and not tf.config.list_physical_devices("GPU")
         and hub_model.can_be_deterministic(config)
     ):
