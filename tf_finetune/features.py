@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import weakref
 
 import keras
 import numpy as np
@@ -69,9 +70,17 @@ class _Silent:
         pass
 
 
+# extractor -> its compiled forward pass, so train, val and test share one trace (tracing a
+# backbone takes seconds: a quarter of a feature pass over a few thousand small images).
+_FORWARD = weakref.WeakKeyDictionary()
+
+
 def _batches(pipeline: tf.data.Dataset, extractor: keras.Model):
     # One compiled graph for the whole pass: calling the model eagerly runs op by op.
-    forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+    forward = _FORWARD.get(extractor)
+    if forward is None:
+        forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+        _FORWARD[extractor] = forward
     for x, y in pipeline:
         yield np.asarray(forward(x), np.float32), np.asarray(y, np.float32)
 
