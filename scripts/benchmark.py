@@ -43,6 +43,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tf_finetune import data, train  # noqa: E402
+from tf_finetune import model as model_lib  # noqa: E402
 from tf_finetune.config import Config, resolve  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -184,7 +185,7 @@ def bench_head_only(folder, image_size, batch, epochs, workdir) -> dict:
     config = ours_config(folder, image_size, batch, epochs, workdir / "head_only", cache="memory")
     start = time.perf_counter()
     dataset = train.load_data(config)
-    model = train.build_model(config, dataset.num_classes)
+    model = model_lib.build_model(config, dataset.num_classes)
     epoch_times = _EpochTimes()
     history = train.fit_on_cached_features(
         model,
@@ -277,7 +278,7 @@ def bench_full_finetune(folder, image_size, batch, steps, workdir) -> dict:
 
     config = ours_config(folder, image_size, batch, 1, workdir / "full", unfreeze="all")
     dataset = train.load_data(config)
-    model = train.build_model(config, dataset.num_classes)
+    model = model_lib.build_model(config, dataset.num_classes)
     pipeline = data.make_pipeline(dataset.train, dataset.num_classes, batch, True, 0)
     times = _StepTimes()
     model.fit(pipeline.take(steps), epochs=1, verbose=0, callbacks=[times])
@@ -289,7 +290,7 @@ def bench_export(folder, image_size, workdir) -> dict:
     """serving_default latency (1 JPEG) and throughput (batch of 32), from a fresh export."""
     config = ours_config(folder, image_size, 32, 1, workdir / "export_run")
     dataset = train.load_data(config)
-    model = train.build_model(config, dataset.num_classes)
+    model = model_lib.build_model(config, dataset.num_classes)
     from tf_finetune import export
 
     path = export.export_saved_model(
@@ -330,7 +331,7 @@ def bench_precision(folder, image_size, batch, steps, epochs, workdir) -> dict:
                 folder, image_size, batch, epochs, workdir / f"p_{policy}", cache="memory"
             )
             dataset = train.load_data(config)
-            model = train.build_model(config, dataset.num_classes)
+            model = model_lib.build_model(config, dataset.num_classes)
             start = time.perf_counter()
             train.fit_on_cached_features(
                 model, config, dataset, tf.distribute.get_strategy(), "memory", 0
@@ -342,7 +343,7 @@ def bench_precision(folder, image_size, batch, steps, epochs, workdir) -> dict:
             config = ours_config(
                 folder, image_size, batch, 1, workdir / f"pf_{policy}", unfreeze="all"
             )
-            model = train.build_model(config, dataset.num_classes)
+            model = model_lib.build_model(config, dataset.num_classes)
             times = _StepTimes()
             pipeline = data.make_pipeline(dataset.train, dataset.num_classes, batch, True, 0)
             model.fit(pipeline.take(steps), epochs=1, verbose=0, callbacks=[times])

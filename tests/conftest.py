@@ -14,7 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_finetune.train import configure_cpu_replicas  # noqa: E402
+from tf_finetune.distribute import configure_cpu_replicas  # noqa: E402
 
 # Two logical CPU devices for the whole session: MirroredStrategy tests get 2 replicas, the
 # default strategy keeps using the first device.

@@ -7,6 +7,7 @@ import pytest
 
 from tests.images import write_class_folders
 from tf_finetune import data, features, train
+from tf_finetune import model as model_lib
 from tf_finetune.config import Config, resolve
 from tf_finetune.errors import UserError
 
@@ -32,7 +33,7 @@ def frozen(folder, model_dir, **overrides) -> Config:
 
 
 def test_head_shares_layers_with_the_full_model(folder, tmp_path):
-    model = train.build_model(frozen(folder, tmp_path), 3)
+    model = model_lib.build_model(frozen(folder, tmp_path), 3)
     extractor, head = features.split_classifier(model)
     assert extractor.output_shape == (None, model.get_layer("pooler").output.shape[-1])
     kernel = model.get_layer("predictions").kernel
@@ -45,7 +46,7 @@ def test_head_shares_layers_with_the_full_model(folder, tmp_path):
 
 def test_memory_and_disk_features_match_and_disk_is_reused(folder, tmp_path):
     config = frozen(folder, tmp_path)
-    model = train.build_model(config, 3)
+    model = model_lib.build_model(config, 3)
     extractor, _ = features.split_classifier(model)
     dataset = data.load_image_folder(str(folder), 16, 20)
     pipeline = data.make_pipeline(dataset.train, 3, 8, False, 0)
@@ -91,7 +92,7 @@ def test_cached_training_trains_the_full_model(folder, tmp_path, cache):
     assert metrics["val_accuracy"] > 0.6, metrics  # evaluated by the full model on pixels
     assert (tmp_path / "checkpoints" / "head_best.weights.h5").exists()
     # The usual full-model checkpoint exists, so `evaluate` and `export` work after caching.
-    model = train.build_model(config, 3)
+    model = model_lib.build_model(config, 3)
     model.load_weights(tmp_path / train.BEST_WEIGHTS)
     report = train.evaluate_run(config, "val")
     assert report["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)

@@ -12,7 +12,17 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from tests.images import class_image, write_class_folders
 from tests.test_train import _Epochs, tiny
-from tf_finetune import augment, averaging, backbones, cli, data, phases, schedules, train
+from tf_finetune import (
+    augment,
+    averaging,
+    backbones,
+    cli,
+    data,
+    distribute,
+    phases,
+    schedules,
+    train,
+)
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, parse_unfreeze
 from tf_finetune.errors import UserError
@@ -44,7 +54,7 @@ def test_unfreeze_policies_train_exactly_the_intended_variables(
     folder, tmp_path, unfreeze, expected
 ):
     config = tiny(folder, tmp_path, unfreeze=unfreeze, learning_rate=0.05)
-    model = train.build_model(config, 3)
+    model = model_lib.build_model(config, 3)
     backbone = model_lib.get_backbone(model)
     if expected is None:
         expected = [l.name for l in _weighted_non_bn(backbone)]
@@ -106,7 +116,7 @@ def test_two_phase_freezes_then_unfreezes_and_continues_the_epochs(folder, tmp_p
     for a, b in zip(seen.kernels[0], seen.kernels[1]):
         np.testing.assert_array_equal(a, b)
     moved = [not np.array_equal(a, b) for a, b in zip(seen.kernels[1], seen.kernels[3])]
-    paths = [w.path for w in model_lib.get_backbone(train.build_model(config, 3)).weights]
+    paths = [w.path for w in model_lib.get_backbone(model_lib.build_model(config, 3)).weights]
     assert [p for p, m in zip(paths, moved) if m] == ["conv3/kernel"]
     assert _history_epochs(tmp_path) == [0, 1, 2, 3]
     assert metrics["epochs"] == 4 and metrics["phase_boundary_epoch"] == 2
@@ -223,7 +233,7 @@ def test_augmentation_trains_but_never_reaches_the_export(folder, tmp_path):
     first = loaded.signatures["predict_images"](images=images)["probabilities"].numpy()
     second = loaded.signatures["predict_images"](images=images)["probabilities"].numpy()
     np.testing.assert_array_equal(first, second)
-    model = train.build_model(config, 3)
+    model = model_lib.build_model(config, 3)
     model.load_weights(tmp_path / train.BEST_WEIGHTS)
     np.testing.assert_allclose(first, model.predict(images, verbose=0), atol=1e-5)
 
@@ -328,7 +338,7 @@ def test_reduce_lr_on_plateau_and_a_schedule_conflict_is_explained(capsys):
 
 def test_mixed_precision_computes_in_bfloat16_with_a_float32_output(folder, tmp_path):
     config = tiny(folder, tmp_path, precision="mixed_bfloat16")
-    model = train.build_model(config, 3)
+    model = model_lib.build_model(config, 3)
     assert model_lib.get_backbone(model).get_layer("conv1").compute_dtype == "bfloat16"
     assert model.get_layer("predictions").compute_dtype == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"  # restored
@@ -382,7 +392,7 @@ def test_ema_and_checkpoint_average_are_evaluated_beside_the_best(folder, tmp_pa
     top = tmp_path / train.TOP_CHECKPOINTS
     index = json.loads((top / "index.json").read_text())
     assert len(index) == 2 and sorted(os.listdir(top)) == sorted([*index, "index.json"])
-    model = train.build_model(config, 3)
+    model = model_lib.build_model(config, 3)
     files = [str(top / name) for name in index]
     values = []
     for path in files:
@@ -399,11 +409,13 @@ def test_jit_compile_turns_op_determinism_off_so_keras_keeps_xla(folder, tmp_pat
     try:
         train.seed_everything(tiny(folder, tmp_path, jit_compile=True))
         assert not tf_config.is_op_determinism_enabled()
-        assert train.build_model(tiny(folder, tmp_path, jit_compile=True), 3).jit_compile is True
+        assert (
+            model_lib.build_model(tiny(folder, tmp_path, jit_compile=True), 3).jit_compile is True
+        )
     finally:
         train.seed_everything(tiny(folder, tmp_path, deterministic=True))
     assert tf_config.is_op_determinism_enabled()
-    assert train.build_model(tiny(folder, tmp_path), 3).jit_compile is False
+    assert model_lib.build_model(tiny(folder, tmp_path), 3).jit_compile is False
 
 
 def test_op_determinism_only_with_deterministic(folder, tmp_path):
@@ -420,9 +432,9 @@ def test_op_determinism_only_with_deterministic(folder, tmp_path):
 
 def test_layer_lr_decay_scales_each_layers_rate_under_mirrored_strategy(folder, tmp_path):
     config = tiny(folder, tmp_path, unfreeze="all", learning_rate=0.01, layer_lr_decay=0.5)
-    strategy = train.make_strategy("mirrored", 2)
+    strategy = distribute.make_strategy("mirrored", 2)
     with strategy.scope():
-        model = train.build_model(config, 3)
+        model = model_lib.build_model(config, 3)
     backbone = model_lib.get_backbone(model)
     kernels = {
         "predictions": model.get_layer("predictions").kernel,

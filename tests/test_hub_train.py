@@ -20,7 +20,8 @@ import tensorflow as tf
 from tests import hub_fixtures as fx
 from tests.images import class_image, encode, write_class_folders
 from tests.test_train import _Crash, _Epochs  # a kill after epoch 0; the epochs run
-from tf_finetune import cli, data, hub_model, train
+from tf_finetune import cli, data, distribute, hub_model, train
+from tf_finetune import model as model_lib
 from tf_finetune.config import Config, resolve
 from tf_finetune.errors import UserError
 
@@ -194,7 +195,7 @@ def test_finetuned_hub_run_resumes_and_restores_the_best_checkpoint(modules, fol
     metrics = train.train_and_evaluate(config, extra_callbacks=(epochs, watch))
     assert epochs.seen == [1, 2] and metrics["epochs"] == 3
     # The model evaluated and exported is the best checkpoint, hub weights included.
-    fresh = train.build_model(config, 3)
+    fresh = model_lib.build_model(config, 3)
     fresh.load_weights(tmp_path / train.BEST_WEIGHTS)
     for a, b in zip(fresh.weights, watch.model.weights):
         np.testing.assert_array_equal(np.array(a), np.array(b))
@@ -438,19 +439,19 @@ def test_text_data_with_an_image_backbone_is_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- distribution
 def test_a_last_batch_smaller_than_the_replicas_is_skipped_not_fatal():
-    strategy = train.make_strategy("auto", 2)
-    assert strategy is train.make_strategy("auto", 2)  # one strategy per device set
+    strategy = distribute.make_strategy("auto", 2)
+    assert strategy is distribute.make_strategy("auto", 2)  # one strategy per device set
     x = np.random.default_rng(0).random((17, 4)).astype("float32")
     y = np.eye(2, dtype="float32")[np.arange(17) % 2]
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # 8, 8, 1: one replica gets none
-    ds = train.skip_batches_smaller_than(ds, strategy.num_replicas_in_sync, 17, 8)
+    ds = distribute.skip_batches_smaller_than(ds, strategy.num_replicas_in_sync, 17, 8)
     assert int(ds.cardinality()) == 2 and [int(b[1].shape[0]) for b in ds] == [8, 8]
     with strategy.scope():
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
         model.compile("sgd", "categorical_crossentropy")
     model.fit(ds, epochs=1, verbose=0)  # without the skip: "Matrix size-incompatible"
     unchanged = tf.data.Dataset.range(10).batch(4)
-    assert train.skip_batches_smaller_than(unchanged, 2, 10, 4) is unchanged  # last batch: 2
+    assert distribute.skip_batches_smaller_than(unchanged, 2, 10, 4) is unchanged  # last batch: 2
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ def _fit_one_epoch(model, folder):
 
 def test_frozen_backbone_is_unchanged_by_fit_and_the_head_learns(folder, tmp_path):
     config = tiny(folder, tmp_path, unfreeze="0")
-    model = train.build_model(config, 3)
+    model = model_lib.build_model(config, 3)
     backbone = model_lib.get_backbone(model)
     before_backbone = _values(backbone.weights)  # kernels and BatchNorm statistics
     before_head = _values(model.get_layer("predictions").weights)
@@ -80,7 +80,7 @@ def test_unfreeze_top_n_trains_exactly_those_layers_and_never_batchnorm(folder, 
         "predictions/kernel",
         "predictions/bias",
     }
-    train.compile_model(model, tiny(folder, tmp_path), 3)
+    model_lib.compile_model(model, tiny(folder, tmp_path), 3)
     before = {w.path: np.array(w) for w in backbone.weights}
     dataset = data.load_image_folder(str(folder), 32, 20)
     model.fit(data.make_pipeline(dataset.train, 3, 8, True, 0), epochs=1, verbose=0)
@@ -185,7 +185,7 @@ print(json.dumps(out))
 def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tmp_path):
     metrics = train.train_and_evaluate(tiny(folder, tmp_path))
     export = metrics["export_path"]
-    model = train.build_model(tiny(folder, tmp_path), 3)
+    model = model_lib.build_model(tiny(folder, tmp_path), 3)
     model.load_weights(tmp_path / train.BEST_WEIGHTS)
 
     images = [class_image(label, (30, 22), seed=100 + label) for label in (0, 1, 2)]

@@ -14,7 +14,7 @@ import os
 from absl import logging
 
 from tf_finetune import config as config_lib
-from tf_finetune import train
+from tf_finetune import distribute, train
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
@@ -82,7 +82,7 @@ def run_variant(config: Config, dataset, strategy) -> dict:
 def compare(config: Config) -> dict:
     """Runs every variant; returns the rows and the printed table."""
     configs = variants(config)
-    strategy = train.make_strategy(config.strategy, config.cpu_replicas)
+    strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
     train.seed_everything(config)
     dataset = train.load_data(config)
     rows = [run_variant(c, dataset, strategy) for c in configs]

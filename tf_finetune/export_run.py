@@ -24,6 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import data, export, train
+from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
@@ -55,7 +56,7 @@ def load_best_model(config: Config, class_names: list[str]) -> keras.Model:
     """The run's model with the weights of its best checkpoint."""
     best = best_checkpoint(config)
     # weights="none": the checkpoint holds every weight; no download nor pretraining needed.
-    model = train.build_model(dataclasses.replace(config, weights="none"), len(class_names))
+    model = model_lib.build_model(dataclasses.replace(config, weights="none"), len(class_names))
     with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(best)

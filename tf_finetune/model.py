@@ -1,10 +1,13 @@
-"""Model assembly: raw pixels -> preprocessing -> frozen backbone -> named head layers."""
+"""Model assembly: raw pixels -> preprocessing -> frozen backbone -> named head layers, and
+the configured optimizer, loss and metrics (`build_model(config, ...)`)."""
 
 import math
 
 import keras
+from absl import logging
 
-from tf_finetune import backbones
+from tf_finetune import backbones, hub_model, phases, schedules
+from tf_finetune.config import Config
 
 
 def build_classifier(
@@ -84,3 +87,112 @@ def unfreeze(model: keras.Model, top_layers: int | float | None) -> list[str]:
         if trainable:
             chosen.append(layer.name)
     return chosen[::-1]
+
+
+# ----------------------------------------------------------------------------- configured
+def weights_arg(config: Config) -> str | None:
+    return None if config.weights == "none" else config.weights
+
+
+def make_optimizer(
+    config: Config,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
+    multipliers: dict[str, float] | None = None,
+) -> keras.optimizers.Optimizer:
+    """The configured optimizer at `learning_rate` (a float or schedule; 0: --learning_rate).
+
+    `multipliers` (variable path -> factor) scale some variables' rates (--layer_lr_decay).
+    """
+    kwargs = {"learning_rate": learning_rate or config.learning_rate}
+    if config.ema:
+        # Keras keeps the EMA in the optimizer (restored by BackupAndRestore with the rest of
+        # its state) and swaps it into the model when fit ends.
+        kwargs.update(use_ema=True, ema_momentum=config.ema)
+    if config.optimizer == "sgd":
+        optimizer_class, kwargs["momentum"] = keras.optimizers.SGD, 0.9
+    elif config.optimizer == "adamw":
+        optimizer_class, kwargs["weight_decay"] = keras.optimizers.AdamW, config.weight_decay
+    else:
+        optimizer_class = keras.optimizers.Adam
+    if multipliers:
+        return schedules.with_layer_rates(optimizer_class, multipliers, **kwargs)
+    return optimizer_class(**kwargs)
+
+
+def compile_model(
+    model: keras.Model,
+    config: Config,
+    num_classes: int,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
+    multipliers: dict[str, float] | None = None,
+) -> None:
+    metrics = ["accuracy"]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
+    model.compile(
+        optimizer=make_optimizer(config, learning_rate, multipliers),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=metrics,
+        jit_compile=config.jit_compile,
+    )
+
+
+def prepare_phase(
+    model: keras.Model,
+    config: Config,
+    num_classes: int,
+    phase: phases.Phase,
+    steps_per_epoch: int = 1,
+) -> None:
+    """Sets the phase's trainable layers and compiles; call inside `strategy.scope()`.
+
+    Recompiling after changing `trainable` is what makes the change take effect in `fit`.
+    """
+    trainable = []
+    if not hub_model.is_hub_backbone(config.backbone):  # a hub module is frozen or not, whole
+        trainable = unfreeze(model, phase.unfreeze)
+    if trainable:
+        logging.info(
+            "Phase %s: training %d backbone layers: %s ...",
+            phase.name,
+            len(trainable),
+            ", ".join(trainable[:5]),
+        )
+    steps = steps_per_epoch * (phase.epochs - phase.initial_epoch)
+    rate = schedules.learning_rate(
+        phase.learning_rate, config.lr_schedule, steps, config.warmup_steps
+    )
+    multipliers = None
+    if trainable and config.layer_lr_decay < 1.0:
+        backbone = get_backbone(model)
+        layers = [backbone.get_layer(name) for name in trainable]
+        multipliers = schedules.layer_decay_multipliers(layers, config.layer_lr_decay)
+    compile_model(model, config, num_classes, rate, multipliers)
+
+
+def build_model(
+    config: Config, num_classes: int, phase: phases.Phase | None = None, steps_per_epoch: int = 1
+) -> keras.Model:
+    """Builds and compiles the classifier for `phase` (default: the last, i.e. the final
+    trainable layers); call inside `strategy.scope()`."""
+    # The policy applies to the layers built now; restored after so nothing else inherits it.
+    # float32 (the default) leaves a policy the caller set globally in place.
+    previous = keras.mixed_precision.global_policy()
+    if config.precision != "float32":
+        keras.mixed_precision.set_global_policy(config.precision)
+    try:
+        if hub_model.is_hub_backbone(config.backbone):
+            model = hub_model.build_classifier(config, num_classes)
+        else:
+            model = build_classifier(
+                backbones.get_spec(config.backbone),
+                num_classes,
+                config.image_size,
+                weights_arg(config),
+                config.dropout,
+                config.backbone_alpha,
+            )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    prepare_phase(model, config, num_classes, phase or phases.plan(config)[-1], steps_per_epoch)
+    return model

@@ -5,7 +5,6 @@ A flat list of small functions ending in `train_and_evaluate(config)`.
 
 import csv
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -21,9 +20,9 @@ from absl import logging
 from tf_finetune import (
     augment,
     averaging,
-    backbones,
     data,
     digits,
+    distribute,
     evaluate,
     export,
     faults,
@@ -44,79 +43,6 @@ BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
 # (an EMA or an average won on val_loss); `evaluate` prefers them.
 FINAL_WEIGHTS = os.path.join("checkpoints", "final.weights.h5")
 TOP_CHECKPOINTS = os.path.join("checkpoints", "top")
-
-
-# ----------------------------------------------------------------------------- devices
-def configure_cpu_replicas(cpu_replicas: int) -> None:
-    """Splits the CPU into `cpu_replicas` logical devices (only without GPUs).
-
-    Must run before TensorFlow initializes its devices; a second call with a number that is
-    already in place is a no-op.
-    """
-    if cpu_replicas <= 1 or tf.config.list_physical_devices("GPU"):
-        return
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    current = tf.config.get_logical_device_configuration(cpu)
-    if current and len(current) >= cpu_replicas:
-        return
-    try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
-        )
-    except RuntimeError as e:
-        raise RuntimeError(
-            "--cpu_replicas must be applied before TensorFlow initializes its devices"
-        ) from e
-
-
-def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs (or `cpu_replicas` logical CPUs); else one device.
-
-    `multi_worker`: MultiWorkerMirroredStrategy from TF_CONFIG, with the Keras 3 workarounds
-    (keras-team/keras#20585); must be the first TensorFlow op of the process.
-    """
-    if kind == "multi_worker":
-        strategy = mw.make_multi_worker_strategy()
-        mw.apply_keras_workarounds()
-        return strategy
-    configure_cpu_replicas(cpu_replicas)
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-    devices = gpus or cpus[: max(cpu_replicas, 1)]
-    if kind == "one_device":
-        return tf.distribute.OneDeviceStrategy(devices[0])
-    if kind == "mirrored" or len(devices) > 1:
-        return _mirrored(tuple(devices))
-    return tf.distribute.get_strategy()
-
-
-@functools.cache
-def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
-    """One MirroredStrategy per device set and process.
-
-    A second MirroredStrategy over the same devices restarts the collective instance keys,
-    which then collide with the first one's ("Shape mismatch in the collective instance
-    100") when a process trains twice (tests, notebooks).
-    """
-    return tf.distribute.MirroredStrategy(list(devices))
-
-
-def skip_batches_smaller_than(
-    ds: tf.data.Dataset, replicas: int, count: int, batch_size: int
-) -> tf.data.Dataset:
-    """Drops training batches too small to give every replica an example.
-
-    MirroredStrategy splits each batch across replicas; a last batch smaller than the
-    number of replicas leaves one empty and its backward pass fails (`Matrix size-incompatible:
-    In[0]: [0,C]`, tensorflow#45594). At most replicas-1 examples are skipped per epoch, and
-    the reshuffle puts different ones last each epoch.
-    """
-    last = count % batch_size
-    if replicas <= 1 or last == 0 or last >= replicas:
-        return ds
-    # Keras needs the number of steps up front (else it warns that the data ran out).
-    ds = ds.filter(lambda x, y: tf.shape(y)[0] >= replicas)
-    return ds.apply(tf.data.experimental.assert_cardinality(count // batch_size))
 
 
 # ----------------------------------------------------------------------------- data
@@ -149,115 +75,6 @@ def load_data(config: Config) -> data.DataSet:
             config.seed,
         )
     return data.load_image_folder(config.data, config.image_size, config.validation_percent)
-
-
-# ----------------------------------------------------------------------------- model
-def weights_arg(config: Config) -> str | None:
-    return None if config.weights == "none" else config.weights
-
-
-def make_optimizer(
-    config: Config,
-    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
-    multipliers: dict[str, float] | None = None,
-) -> keras.optimizers.Optimizer:
-    """The configured optimizer at `learning_rate` (a float or schedule; 0: --learning_rate).
-
-    `multipliers` (variable path -> factor) scale some variables' rates (--layer_lr_decay).
-    """
-    kwargs = {"learning_rate": learning_rate or config.learning_rate}
-    if config.ema:
-        # Keras keeps the EMA in the optimizer (restored by BackupAndRestore with the rest of
-        # its state) and swaps it into the model when fit ends.
-        kwargs.update(use_ema=True, ema_momentum=config.ema)
-    if config.optimizer == "sgd":
-        optimizer_class, kwargs["momentum"] = keras.optimizers.SGD, 0.9
-    elif config.optimizer == "adamw":
-        optimizer_class, kwargs["weight_decay"] = keras.optimizers.AdamW, config.weight_decay
-    else:
-        optimizer_class = keras.optimizers.Adam
-    if multipliers:
-        return schedules.with_layer_rates(optimizer_class, multipliers, **kwargs)
-    return optimizer_class(**kwargs)
-
-
-def compile_model(
-    model: keras.Model,
-    config: Config,
-    num_classes: int,
-    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
-    multipliers: dict[str, float] | None = None,
-) -> None:
-    metrics = ["accuracy"]
-    if num_classes > 5:
-        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
-    model.compile(
-        optimizer=make_optimizer(config, learning_rate, multipliers),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=metrics,
-        jit_compile=config.jit_compile,
-    )
-
-
-def prepare_phase(
-    model: keras.Model,
-    config: Config,
-    num_classes: int,
-    phase: phases.Phase,
-    steps_per_epoch: int = 1,
-) -> None:
-    """Sets the phase's trainable layers and compiles; call inside `strategy.scope()`.
-
-    Recompiling after changing `trainable` is what makes the change take effect in `fit`.
-    """
-    trainable = []
-    if not hub_model.is_hub_backbone(config.backbone):  # a hub module is frozen or not, whole
-        trainable = model_lib.unfreeze(model, phase.unfreeze)
-    if trainable:
-        logging.info(
-            "Phase %s: training %d backbone layers: %s ...",
-            phase.name,
-            len(trainable),
-            ", ".join(trainable[:5]),
-        )
-    steps = steps_per_epoch * (phase.epochs - phase.initial_epoch)
-    rate = schedules.learning_rate(
-        phase.learning_rate, config.lr_schedule, steps, config.warmup_steps
-    )
-    multipliers = None
-    if trainable and config.layer_lr_decay < 1.0:
-        backbone = model_lib.get_backbone(model)
-        layers = [backbone.get_layer(name) for name in trainable]
-        multipliers = schedules.layer_decay_multipliers(layers, config.layer_lr_decay)
-    compile_model(model, config, num_classes, rate, multipliers)
-
-
-def build_model(
-    config: Config, num_classes: int, phase: phases.Phase | None = None, steps_per_epoch: int = 1
-) -> keras.Model:
-    """Builds and compiles the classifier for `phase` (default: the last, i.e. the final
-    trainable layers); call inside `strategy.scope()`."""
-    # The policy applies to the layers built now; restored after so nothing else inherits it.
-    # float32 (the default) leaves a policy the caller set globally in place.
-    previous = keras.mixed_precision.global_policy()
-    if config.precision != "float32":
-        keras.mixed_precision.set_global_policy(config.precision)
-    try:
-        if hub_model.is_hub_backbone(config.backbone):
-            model = hub_model.build_classifier(config, num_classes)
-        else:
-            model = model_lib.build_classifier(
-                backbones.get_spec(config.backbone),
-                num_classes,
-                config.image_size,
-                weights_arg(config),
-                config.dropout,
-                config.backbone_alpha,
-            )
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    prepare_phase(model, config, num_classes, phase or phases.plan(config)[-1], steps_per_epoch)
-    return model
 
 
 # ----------------------------------------------------------------------------- fit
@@ -448,7 +265,7 @@ def fit_on_cached_features(
         rate = schedules.learning_rate(
             phase.learning_rate, config.lr_schedule, steps, config.warmup_steps
         )
-        compile_model(head, config, dataset.num_classes, rate)
+        model_lib.compile_model(head, config, dataset.num_classes, rate)
     cache_dir = None
     if mode == "disk":
         from keras.src.backend import config as keras_config
@@ -467,7 +284,7 @@ def fit_on_cached_features(
     head._initial_epoch = None  # see fit_phases
     replicas = strategy.num_replicas_in_sync
     history = head.fit(
-        skip_batches_smaller_than(
+        distribute.skip_batches_smaller_than(
             features.dataset(cached["train"], config.batch_size, True, config.seed),
             replicas,
             cached["train"].count,
@@ -581,13 +398,13 @@ def evaluate_run(config: Config, split: str) -> dict:
         raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
     # A multi-worker run is evaluated in one process.
     kind = "auto" if config.strategy == "multi_worker" else config.strategy
-    strategy = make_strategy(kind, config.cpu_replicas)
+    strategy = distribute.make_strategy(kind, config.cpu_replicas)
     dataset = load_data(config)
     chosen = {"val": dataset.val, "test": dataset.test}[split]
     if chosen is None:
         raise UserError(f"the data has no {split} split; use --split=val.")
     with strategy.scope():
-        model = build_model(config, dataset.num_classes)
+        model = model_lib.build_model(config, dataset.num_classes)
     with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed here
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(final if os.path.exists(final) else best)
@@ -639,7 +456,7 @@ def make_pipelines(
         train_ds, config.augment, config.mixup, config.cutmix, config.seed
     )
     pipelines = {
-        "train": skip_batches_smaller_than(
+        "train": distribute.skip_batches_smaller_than(
             train_ds, replicas, dataset.train.count, config.batch_size
         ),
         "val": val_ds,
@@ -745,7 +562,7 @@ def fit_phases(
         else None
     )
     with strategy.scope():
-        model = build_model(config, dataset.num_classes, plan[state.phase - 1], steps)
+        model = model_lib.build_model(config, dataset.num_classes, plan[state.phase - 1], steps)
     if state.phase > 1:
         # Where phase 1 ended; this phase's own backup (if any) then restores later epochs.
         _load_quietly(model, phases.phase_end_weights(config.model_dir, state.phase - 1))
@@ -758,7 +575,7 @@ def fit_phases(
         last = phase is plan[-1]
         if histories:  # the first phase of this call was prepared by build_model
             with strategy.scope():
-                prepare_phase(model, config, dataset.num_classes, phase, steps)
+                model_lib.prepare_phase(model, config, dataset.num_classes, phase, steps)
         model._initial_epoch = None  # set by an earlier fit's backup restore; not ours
         feature_dim = model.get_layer("pooler").output.shape[-1]
         mode = cache_mode(config, feature_dim, dataset.train.count, phase)
@@ -896,7 +713,7 @@ def scratch_baseline(
     scratch = dataclasses.replace(config, weights="none", unfreeze="all", warmup_epochs=0)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = build_model(scratch, num_classes)
+        model = model_lib.build_model(scratch, num_classes)
     model.fit(pipelines["train"], epochs=config.epochs, verbose=0, shuffle=False)
     evaluated = {k: v for k, v in pipelines.items() if k != "train"}
     return {f"scratch_{k}": v for k, v in evaluate_splits(model, evaluated).items()}
@@ -962,7 +779,7 @@ def train_and_evaluate(
             )
     with faults.RunLock(config.model_dir), faults.SignalGuard(config.model_dir) as guard:
         # The strategy comes first: MultiWorkerMirroredStrategy must precede any other TF op.
-        strategy = make_strategy(config.strategy, config.cpu_replicas)
+        strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
         metrics = _train_and_evaluate(config, strategy, guard, extra_callbacks)
         metrics["wall_time_seconds"] = round(time.time() - start, 1)
         _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
@@ -1047,7 +864,7 @@ def _train_and_evaluate(
         if not chief:
             return {"epochs": fit.epochs, "replicas": replicas, "chief": False}
         trained = model
-        model = build_model(config, dataset.num_classes)
+        model = model_lib.build_model(config, dataset.num_classes)
         model.set_weights(trained.get_weights())
         strategy = tf.distribute.get_strategy()
     exported_weights, candidates = candidate_weights(model, config, pipelines)

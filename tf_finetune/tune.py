@@ -25,7 +25,7 @@ import keras_tuner
 from absl import logging
 
 from tf_finetune import config as config_lib
-from tf_finetune import train
+from tf_finetune import distribute, train
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
@@ -242,7 +242,7 @@ def tune(config: Config) -> dict:
     """Runs (or resumes) the search; returns the ranked rows, the table and the flagfile path."""
     dims = search_space(config)
     train.check_supported(config)
-    strategy = train.make_strategy(config.strategy, config.cpu_replicas)
+    strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
     os.makedirs(config.model_dir, exist_ok=True)
     _write_text(os.path.join(config.model_dir, "tune.cfg"), config.to_flagfile())
     train.seed_everything(config)

@@ -1,0 +1,80 @@
+"""Where training runs: logical CPU replicas, the tf.distribute strategy, and batches that
+every replica can take a share of."""
+
+import functools
+
+import tensorflow as tf
+
+from tf_finetune import multiworker as mw
+
+
+def configure_cpu_replicas(cpu_replicas: int) -> None:
+    """Splits the CPU into `cpu_replicas` logical devices (only without GPUs).
+
+    Must run before TensorFlow initializes its devices; a second call with a number that is
+    already in place is a no-op.
+    """
+    if cpu_replicas <= 1 or tf.config.list_physical_devices("GPU"):
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current and len(current) >= cpu_replicas:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
+        )
+    except RuntimeError as e:
+        raise RuntimeError(
+            "--cpu_replicas must be applied before TensorFlow initializes its devices"
+        ) from e
+
+
+def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
+    """MirroredStrategy over all GPUs (or `cpu_replicas` logical CPUs); else one device.
+
+    `multi_worker`: MultiWorkerMirroredStrategy from TF_CONFIG, with the Keras 3 workarounds
+    (keras-team/keras#20585); must be the first TensorFlow op of the process.
+    """
+    if kind == "multi_worker":
+        strategy = mw.make_multi_worker_strategy()
+        mw.apply_keras_workarounds()
+        return strategy
+    configure_cpu_replicas(cpu_replicas)
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    devices = gpus or cpus[: max(cpu_replicas, 1)]
+    if kind == "one_device":
+        return tf.distribute.OneDeviceStrategy(devices[0])
+    if kind == "mirrored" or len(devices) > 1:
+        return _mirrored(tuple(devices))
+    return tf.distribute.get_strategy()
+
+
+@functools.cache
+def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per device set and process.
+
+    A second MirroredStrategy over the same devices restarts the collective instance keys,
+    which then collide with the first one's ("Shape mismatch in the collective instance
+    100") when a process trains twice (tests, notebooks).
+    """
+    return tf.distribute.MirroredStrategy(list(devices))
+
+
+def skip_batches_smaller_than(
+    ds: tf.data.Dataset, replicas: int, count: int, batch_size: int
+) -> tf.data.Dataset:
+    """Drops training batches too small to give every replica an example.
+
+    MirroredStrategy splits each batch across replicas; a last batch smaller than the
+    number of replicas leaves one empty and its backward pass fails (`Matrix size-incompatible:
+    In[0]: [0,C]`, tensorflow#45594). At most replicas-1 examples are skipped per epoch, and
+    the reshuffle puts different ones last each epoch.
+    """
+    last = count % batch_size
+    if replicas <= 1 or last == 0 or last >= replicas:
+        return ds
+    # Keras needs the number of steps up front (else it warns that the data ran out).
+    ds = ds.filter(lambda x, y: tf.shape(y)[0] >= replicas)
+    return ds.apply(tf.data.experimental.assert_cardinality(count // batch_size))
