@@ -74,6 +74,7 @@ def test_flags_reset_between_invocations(capsys):
 def test_resolve_fills_backbone_and_size_and_offline_preset():
     offline = resolve(Config())
     assert (offline.backbone, offline.image_size, offline.unfreeze) == ("digits_cnn", 32, "all")
+    assert offline.deterministic  # the README's numbers, to the digit
     # A flag the user set wins over the offline preset.
     assert resolve(Config(epochs=3), explicit=frozenset({"epochs"})).epochs == 3
     user = resolve(Config(data="tfds:beans"))
