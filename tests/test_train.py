@@ -12,9 +12,10 @@ import pytest
 import tensorflow as tf
 
 from tests.images import class_image, encode, write_class_folders
-from tf_finetune import backbones, data, train
+from tf_finetune import backbones, data, distribute, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, resolve
+from tf_finetune.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,44 @@ def test_mirrored_strategy_with_two_cpu_replicas(folder, tmp_path):
     metrics = train.train_and_evaluate(tiny(folder, tmp_path, cpu_replicas=2))
     assert metrics["replicas"] == 2
     assert metrics["val_accuracy"] > 0.6  # three solid colours: easy when training works
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_two_replicas_evaluate_every_image_of_splits_that_split_unevenly(tmp_path, cache):
+    # val and test: 9 images, batch 8 -> a last batch of 1 leaves a replica nothing (its
+    # forward pass fails); an odd batch (7 here) splits 4/3, which Keras' symbolic build
+    # cannot reduce (keras#19246). Both must work, and every image must be evaluated.
+    for split, per_class in (("train", 8), ("val", 3), ("test", 3)):
+        write_class_folders(tmp_path / "data" / split, num_classes=3, per_class=per_class)
+    for batch_size in (8, 7):
+        run = tmp_path / f"run_{batch_size}"
+        config = tiny(
+            tmp_path / "data",
+            run,
+            cpu_replicas=2,
+            batch_size=batch_size,
+            epochs=1,
+            cache=cache,
+            unfreeze="all" if cache == "none" else "0",  # memory: the feature-cache path
+        )
+        metrics = train.train_and_evaluate(config)
+        assert metrics["replicas"] == 2
+        for split in ("val", "test"):
+            report = json.loads((run / f"report_{split}.json").read_text())
+            assert report["num_examples"] == 9, (batch_size, split)
+
+
+def test_eval_batch_size_gives_every_replica_an_example_and_keeps_every_example():
+    for replicas in (2, 3, 4):
+        for count in range(replicas, 80):
+            for batch_size in (replicas, 7, 8, 32):
+                size = distribute.eval_batch_size(count, batch_size, replicas)
+                assert size >= 1 and (count % size == 0 or count % size >= replicas)
+                if count % batch_size == 0 or count % batch_size >= replicas:
+                    assert size == batch_size  # unchanged when it already works
+    assert distribute.eval_batch_size(9, 8, 1) == 8
+    with pytest.raises(UserError, match="cannot be evaluated on 2 replicas"):
+        distribute.eval_batch_size(1, 8, 2)
 
 
 class _Crash(keras.callbacks.Callback):

@@ -2,10 +2,12 @@
 every replica can take a share of."""
 
 import functools
+import itertools
 
 import tensorflow as tf
 
 from tf_finetune import multiworker as mw
+from tf_finetune.errors import UserError
 
 
 def configure_cpu_replicas(cpu_replicas: int) -> None:
@@ -41,6 +43,7 @@ def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
         mw.apply_keras_workarounds()
         return strategy
     configure_cpu_replicas(cpu_replicas)
+    mw.apply_keras_workarounds()  # keras#19246: a first batch split unevenly over replicas
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     devices = gpus or cpus[: max(cpu_replicas, 1)]
@@ -78,3 +81,28 @@ def skip_batches_smaller_than(
     # Keras needs the number of steps up front (else it warns that the data ran out).
     ds = ds.filter(lambda x, y: tf.shape(y)[0] >= replicas)
     return ds.apply(tf.data.experimental.assert_cardinality(count // batch_size))
+
+
+def eval_batch_size(count: int, batch_size: int, replicas: int) -> int:
+    """The largest batch size <= `batch_size` whose last batch still gives every replica an
+    example, for the evaluation of `count` examples under the strategy.
+
+    A last batch smaller than the number of replicas leaves one of them an empty batch, and
+    the forward pass fails on it (`Incompatible shapes: [32] vs. [0,16,16,3]` in BatchNorm).
+    Evaluation must not skip examples (its numbers would no longer be of the whole split), so
+    the batch size moves instead; the metrics do not depend on it.
+    """
+    if replicas <= 1:
+        return batch_size
+    if count < replicas:
+        raise UserError(
+            f"a split of {count} example(s) cannot be evaluated on {replicas} replicas: add "
+            "examples or use fewer replicas (--cpu_replicas, or the GPUs visible)."
+        )
+    # Down from batch_size first (smaller batches cost no memory), then up; `count` always fits.
+    for size in itertools.chain(
+        range(batch_size, replicas - 1, -1), range(batch_size + 1, count + 1)
+    ):
+        if count % size == 0 or count % size >= replicas:
+            return size
+    raise AssertionError("unreachable: a single batch of count >= replicas examples fits")

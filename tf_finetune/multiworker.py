@@ -178,8 +178,11 @@ def make_multi_worker_strategy(timeout_seconds: float | None = None):
 # (and the apply_keras_workarounds() call) once upstream fixes it; tests/test_multiworker.py
 # has a test that reproduces the bugs without these patches and will tell you.
 #
-# Both patches only change behaviour when `_collective_all_reduce_multi_worker(strategy)`
-# is true (MultiWorkerMirroredStrategy with >1 worker); otherwise they call the originals.
+# Patch 2 only changes behaviour when `_collective_all_reduce_multi_worker(strategy)` is
+# true (MultiWorkerMirroredStrategy with >1 worker). Patch 1 also fixes keras-team/keras#19246
+# (open): under MirroredStrategy a first batch that splits unevenly over the replicas (a split
+# smaller than the batch, an odd batch size) fails the same MEAN reduce ("Inputs to operation
+# AddN ... must have the same size and shape. Input 0: [4,16,16,3] != input 1: [3,16,16,3]").
 
 _PATCH_MARK = "_tf_finetune_mw_workaround"
 
@@ -193,8 +196,9 @@ def _trainer_module():
 def _patch_symbolic_build() -> None:
     """Bug 1: ``_maybe_symbolic_build`` calls ``strategy.reduce("MEAN", batch)`` on the
     first distributed batch, which fails under MWMS ("Attempt to convert a value
-    (PerReplica...)"). Only shapes/dtypes of that batch are used, so build from this
-    worker's first local replica batch instead (no cross-worker communication)."""
+    (PerReplica...)") and, under any strategy, when the replicas' shares of that batch differ
+    in size (keras#19246). Only shapes/dtypes of that batch are used, so build from this
+    worker's first local replica batch instead (no communication)."""
     trainer = _trainer_module()
     cls = trainer.TensorFlowTrainer
     original = cls._maybe_symbolic_build
@@ -203,11 +207,7 @@ def _patch_symbolic_build() -> None:
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy
-        if (
-            strategy is None
-            or iterator is None
-            or not trainer._collective_all_reduce_multi_worker(strategy)
-        ):
+        if strategy is None or iterator is None:
             return original(self, iterator=iterator, data_batch=data_batch)
         import tensorflow as tf
         from keras.src import tree
@@ -261,10 +261,11 @@ def _patch_reduce_per_replica() -> None:
 
 
 def apply_keras_workarounds() -> None:
-    """Patch Keras 3's TF trainer so fit/evaluate/predict work under multi-worker MWMS.
+    """Patch Keras 3's TF trainer so fit/evaluate/predict work under multi-worker MWMS, and
+    under MirroredStrategy with batches that split unevenly over the replicas.
 
-    Idempotent; a no-op in behaviour for the default strategy, MirroredStrategy and
-    single-worker MWMS. Workaround for keras-team/keras#20585.
+    Idempotent; the same numbers as without it wherever Keras works without it. Workaround
+    for keras-team/keras#20585 and #19246.
     """
     _patch_symbolic_build()
     _patch_reduce_per_replica()

@@ -290,7 +290,12 @@ def fit_on_cached_features(
             cached["train"].count,
             config.batch_size,
         ),
-        validation_data=features.dataset(cached["val"], config.batch_size, False, config.seed),
+        validation_data=features.dataset(
+            cached["val"],
+            distribute.eval_batch_size(cached["val"].count, config.batch_size, replicas),
+            False,
+            config.seed,
+        ),
         initial_epoch=phase.initial_epoch,
         epochs=phase.epochs,
         class_weight=class_weight,
@@ -408,9 +413,10 @@ def evaluate_run(config: Config, split: str) -> dict:
     with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed here
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(final if os.path.exists(final) else best)
-    pipeline = data.make_pipeline(
-        chosen, dataset.num_classes, config.batch_size, False, config.seed
+    batch_size = distribute.eval_batch_size(
+        chosen.count, config.batch_size, strategy.num_replicas_in_sync
     )
+    pipeline = data.make_pipeline(chosen, dataset.num_classes, batch_size, False, config.seed)
     report = _write_split_report(model, pipeline, dataset, config, split, phase_boundary(config))
     report["text"] = evaluate.format_report(report, dataset.class_names)
     return report
@@ -440,11 +446,17 @@ def make_pipelines(
     # and keep it in RAM when the split fits. A frozen phase trains on cached features instead.
     on_pixels = config.unfreeze != "0" or not config_lib.augmentation_free(config)
     keep = on_pixels and config.cache != "none"
+
+    def batch_size(split, training):
+        if training:  # skip_batches_smaller_than drops the few examples left over
+            return config.batch_size
+        return distribute.eval_batch_size(split.count, config.batch_size, replicas)
+
     train_ds, val_ds = (
         data.make_pipeline(
             split,
             dataset.num_classes,
-            config.batch_size,
+            batch_size(split, training),
             training,
             config.seed,
             keep and data.fits_in_memory(split, config.image_size, data.IMAGE_CACHE_BYTES // 2),
@@ -463,7 +475,7 @@ def make_pipelines(
     }
     if dataset.test:
         pipelines["test"] = data.make_pipeline(
-            dataset.test, dataset.num_classes, config.batch_size, False, config.seed
+            dataset.test, dataset.num_classes, batch_size(dataset.test, False), False, config.seed
         )
     return pipelines
 
