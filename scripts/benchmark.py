@@ -5,8 +5,8 @@ frozen backbone + head -> `model.fit`. Both sides use the same backbone, weights
 batch size and epochs on the same machine in the same run, so the ratios mean something even
 on a busy machine (the absolute numbers less so).
 
-  python scripts/benchmark.py                     # full run (~10-15 min on 2 cores)
-  python scripts/benchmark.py --quick             # a smaller run (~3 min) to check it works
+  python scripts/benchmark.py                     # full run (~25 min on 2 cores)
+  python scripts/benchmark.py --quick             # a smaller run (~8 min) to check it works
   python scripts/benchmark.py --json out.json
 
 Sections:
