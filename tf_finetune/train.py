@@ -223,7 +223,7 @@ def _cache_key(config: Config, split: data.Split, name: str) -> str:
         "weights": weights,
         "image_size": config.image_size,
         "split": name,
-        "format": 1,
+        "format": 2,  # 2: float32 pixels after the resize (1 rounded them to uint8)
     }
     return f"{config.backbone}_{config.image_size}_{name}_" + features.fingerprint(
         parts, split.source.map(lambda key, _: key)
