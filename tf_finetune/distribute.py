@@ -38,12 +38,12 @@ def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
     `multi_worker`: MultiWorkerMirroredStrategy from TF_CONFIG, with the Keras 3 workarounds
     (keras-team/keras#20585); must be the first TensorFlow op of the process.
     """
+    # Keras 3 trainer fixes (Python patches, no TF op): keras#20585 under multi_worker, and
+    # keras#19246 for a first batch split unevenly over the replicas of any strategy.
+    mw.apply_keras_workarounds()
     if kind == "multi_worker":
-        strategy = mw.make_multi_worker_strategy()
-        mw.apply_keras_workarounds()
-        return strategy
+        return mw.make_multi_worker_strategy()
     configure_cpu_replicas(cpu_replicas)
-    mw.apply_keras_workarounds()  # keras#19246: a first batch split unevenly over replicas
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     devices = gpus or cpus[: max(cpu_replicas, 1)]
