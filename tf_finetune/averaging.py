@@ -14,6 +14,8 @@ import warnings
 import keras
 import numpy as np
 
+from tf_finetune import atomic
+
 
 class KeepBestCheckpoints(keras.callbacks.Callback):
     """Keeps the weights of the `k` epochs with the lowest `monitor` in `directory`.
@@ -42,10 +44,7 @@ class KeepBestCheckpoints(keras.callbacks.Callback):
         return os.path.join(self.directory, "index.json")
 
     def _write_index(self) -> None:
-        tmp = self._index_path() + f".tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.index, f, indent=1, sort_keys=True)
-        os.replace(tmp, self._index_path())
+        atomic.write_json(self._index_path(), self.index)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)

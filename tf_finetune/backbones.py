@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import keras
 
+from tf_finetune import digits
 from tf_finetune.errors import UserError
 
 # How `keras.applications.<family>.preprocess_input` scales raw 0-255 RGB pixels.
@@ -147,8 +148,6 @@ def build_backbone(
       A functional model from (image_size, image_size, 3) preprocessed pixels to a feature map.
     """
     if spec.constructor == "digits_cnn":
-        from tf_finetune import digits
-
         return digits.build_digits_backbone(image_size, weights)
     kwargs = dict(spec.kwargs)
     if spec.has_alpha:

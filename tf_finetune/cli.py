@@ -47,7 +47,9 @@ def config_from_flags() -> config_lib.Config:
     """The Config the parsed flags describe (resolved and validated)."""
     names = [f.name for f in dataclasses.fields(config_lib.Config)]
     explicit = frozenset(n for n in names if FLAGS[n].present)
-    return config_lib.resolve(config_lib.Config(**{n: FLAGS[n].value for n in names}), explicit)
+    from tf_finetune.resolve import resolve
+
+    return resolve(config_lib.Config(**{n: FLAGS[n].value for n in names}), explicit)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -63,9 +65,9 @@ def cmd_train(config: config_lib.Config) -> int:
 
 
 def cmd_evaluate(config: config_lib.Config) -> int:
-    from tf_finetune import train
+    from tf_finetune import evaluate_run
 
-    report = train.evaluate_run(config, config.split)
+    report = evaluate_run.evaluate_run(config, config.split)
     print(report["text"])
     print(f"\nReport and plots: {', '.join(report['files'])}")
     return 0

@@ -13,8 +13,15 @@ import os
 
 from absl import logging
 
-from tf_finetune import config as config_lib
-from tf_finetune import distribute, train
+from tf_finetune import (
+    atomic,
+    distribute,
+    input_pipeline,
+    offline_default,
+    resolve,
+    selection,
+    train,
+)
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
@@ -36,17 +43,9 @@ def variants(config: Config) -> list[Config]:
             export_dir="",
             min_accuracy=0.0,
         )
-        config_lib.validate(variant)
-        train.check_supported(variant)
+        resolve.check_resolved(variant)
         out.append(variant)
     return out
-
-
-def _atomic_json(path: str, payload) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run_variant(config: Config, dataset, strategy) -> dict:
@@ -61,9 +60,9 @@ def run_variant(config: Config, dataset, strategy) -> dict:
             return row
     os.makedirs(config.model_dir, exist_ok=True)
     train.seed_everything(config)  # every variant starts from the same seed
-    pipelines = train.make_pipelines(config, dataset, strategy.num_replicas_in_sync)
+    pipelines = input_pipeline.make_pipelines(config, dataset, strategy.num_replicas_in_sync)
     fit = train.fit_phases(config, dataset, pipelines, strategy, verbose=0)
-    scores = train.best_checkpoint_scores(fit.model, config, pipelines)
+    scores = selection.best_checkpoint_scores(fit.model, config, pipelines)
     seconds = list(fit.epoch_seconds.values())
     row = {
         "unfreeze": config.unfreeze,
@@ -75,7 +74,7 @@ def run_variant(config: Config, dataset, strategy) -> dict:
         "run_dir": config.model_dir,
         "flags": flags,
     }
-    _atomic_json(cached, row)
+    atomic.write_json(cached, row)
     return row
 
 
@@ -84,7 +83,7 @@ def compare(config: Config) -> dict:
     configs = variants(config)
     strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
     train.seed_everything(config)
-    dataset = train.load_data(config)
+    dataset = input_pipeline.load_data(config, offline_default.data_folder(config))
     rows = [run_variant(c, dataset, strategy) for c in configs]
     results = {
         "epochs": config.epochs,
@@ -94,7 +93,7 @@ def compare(config: Config) -> dict:
         "val_images": dataset.val.count,
         "variants": [{k: v for k, v in row.items() if k != "flags"} for row in rows],
     }
-    _atomic_json(os.path.join(config.model_dir, RESULTS), results)
+    atomic.write_json(os.path.join(config.model_dir, RESULTS), results)
     return {"rows": rows, "table": format_table(rows)}
 
 

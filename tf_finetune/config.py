@@ -26,9 +26,28 @@ GROUPS = (
 NOT_IN_FLAGFILE = ("export", "predict")
 
 
-def _field(default, help: str, group: str, choices: tuple[str, ...] | None = None):
+def _field(
+    default,
+    help: str,
+    group: str,
+    choices: tuple[str, ...] | None = None,
+    *,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+    positive: bool = False,
+):
+    """A flag: its default, help, topic and simple constraints (checked by `check_fields`).
+
+    Args:
+      choices: the allowed values.
+      at_least / at_most: inclusive bounds; below: an exclusive upper bound.
+      positive: must be > 0.
+    """
+    bounds = {"at_least": at_least, "below": below, "at_most": at_most, "positive": positive}
     return dataclasses.field(
-        default=default, metadata={"help": help, "group": group, "choices": choices}
+        default=default,
+        metadata={"help": help, "group": group, "choices": choices, **bounds},
     )
 
 
@@ -59,8 +78,12 @@ class Config:
         "Percent of images held out for validation when the data has no validation split "
         "(image folders: by a hash of each file's path, so adding images never moves old ones).",
         "data",
+        at_least=1,
+        at_most=99,
     )
-    image_size: int = _field(0, "Square input size in pixels. 0: the backbone's default.", "data")
+    image_size: int = _field(
+        0, "Square input size in pixels. 0: the backbone's default.", "data", at_least=0
+    )
     split: str = _field(
         "test", "The split 'tf-finetune evaluate' reports on.", "data", ("val", "test")
     )
@@ -91,7 +114,9 @@ class Config:
         "(image or text). auto: digits_cnn for the offline default, mobilenet_v2 otherwise.",
         "model",
     )
-    backbone_alpha: float = _field(1.0, "Width multiplier of MobileNet backbones.", "model")
+    backbone_alpha: float = _field(
+        1.0, "Width multiplier of MobileNet backbones.", "model", positive=True
+    )
     weights: str = _field(
         "imagenet",
         "imagenet (the backbone's pretrained weights; for digits_cnn its offline pretraining "
@@ -104,7 +129,9 @@ class Config:
         "strings -> token ids; the encoder's pooled_output feeds the head.",
         "model",
     )
-    dropout: float = _field(0.2, "Dropout rate before the classification layer.", "model")
+    dropout: float = _field(
+        0.2, "Dropout rate before the classification layer.", "model", at_least=0.0, below=1.0
+    )
     unfreeze: str = _field(
         "0",
         "0: backbone frozen (the default); N: also train the top N backbone layers that have "
@@ -115,12 +142,18 @@ class Config:
     )
 
     # --- training ---
-    epochs: int = _field(10, "Number of epochs.", "training")
-    batch_size: int = _field(32, "Global batch size (split across replicas).", "training")
-    learning_rate: float = _field(1e-3, "Learning rate.", "training")
+    epochs: int = _field(10, "Number of epochs.", "training", at_least=1)
+    batch_size: int = _field(
+        32, "Global batch size (split across replicas).", "training", at_least=1
+    )
+    learning_rate: float = _field(1e-3, "Learning rate.", "training", positive=True)
     optimizer: str = _field("adam", "Optimizer.", "training", ("adam", "sgd", "adamw"))
-    weight_decay: float = _field(1e-4, "Weight decay for --optimizer=adamw.", "training")
-    label_smoothing: float = _field(0.0, "Label smoothing (0 to 1).", "training")
+    weight_decay: float = _field(
+        1e-4, "Weight decay for --optimizer=adamw.", "training", at_least=0.0
+    )
+    label_smoothing: float = _field(
+        0.0, "Label smoothing (0 to 1).", "training", at_least=0.0, below=1.0
+    )
     seed: int = _field(
         42,
         "Random seed: fixes the splits carved from TFDS, the shuffle order, the initial weights "
@@ -139,17 +172,21 @@ class Config:
         "Two-phase fine-tuning: train only the head (backbone frozen) for N epochs, then "
         "unfreeze per --unfreeze until --epochs (which counts both phases). 0: one phase.",
         "training",
+        at_least=0,
     )
     fine_tune_learning_rate: float = _field(
         0.0,
         "Learning rate of phase 2 (after --warmup_epochs). 0: --learning_rate / 10.",
         "training",
+        at_least=0.0,
     )
     layer_lr_decay: float = _field(
         1.0,
         "Discriminative fine-tuning: the k-th trainable backbone layer from the top learns at "
         "decay**k of the rate (e.g. 0.95); the head at the full rate. 1: off.",
         "training",
+        positive=True,
+        at_most=1.0,
     )
     lr_schedule: str = _field(
         "constant",
@@ -159,7 +196,10 @@ class Config:
         ("constant", "cosine", "exponential"),
     )
     warmup_steps: int = _field(
-        0, "Linear learning-rate warmup over the first N steps of each phase.", "training"
+        0,
+        "Linear learning-rate warmup over the first N steps of each phase.",
+        "training",
+        at_least=0,
     )
     precision: str = _field(
         "float32",
@@ -180,10 +220,13 @@ class Config:
         ("auto", "memory", "disk", "none"),
     )
     early_stopping_patience: int = _field(
-        0, "Stop after N epochs without val_loss improvement (0: off).", "training"
+        0, "Stop after N epochs without val_loss improvement (0: off).", "training", at_least=0
     )
     reduce_lr_patience: int = _field(
-        0, "Divide the learning rate by 10 after N epochs without improvement (0: off).", "training"
+        0,
+        "Divide the learning rate by 10 after N epochs without improvement (0: off).",
+        "training",
+        at_least=0,
     )
 
     # --- regularization ---
@@ -199,12 +242,14 @@ class Config:
         0.0,
         "Mixup alpha (e.g. 0.2): blend pairs of training images and labels. 0: off.",
         "regularization",
+        at_least=0.0,
     )
     cutmix: float = _field(
         0.0,
         "CutMix alpha (e.g. 1.0): paste a box of another training image, labels by area. "
         "0: off. With --mixup too, each batch uses one of them at random.",
         "regularization",
+        at_least=0.0,
     )
     class_weight: str = _field(
         "none",
@@ -218,12 +263,15 @@ class Config:
         "Keep an exponential moving average of the weights with this momentum (e.g. 0.999); "
         "it is evaluated beside the best checkpoint. 0: off.",
         "regularization",
+        at_least=0.0,
+        below=1.0,
     )
     average_checkpoints: int = _field(
         0,
         "Also average the weights of the best K epochs by val_loss (as timm does) and "
         "evaluate that model beside the best checkpoint. 0: off.",
         "regularization",
+        at_least=0,
     )
 
     # --- distribution ---
@@ -239,6 +287,7 @@ class Config:
         1,
         "Without GPUs, split the CPU into N logical devices and mirror over them.",
         "distribution",
+        at_least=1,
     )
 
     # --- output ---
@@ -255,6 +304,8 @@ class Config:
         "Refuse to export when the final model's accuracy (test split if any, else "
         "validation) is below this, e.g. 0.9: exit 3, the run directory kept. 0: off.",
         "output",
+        at_least=0.0,
+        at_most=1.0,
     )
 
     # --- tune (tf-finetune tune; each a comma list of choices, or LOW:HIGH for a range) ---
@@ -264,7 +315,9 @@ class Config:
         "tune",
         ("random", "grid", "bayesian", "hyperband"),
     )
-    max_trials: int = _field(10, "Trials 'tf-finetune tune' runs (not for hyperband).", "tune")
+    max_trials: int = _field(
+        10, "Trials 'tf-finetune tune' runs (not for hyperband).", "tune", at_least=1
+    )
     tune_learning_rate: str = _field(
         "", "Learning rates to try, e.g. 1e-4:1e-2 (log-uniform) or 1e-3,1e-2.", "tune"
     )
@@ -290,7 +343,10 @@ class Config:
         ("none", "dynamic", "float16", "int8"),
     )
     export_version: int = _field(
-        0, "SavedModel version to write (never overwrites one). 0: the next free version.", "export"
+        0,
+        "SavedModel version to write (never overwrites one). 0: the next free version.",
+        "export",
+        at_least=0,
     )
     serving_config: str = _field(
         "",
@@ -320,7 +376,7 @@ class Config:
         "TF Serving version number or label to ask for (--server, --grpc). Empty: latest.",
         "predict",
     )
-    top_k: int = _field(5, "How many classes to show per image.", "predict")
+    top_k: int = _field(5, "How many classes to show per image.", "predict", at_least=1)
     json: bool = _field(False, "Print the predictions as JSON.", "predict")
 
     # ---------------------------------------------------------------- derived values
@@ -392,130 +448,42 @@ def is_table_file(path: str) -> bool:
     return path.lower().endswith((".csv", ".tsv"))
 
 
-def validate(config: Config) -> None:
-    """Checks every value a user can get wrong, before anything heavy runs.
+def _bound_error(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with `value` for the field's declared bounds, or None."""
+    meta = f.metadata
+    low, below, high = meta.get("at_least"), meta.get("below"), meta.get("at_most")
+    if meta.get("positive") and not value > 0:
+        return "must be positive"
+    if low is not None and value < low:
+        if below is not None:
+            return f"must be in [{low}, {below})"
+        return f"must be at least {low}" if high is None else f"must be in [{low}, {high}]"
+    if below is not None and not value < below:
+        return f"must be in [{low}, {below})" if low is not None else f"must be below {below}"
+    if high is not None and value > high:
+        return f"must be in [{low}, {high}]" if low is not None else f"must be at most {high}"
+    return None
+
+
+def check_fields(config: Config) -> None:
+    """Each flag's own constraints, as its field declares them (choices, bounds).
 
     Raises:
-      UserError: one line saying what is wrong and what to do.
+      UserError: one line naming the flag, the rule and the value.
     """
-    for f in dataclasses.fields(config):  # the CLI checks these; library callers may not
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
         choices = f.metadata.get("choices")
-        if choices and getattr(config, f.name) not in choices:
-            raise UserError(
-                f"--{f.name}={getattr(config, f.name)}: must be one of {', '.join(choices)}."
-            )
-    positive = ("epochs", "batch_size", "cpu_replicas")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}.")
-    if config.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be positive, got {config.learning_rate}.")
-    for name in ("dropout", "label_smoothing"):
-        value = getattr(config, name)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"--{name} must be in [0, 1), got {value}.")
-    if not 0 < config.validation_percent < 100:
-        raise UserError(
-            f"--validation_percent must be between 1 and 99, got {config.validation_percent}."
-        )
-    if config.image_size < 0:
-        raise UserError("--image_size must be positive (or 0 for the backbone's default).")
-    if config.backbone_alpha <= 0:
-        raise UserError(f"--backbone_alpha must be positive, got {config.backbone_alpha}.")
-    if config.weight_decay < 0:
-        raise UserError(f"--weight_decay must be >= 0, got {config.weight_decay}.")
-    for value in config.unfreeze.split(","):  # a list only reaches 'compare'
-        parse_unfreeze(value)
-    validate_training_options(config)
-    has_head_only_phase = config.unfreeze == "0" or config.warmup_epochs > 0
-    if config.cache in ("memory", "disk") and not (
-        has_head_only_phase and augmentation_free(config)
-    ):
-        raise UserError(
-            f"--cache={config.cache} needs a frozen backbone (--unfreeze=0, or the head-only "
-            "phase of --warmup_epochs) and no --augment/--mixup/--cutmix/--ema/"
-            "--average_checkpoints: the features of a backbone that trains, or of augmented "
-            "images, change every step. Use --cache=auto or none."
-        )
-    for name in ("early_stopping_patience", "reduce_lr_patience"):
-        if getattr(config, name) < 0:
-            raise UserError(f"--{name} must be >= 0 (0 turns it off).")
-    if config.data and not config.data.startswith("tfds:"):
-        if not os.path.exists(config.data):
-            raise UserError(f"--data={config.data}: no such folder.")
-        if not os.path.isdir(config.data) and not is_table_file(config.data):
-            raise UserError(
-                f"--data={config.data} is a file; pass the folder that holds one subfolder per "
-                "class (or, for text, a .csv or .tsv file)."
-            )
-    if config.data and os.path.isdir(config.data):
-        visible = [n for n in os.listdir(config.data) if not n.startswith(".")]
-        if not visible:
-            raise UserError(
-                f"--data={config.data} is an empty folder; put one subfolder of images per class "
-                "in it (or train/ val/ test/ folders that each hold them)."
-            )
-        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-        tfds_only = [
-            n
-            for n in ("train_split", "val_split", "test_split")
-            if getattr(config, n) != defaults[n]
-        ]
-        if tfds_only:
-            raise UserError(
-                f"--{tfds_only[0]} selects a TFDS split, but --data={config.data} is a folder: "
-                "a folder's splits are its train/ val/ test/ subfolders (or --validation_percent)."
-            )
-    if config.weight_decay != Config.weight_decay and config.optimizer != "adamw":
-        raise UserError(
-            f"--weight_decay only applies to --optimizer=adamw (got --optimizer={config.optimizer}); "
-            "add --optimizer=adamw or drop --weight_decay."
-        )
-    if config.cpu_replicas > 1 and config.strategy in ("one_device", "multi_worker"):
-        raise UserError(
-            f"--cpu_replicas={config.cpu_replicas} splits the CPU for MirroredStrategy; it "
-            f"conflicts with --strategy={config.strategy} (use --strategy=auto or mirrored)."
-        )
-    if config.data_service:
-        host, _, port = config.data_service.removeprefix("grpc://").rpartition(":")
-        if not config.data_service.startswith("grpc://") or not host or not port.isdigit():
-            raise UserError(
-                f"--data_service={config.data_service} must look like grpc://HOST:PORT "
-                "(the tf.data service dispatcher)."
-            )
-        if config.strategy == "multi_worker":
-            raise UserError(
-                "--data_service with --strategy=multi_worker is not supported; use one of them."
-            )
-    if config.strategy == "multi_worker":
-        from tf_finetune import multiworker
-
-        multiworker.parse_tf_config()  # a missing or malformed TF_CONFIG, before any TF op
-    if config.data.startswith("tfds:") and not config.data[5:]:
-        raise UserError("--data=tfds:NAME needs a dataset name, e.g. tfds:tf_flowers.")
-    if config.quantize != "none" and config.format != "tflite":
-        raise UserError(f"--quantize={config.quantize} needs --format=tflite.")
-    if config.export_version < 0:
-        raise UserError(
-            f"--export_version must be >= 1 (0: the next free one), got {config.export_version}."
-        )
-    if config.export_version and config.format == "saved_model":
-        pinned = os.path.join(config.export_base, str(config.export_version))
-        if os.path.exists(pinned):
-            raise UserError(
-                f"export version {pinned} exists and versions are never overwritten; pass "
-                "another --export_version, or none for the next free one."
-            )
-    if config.top_k < 1:
-        raise UserError(f"--top_k must be at least 1, got {config.top_k}.")
-    weights = config.weights
-    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
-        raise UserError(f"--weights={weights}: not imagenet, none, or an existing weights file.")
+        if choices and value not in choices:
+            raise UserError(f"--{f.name}={value}: must be one of {', '.join(choices)}.")
+        problem = None if isinstance(value, bool | str) else _bound_error(f, value)
+        if problem:
+            raise UserError(f"--{f.name} {problem}, got {value}.")
 
 
 def augmentation_free(config: Config) -> bool:
     """Nothing changes the training images or needs the whole model at every step, so a
-    head-only phase can train on cached backbone features (see train.cache_mode)."""
+    head-only phase can train on cached backbone features (see feature_fit.cache_mode)."""
     return (
         config.augment == "none"
         and not config.mixup
@@ -525,83 +493,9 @@ def augmentation_free(config: Config) -> bool:
     )
 
 
-def validate_training_options(config: Config) -> None:
-    """The fine-tuning, regularization, gate and search flags (issue 4)."""
-    if config.warmup_epochs < 0 or config.warmup_steps < 0:
-        raise UserError("--warmup_epochs and --warmup_steps must be >= 0 (0 turns them off).")
-    # Each --unfreeze value (compare takes a list) that unfreezes anything makes two phases.
-    unfreezes = any(parse_unfreeze(v) != 0 for v in config.unfreeze.split(","))
-    if config.warmup_epochs and unfreezes and config.warmup_epochs >= config.epochs:
-        raise UserError(
-            f"--warmup_epochs={config.warmup_epochs} leaves no fine-tuning epoch: --epochs counts "
-            f"both phases, so set it above {config.warmup_epochs}."
-        )
-    if not 0.0 < config.layer_lr_decay <= 1.0:
-        raise UserError(
-            f"--layer_lr_decay is in (0, 1] like 0.95 (1: off), got {config.layer_lr_decay}."
-        )
-    if config.fine_tune_learning_rate < 0:
-        raise UserError("--fine_tune_learning_rate must be positive (0: --learning_rate / 10).")
-    for name in ("mixup", "cutmix"):
-        if getattr(config, name) < 0:
-            raise UserError(f"--{name} is a Beta distribution alpha: > 0 turns it on, 0 off.")
-    if not 0.0 <= config.ema < 1.0:
-        raise UserError(f"--ema is a momentum in [0, 1) like 0.999 (0: off), got {config.ema}.")
-    if config.average_checkpoints < 0:
-        raise UserError("--average_checkpoints must be >= 0 (0: off).")
-    if not 0.0 <= config.min_accuracy <= 1.0:
-        raise UserError(f"--min_accuracy is in [0, 1] like 0.9, got {config.min_accuracy}.")
-    if config.reduce_lr_patience and (config.lr_schedule != "constant" or config.warmup_steps):
-        raise UserError(
-            "--reduce_lr_patience cannot change a scheduled learning rate (--lr_schedule="
-            f"{config.lr_schedule}, --warmup_steps={config.warmup_steps}): the schedule sets it "
-            "every step; use one or the other."
-        )
-    if config.max_trials < 1:
-        raise UserError("--max_trials must be at least 1.")
-
-
 # The offline default's own settings, used where the user did not set the flag. The digits
 # 0-4 features do not separate the digits 5-9 linearly well enough for a frozen backbone to
 # shine from 10 images per class (a linear probe reaches ~0.70); fine-tuning the whole
 # pretrained CNN does (~0.70 test accuracy vs ~0.50 for the same net from scratch), in seconds.
 # Deterministic, so the README's numbers come out to the digit.
 OFFLINE_DEFAULT_PRESET = {"unfreeze": "all", "epochs": 30, "batch_size": 16, "deterministic": True}
-
-
-def resolve(config: Config, explicit: frozenset[str] = frozenset()) -> Config:
-    """Fills the `auto`/0 defaults that depend on other values, and validates.
-
-    Args:
-      config: as parsed.
-      explicit: names of the flags the user set; the offline default's preset fills the rest.
-
-    Returns:
-      What the run uses and what `flags.cfg` records.
-    """
-    from tf_finetune import backbones, hub_model
-
-    if config.is_offline_default:
-        preset = {k: v for k, v in OFFLINE_DEFAULT_PRESET.items() if k not in explicit}
-        config = dataclasses.replace(config, **preset)
-    if "seed" in explicit and "deterministic" not in explicit:
-        config = dataclasses.replace(config, deterministic=True)
-    validate(config)
-    if hub_model.is_hub_backbone(config.backbone):
-        return hub_model.resolve(config)
-    if config.preprocessor:
-        raise UserError(
-            "--preprocessor only applies to a TF Hub --backbone (a BERT-style encoder)."
-        )
-    backbone = config.backbone
-    if backbone == "auto":
-        backbone = "digits_cnn" if config.is_offline_default else "mobilenet_v2"
-    spec = backbones.get_spec(backbone)
-    image_size = config.image_size or spec.default_size
-    if image_size < spec.min_size:
-        raise UserError(
-            f"--image_size={image_size} is too small for {backbone}: at least {spec.min_size}."
-        )
-    if config.backbone_alpha != 1.0 and not spec.has_alpha:
-        raise UserError(f"--backbone_alpha only applies to MobileNet backbones, not {backbone}.")
-    return dataclasses.replace(config, backbone=backbone, image_size=image_size)

@@ -10,7 +10,6 @@ global figure state leaks between calls.
 """
 
 import csv
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tf_finetune import atomic
 
 DEFAULT_TOP_K = (1, 5)
 DEFAULT_KEPT_IMAGES = 256
@@ -406,13 +407,7 @@ def _save_figure(fig, out_png: str) -> str:
     directory = os.path.dirname(out_png)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    tmp = f"{out_png}.tmp{os.getpid()}"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic.write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return out_png
 
 
@@ -684,21 +679,11 @@ def write_text_mistakes(
         lines.append(
             f"{class_names[int(y[i])]}\t{class_names[predicted]}\t{probs[i, predicted]:.3f}\t{text}"
         )
-    tmp = f"{out_txt}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, out_txt)
+    atomic.write_text(out_txt, "\n".join(lines) + "\n")
     return out_txt
 
 
 # ----------------------------------------------------------------------------- report
-def _write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def write_report(
     model,
     dataset,
@@ -752,5 +737,5 @@ def write_report(
     report_path = os.path.join(run_dir, f"report_{split_name}.json")
     files.append(report_path)
     report["files"] = files
-    _write_json(report_path, report)
+    atomic.write_json(report_path, report)
     return report

@@ -10,7 +10,6 @@ Pruning (tensorflow-model-optimization) is not offered: its `prune_low_magnitude
 tf_keras (Keras 2) objects and rejects every Keras 3 model and layer (checked with 0.8.1).
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, export, train
+from tf_finetune import data, export, input_pipeline, offline_default, rundir
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
@@ -34,33 +33,9 @@ SERVED_AS = "/models/{name}"  # where scripts/serve.sh and the docker examples m
 
 
 # ----------------------------------------------------------------------------- the run
-def read_metrics(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "metrics.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def best_checkpoint(config: Config) -> str:
-    final = os.path.join(config.model_dir, train.FINAL_WEIGHTS)
-    if os.path.exists(final):
-        return final  # an EMA or checkpoint average won on val_loss and was exported
-    best = os.path.join(config.model_dir, train.BEST_WEIGHTS)
-    if not os.path.exists(best):
-        raise UserError(f"no checkpoint at {best}: train first, or point --model_dir at a run.")
-    return best
-
-
 def load_best_model(config: Config, class_names: list[str]) -> keras.Model:
-    """The run's model with the weights of its best checkpoint."""
-    best = best_checkpoint(config)
-    # weights="none": the checkpoint holds every weight; no download nor pretraining needed.
-    model = model_lib.build_model(dataclasses.replace(config, weights="none"), len(class_names))
-    with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(best)
-    return model
+    """The run's model with the weights it evaluated and exported."""
+    return model_lib.restore_trained(config, len(class_names))
 
 
 # ----------------------------------------------------------------------------- TFLite
@@ -223,10 +198,11 @@ def export_run(config: Config) -> dict:
       {"path": what was written, "format": ..., "rows": [(name, size bytes, val accuracy)]
       for TFLite (float first), "card": the model card path, "serving_config": path or None}.
     """
-    best_checkpoint(config)  # before any data is read
-    metrics = read_metrics(config.model_dir)
+    rundir.trained_weights(config.model_dir)  # no checkpoint: one line before any data is read
+    metrics = rundir.read_metrics(config.model_dir)
     need_data = config.format == "tflite" or "class_names" not in metrics
-    dataset = train.load_data(config) if need_data else None
+    folder = offline_default.data_folder(config)
+    dataset = input_pipeline.load_data(config, folder) if need_data else None
     class_names = list(dataset.class_names if dataset else metrics["class_names"])
     if metrics.get("class_names") not in (None, class_names):
         raise UserError(

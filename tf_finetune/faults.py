@@ -28,8 +28,6 @@ mid-epoch and between writing and committing a file).
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
 import os
@@ -42,6 +40,8 @@ import uuid
 import keras
 from absl import logging
 
+from tf_finetune import atomic
+from tf_finetune.atomic import disk_full_error, is_disk_full
 from tf_finetune.errors import UserError
 
 LOCK_FILE = "run.lock"
@@ -74,39 +74,6 @@ def fault_point(name: str) -> None:
         if point == name:
             logging.warning("%s: sending %s to myself at %s", FAULT_ENV, sig or "SIGKILL", name)
             os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """True for 'no space left' / quota errors, whatever layer (os, h5py, TensorFlow) raised it."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "no space left on device" in str(error).lower() or "quota exceeded" in str(error).lower()
-
-
-def disk_full_error(what: str, path: str) -> UserError:
-    return UserError(
-        f"disk full while writing the {what} to {path}; the previous {what} is intact. "
-        "Free some space and rerun the same command: it resumes from the last backup."
-    )
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes JSON to a temporary file in the same folder and renames it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- lock
@@ -199,16 +166,16 @@ class RunLock:
                     self.path,
                     holder.get("pid"),
                 )
-                _remove(self.path)
+                atomic.remove(self.path)
             raise UserError(f"could not lock {self.path}; another run keeps taking it.")
         finally:
-            _remove(tmp)
+            atomic.remove(tmp)
 
     def release(self) -> None:
         if self._owned:
             holder = self._holder() or {}
             if holder.get("pid") == os.getpid():
-                _remove(self.path)
+                atomic.remove(self.path)
             self._owned = False
 
     def __enter__(self) -> RunLock:
@@ -274,15 +241,15 @@ class AtomicBackup(keras.callbacks.BackupAndRestore):
         try:
             self.model.save_weights(path)
             fault_point(f"backup:{self._current_epoch}")
-            write_json_atomic(os.path.join(self.backup_dir, BACKUP_METADATA), meta)
+            atomic.write_json(os.path.join(self.backup_dir, BACKUP_METADATA), meta)
         except Exception as e:
-            _remove(path)
+            atomic.remove(path)
             if is_disk_full(e):
                 raise disk_full_error("backup", self.backup_dir) from None
             raise
         for old in os.listdir(self.backup_dir):  # the previous weights (and a killed run's)
             if old.endswith(".weights.h5") and old != name:
-                _remove(os.path.join(self.backup_dir, old))
+                atomic.remove(os.path.join(self.backup_dir, old))
 
     def save_now(self, epoch: int, batch: int) -> None:
         """Backs up the current weights as `batch` steps into `epoch` (which then reruns)."""
@@ -294,7 +261,7 @@ class AtomicBackup(keras.callbacks.BackupAndRestore):
 def remove_backup(backup_dir: str) -> None:
     """Deletes a finished run's backup: metadata first, so a kill midway leaves no resume point
     that names a missing file."""
-    _remove(os.path.join(backup_dir, BACKUP_METADATA))
+    atomic.remove(os.path.join(backup_dir, BACKUP_METADATA))
     import shutil
 
     shutil.rmtree(backup_dir, ignore_errors=True)
@@ -331,7 +298,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         root, name = os.path.split(self.filepath)
         for leftover in os.listdir(root) if os.path.isdir(root) else []:
             if leftover.startswith(".tmp-") and leftover.endswith(name):  # a killed run's
-                _remove(os.path.join(root, leftover))
+                atomic.remove(os.path.join(root, leftover))
         # Only a resumed run continues the old best; a fresh run in the same folder starts over.
         # (The backup is restored after this callback's turn: ask its metadata directly.)
         if read_backup(self.backup.backup_dir) is None or not os.path.exists(self.state_path):
@@ -346,8 +313,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def _save_model(self, epoch, batch, logs):
         real = self.filepath
-        root, name = os.path.split(real)
-        tmp = os.path.join(root, f".tmp-{os.getpid()}-{name}")
+        tmp = atomic.temporary_path(real)
         best_before = self.best
         self.filepath = tmp
         try:
@@ -356,7 +322,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
                 return  # not an improvement
             fault_point(f"checkpoint:{epoch}")
             os.replace(tmp, real)
-            write_json_atomic(
+            atomic.write_json(
                 self.state_path, {"monitor": self.monitor, "best": float(self.best), "epoch": epoch}
             )
             self.best_epoch = epoch
@@ -367,7 +333,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
             raise
         finally:
             self.filepath = real
-            _remove(tmp)
+            atomic.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- NaN

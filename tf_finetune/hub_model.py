@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import hub
+from tf_finetune import head, hub
 from tf_finetune.errors import UserError
 
 DEFAULT_IMAGE_SIZE = 224
@@ -165,23 +165,12 @@ def can_be_deterministic(config) -> bool:
 
 # ----------------------------------------------------------------------------- config
 def resolve(config):
-    """Checks the hub-specific flags and fills the image size; returns the resolved config.
+    """Reads the module's signature, checks the flags against it and fills the image size;
+    returns the resolved config (the flag-only hub rules are validation.hub_backbone_options).
 
     Downloads the module (and preprocessor) into the hub cache if needed, so an unreachable
     handle fails here with one line naming TFHUB_CACHE_DIR.
     """
-    if config.unfreeze not in ("0", "all"):
-        raise UserError(
-            f"--unfreeze={config.unfreeze}: a hub module is a single layer; use --unfreeze=0 "
-            "(frozen) or --unfreeze=all (fine-tune it)."
-        )
-    if config.weights != "imagenet":
-        raise UserError(
-            f"--weights={config.weights} does not apply to a hub backbone: the module brings "
-            "its own weights; drop --weights."
-        )
-    if config.backbone_alpha != 1.0:
-        raise UserError("--backbone_alpha only applies to Keras MobileNet backbones, not hub ones.")
     signature = read_signature(hub.resolve_handle(config.backbone))
     if config.preprocessor:
         pre = read_signature(hub.resolve_handle(config.preprocessor))
@@ -250,20 +239,7 @@ def build_classifier(config, num_classes: int) -> keras.Model:
             config.backbone,
         )
     x = backbone(x)
-    # Feature maps still need pooling; feature vectors, pooled outputs and logits do not, but
-    # keep a layer named `pooler`: feature caching (features.py) cuts the model there.
-    if len(x.shape) == 4:
-        x = keras.layers.GlobalAveragePooling2D(name="pooler")(x)
-    elif len(x.shape) == 3:
-        x = keras.layers.GlobalAveragePooling1D(name="pooler")(x)
-    elif len(x.shape) == 2:
-        x = keras.layers.Identity(name="pooler")(x)
-    else:
-        raise UserError(f"--backbone={config.backbone} returns shape {x.shape}; need [batch, n].")
-    x = keras.layers.Dropout(config.dropout, name="output_dropout")(x)
-    outputs = keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="predictions"
-    )(x)
+    outputs = head.add_head(x, num_classes, config.dropout, f"--backbone={config.backbone}")
     return keras.Model(inputs, outputs, name="hub_classifier")
 
 

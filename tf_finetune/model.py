@@ -1,12 +1,13 @@
 """Model assembly: raw pixels -> preprocessing -> frozen backbone -> named head layers, and
 the configured optimizer, loss and metrics (`build_model(config, ...)`)."""
 
+import dataclasses
 import math
 
 import keras
 from absl import logging
 
-from tf_finetune import backbones, hub_model, phases, schedules
+from tf_finetune import backbones, head, hub_model, phases, rundir, schedules
 from tf_finetune.config import Config
 
 
@@ -30,11 +31,7 @@ def build_classifier(
     # training=False keeps BatchNormalization in inference mode even when the backbone is
     # unfrozen later: its statistics were learned on far more data than the new task has.
     x = backbone(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D(name="pooler")(x)
-    x = keras.layers.Dropout(dropout, name="output_dropout")(x)
-    outputs = keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="predictions"
-    )(x)
+    outputs = head.add_head(x, num_classes, dropout)
     return keras.Model(inputs, outputs, name=f"{spec.name}_classifier")
 
 
@@ -195,4 +192,14 @@ def build_model(
     finally:
         keras.mixed_precision.set_global_policy(previous)
     prepare_phase(model, config, num_classes, phase or phases.plan(config)[-1], steps_per_epoch)
+    return model
+
+
+def restore_trained(config: Config, num_classes: int) -> keras.Model:
+    """A finished run's classifier with the weights it evaluated and exported (call inside
+    a strategy's scope when there is one). Built with weights="none": the checkpoint holds
+    every weight, so no download nor pretraining is needed."""
+    weights = rundir.trained_weights(config.model_dir)
+    model = build_model(dataclasses.replace(config, weights="none"), num_classes)
+    rundir.load_weights_quietly(model, weights)
     return model

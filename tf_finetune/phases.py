@@ -21,6 +21,9 @@ import math
 import os
 import shutil
 
+from absl import logging
+
+from tf_finetune import atomic, faults
 from tf_finetune.config import Config
 
 BACKUP = "backup"
@@ -106,20 +109,60 @@ def save_state(model_dir: str, state: State) -> None:
     """Writes the state atomically (temp file + rename): a kill leaves the old or the new one."""
     path = _state_path(model_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(state), f)
-    os.replace(tmp, path)
+    atomic.write_json(path, dataclasses.asdict(state))
 
 
 def save_phase_end(model, model_dir: str, phase: int) -> None:
     """The model's weights at the end of `phase`, written atomically."""
-    final = phase_end_weights(model_dir, phase)
-    tmp = final.replace(".weights.h5", ".tmp.weights.h5")  # Keras wants the .weights.h5 suffix
-    model.save_weights(tmp)
-    os.replace(tmp, final)
+    atomic.save_weights(model, phase_end_weights(model_dir, phase))
 
 
 def finish(model_dir: str) -> None:
     """The run completed: a rerun starts a new run."""
     shutil.rmtree(backup_dir(model_dir), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- backups
+# The backup folders of a one-phase run (pixels end to end; the head on cached features).
+# A two-phase run's live under backup/ (`backup_dir`).
+BACKUPS = ("backup", "backup_head")
+
+
+def phase_backup(config: Config, phase: Phase, on_features: bool) -> str:
+    """The backup folder of `phase`, relative to the run dir.
+
+    A one-phase run keeps the plain layout (`backup`, or `backup_head` for the head on cached
+    features); a two-phase run has one folder per phase beside its state.json.
+    """
+    if len(plan(config)) == 1:
+        return BACKUPS[1] if on_features else BACKUPS[0]
+    return os.path.relpath(backup_dir(config.model_dir, phase.index), config.model_dir)
+
+
+def remove_backups(model_dir: str) -> None:
+    """Deletes a finished run's backups (each one's metadata first, see faults.remove_backup)."""
+    root = backup_dir(model_dir)
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            if os.path.isdir(os.path.join(root, name)):
+                faults.remove_backup(os.path.join(root, name))
+    for name in BACKUPS:
+        faults.remove_backup(os.path.join(model_dir, name))
+    finish(model_dir)
+
+
+def resume_point(config: Config) -> tuple[State | None, int]:
+    """The state of an unfinished run (None: a new run) and the epochs it had completed."""
+    phases = plan(config)
+    state = load_state(config.model_dir) if len(phases) > 1 else None
+    if state is not None and state.phase > len(phases):
+        logging.warning("The unfinished run in %s had more phases: starting anew", config.model_dir)
+        remove_backups(config.model_dir)
+        state = None
+    phase = phases[state.phase - 1] if state else phases[0]
+    for on_features in (False, True):  # whichever way the phase trains, its backup says
+        folder = os.path.join(config.model_dir, phase_backup(config, phase, on_features))
+        meta = faults.read_backup(folder)
+        if meta is not None:
+            return state or State(), meta["epoch"]
+    return state, phase.initial_epoch if state else 0

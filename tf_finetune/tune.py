@@ -24,8 +24,16 @@ import os
 import keras_tuner
 from absl import logging
 
+from tf_finetune import (
+    atomic,
+    distribute,
+    input_pipeline,
+    offline_default,
+    resolve,
+    selection,
+    train,
+)
 from tf_finetune import config as config_lib
-from tf_finetune import distribute, train
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
@@ -63,7 +71,7 @@ class Dimension:
 
 
 def _check_value(config: Config, field: str, value) -> None:
-    config_lib.validate(dataclasses.replace(config, **{field: value}))
+    resolve.check_resolved(dataclasses.replace(config, **{field: value}))
     if field == "unfreeze":
         config_lib.parse_unfreeze(value)
 
@@ -170,9 +178,11 @@ class FinetuneTuner(keras_tuner.engine.base_tuner.BaseTuner):
         config = trial_config(self.base, values, epochs, self.get_trial_dir(trial.trial_id))
         logging.info("Trial %s: %s, %d epochs", trial.trial_id, values, epochs)
         train.seed_everything(config)  # every trial starts from the same seed
-        pipelines = train.make_pipelines(config, self.dataset, self.strategy.num_replicas_in_sync)
+        pipelines = input_pipeline.make_pipelines(
+            config, self.dataset, self.strategy.num_replicas_in_sync
+        )
         fit = train.fit_phases(config, self.dataset, pipelines, self.strategy, verbose=0)
-        scores = train.best_checkpoint_scores(fit.model, config, pipelines)
+        scores = selection.best_checkpoint_scores(fit.model, config, pipelines)
         seconds = list(fit.epoch_seconds.values())
         return {
             "val_accuracy": scores["val_accuracy"],
@@ -231,22 +241,14 @@ def format_table(rows: list[dict], dims: list[Dimension]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def tune(config: Config) -> dict:
     """Runs (or resumes) the search; returns the ranked rows, the table and the flagfile path."""
     dims = search_space(config)
-    train.check_supported(config)
     strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
     os.makedirs(config.model_dir, exist_ok=True)
-    _write_text(os.path.join(config.model_dir, "tune.cfg"), config.to_flagfile())
+    atomic.write_text(os.path.join(config.model_dir, "tune.cfg"), config.to_flagfile())
     train.seed_everything(config)
-    dataset = train.load_data(config)
+    dataset = input_pipeline.load_data(config, offline_default.data_folder(config))
     tuner = FinetuneTuner(config, dims, dataset, strategy)
     tuner.search()
     rows = ranked_trials(tuner)
@@ -265,8 +267,8 @@ def tune(config: Config) -> dict:
         f"val_accuracy {best['val_accuracy']:.4f}).\n"
         f"# Rerun it in full (report, export): tf-finetune train --flagfile={flagfile}\n"
     )
-    _write_text(flagfile, header + best_config.to_flagfile())
-    _write_text(
+    atomic.write_text(flagfile, header + best_config.to_flagfile())
+    atomic.write_text(
         os.path.join(config.model_dir, RESULTS),
         json.dumps({"objective": "val_accuracy", "trials": rows}, indent=2),
     )

@@ -1,0 +1,31 @@
+"""The `evaluate` command: a finished run's weights, re-scored on one split of its data.
+
+Reads the run dir (rundir.py) and rebuilds the model from the run's flags with no pretrained
+weights (the checkpoint holds every weight); never imports the trainer.
+"""
+
+from tf_finetune import data, distribute, evaluate, input_pipeline, offline_default, rundir, scoring
+from tf_finetune import model as model_lib
+from tf_finetune.config import Config
+from tf_finetune.errors import UserError
+
+
+def evaluate_run(config: Config, split: str) -> dict:
+    """Re-evaluates a finished run's final weights on `split` (val or test) of its data."""
+    rundir.trained_weights(config.model_dir)  # no checkpoint: one line before any work
+    # A multi-worker run is evaluated in one process.
+    kind = "auto" if config.strategy == "multi_worker" else config.strategy
+    strategy = distribute.make_strategy(kind, config.cpu_replicas)
+    dataset = input_pipeline.load_data(config, offline_default.data_folder(config))
+    chosen = {"val": dataset.val, "test": dataset.test}[split]
+    if chosen is None:
+        raise UserError(f"the data has no {split} split; use --split=val.")
+    with strategy.scope():
+        model = model_lib.restore_trained(config, dataset.num_classes)
+    batch_size = distribute.eval_batch_size(
+        chosen.count, config.batch_size, strategy.num_replicas_in_sync
+    )
+    pipeline = data.make_pipeline(chosen, dataset.num_classes, batch_size, False, config.seed)
+    report = scoring.write_split_report(model, pipeline, dataset, config, split)
+    report["text"] = evaluate.format_report(report, dataset.class_names)
+    return report

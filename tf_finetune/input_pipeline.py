@@ -1,0 +1,119 @@
+"""The run's data as `tf.data` pipelines: which source `--data` names, and the train / val /
+test batches `fit` and the reports read.
+
+Sources (folders, TFDS, text tables) live in data.py and text_data.py; this module picks one
+and batches it for a strategy. It never imports the model, the trainer or the export.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from tf_finetune import augment, data, distribute, text_data
+from tf_finetune import config as config_lib
+from tf_finetune.config import Config
+
+
+def load_data(config: Config, folder: str | None = None) -> data.DataSet:
+    """The configured source as a DataSet.
+
+    Args:
+      config: the run.
+      folder: an image folder to read instead of --data (the offline default's target task).
+    """
+    if folder is not None:
+        return data.load_image_folder(folder, config.image_size, config.validation_percent)
+    if text_data.is_text_source(config):
+        return text_data.load(config)
+    if config.data.startswith("tfds:"):
+        return data.load_tfds(
+            config.data[len("tfds:") :],
+            config.image_size,
+            config.train_split,
+            config.val_split,
+            config.test_split,
+            config.validation_percent,
+            config.seed,
+        )
+    return data.load_image_folder(config.data, config.image_size, config.validation_percent)
+
+
+def trains_on_pixels(config: Config) -> bool:
+    """The last phase trains the backbone or sees augmented images: no feature cache."""
+    return config.unfreeze != "0" or not config_lib.augmentation_free(config)
+
+
+def make_pipelines(
+    config: Config, dataset: data.DataSet, replicas: int = 1, *, endless: bool = False
+) -> dict[str, tf.data.Dataset]:
+    """train (shuffled, augmented per the flags), val and, if any, test batches.
+
+    Args:
+      config: the run.
+      dataset: its splits.
+      replicas: the strategy's replicas (evaluation batches keep every replica fed).
+      endless: repeat train and val and shard them by data (multi-worker: every worker runs
+        the same number of steps, `fit_steps`; no test split).
+    """
+    # Training on pixels: decode each image once and keep it in RAM when the split fits.
+    keep = trains_on_pixels(config) and config.cache != "none" and not endless
+
+    def pipeline(split: data.Split, training: bool, cache: bool = False) -> tf.data.Dataset:
+        batch = config.batch_size
+        if endless:
+            split = dataclasses.replace(split, source=split.source.repeat())
+        elif not training:
+            batch = distribute.eval_batch_size(split.count, config.batch_size, replicas)
+        cache = cache and data.fits_in_memory(split, config.image_size, data.IMAGE_CACHE_BYTES // 2)
+        # Multi-worker input stays in order: every worker must see the same schedule.
+        in_order = config.deterministic or endless
+        ds = data.make_pipeline(
+            split, dataset.num_classes, batch, training, config.seed, cache, in_order
+        )
+        return ds.with_options(_shard_by_data()) if endless else ds
+
+    train = augment.augment_training_pipeline(
+        pipeline(dataset.train, True, keep),
+        config.augment,
+        config.mixup,
+        config.cutmix,
+        config.seed,
+    )
+    if not endless:  # skip_batches_smaller_than drops the few examples left over
+        train = distribute.skip_batches_smaller_than(
+            train, replicas, dataset.train.count, config.batch_size
+        )
+    pipelines = {"train": train, "val": pipeline(dataset.val, False, keep)}
+    if dataset.test and not endless:
+        pipelines["test"] = pipeline(dataset.test, False)
+    return pipelines
+
+
+def _shard_by_data() -> tf.data.Options:
+    options = tf.data.Options()
+    # Folder pipelines start from a list of paths, not files: shard by data.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def fit_steps(config: Config, dataset: data.DataSet) -> dict[str, int]:
+    """fit's step counts that make one epoch of the endless pipelines."""
+
+    def steps(split):
+        return max(1, -(-split.count // config.batch_size))
+
+    return {"steps_per_epoch": steps(dataset.train), "validation_steps": steps(dataset.val)}
+
+
+def with_data_service(ds: tf.data.Dataset, address: str) -> tf.data.Dataset:
+    """Runs the whole training pipeline (read, decode, batch) on tf.data service workers.
+
+    `distributed_epoch`: the workers split the list of files, so each example is seen once per
+    epoch however many workers there are (in an order that is no longer reproducible).
+    """
+    distributed = ds.apply(
+        tf.data.experimental.service.distribute(
+            processing_mode="distributed_epoch", service=address
+        )
+    )
+    return distributed.prefetch(data.AUTOTUNE)

@@ -1,0 +1,81 @@
+"""From the flags as given to the config a run uses: the step after the Config is built.
+
+Fills the values that depend on others or on the world (`auto` backbone, the backbone's image
+size, a hub module's signature, the offline default's preset), validates everything
+(validation.py), and refuses the combinations the chosen backbone and data cannot take.
+This is where handles are resolved and modules downloaded, never in config.py.
+"""
+
+import dataclasses
+
+from tf_finetune import validation
+from tf_finetune.config import OFFLINE_DEFAULT_PRESET, Config
+from tf_finetune.errors import UserError
+
+
+def resolve(config: Config, explicit: frozenset[str] = frozenset()) -> Config:
+    """Fills the `auto`/0 defaults that depend on other values, and validates.
+
+    Args:
+      config: as parsed.
+      explicit: names of the flags the user set; the offline default's preset fills the rest.
+
+    Returns:
+      What the run uses and what `flags.cfg` records.
+    """
+    if config.is_offline_default:
+        preset = {k: v for k, v in OFFLINE_DEFAULT_PRESET.items() if k not in explicit}
+        config = dataclasses.replace(config, **preset)
+    if "seed" in explicit and "deterministic" not in explicit:
+        config = dataclasses.replace(config, deterministic=True)
+    validation.validate(config)
+    config = _resolve_backbone(config)
+    _check_data_and_backbone(config)
+    return config
+
+
+def check_resolved(config: Config) -> None:
+    """Every rule again for a config derived from a resolved one (a compare variant, a tune
+    trial): the flags, and what its backbone and data take."""
+    from tf_finetune import hub_model
+
+    validation.validate(config)
+    if hub_model.is_hub_backbone(config.backbone):
+        validation.hub_backbone_options(config)
+    _check_data_and_backbone(config)
+
+
+def _resolve_backbone(config: Config) -> Config:
+    from tf_finetune import hub_model
+
+    if hub_model.is_hub_backbone(config.backbone):
+        validation.hub_backbone_options(config)
+        return hub_model.resolve(config)
+    validation.keras_backbone_options(config)
+    return _resolve_keras_backbone(config)
+
+
+def _resolve_keras_backbone(config: Config) -> Config:
+    from tf_finetune import backbones
+
+    backbone = config.backbone
+    if backbone == "auto":
+        backbone = "digits_cnn" if config.is_offline_default else "mobilenet_v2"
+    spec = backbones.get_spec(backbone)
+    image_size = config.image_size or spec.default_size
+    if image_size < spec.min_size:
+        raise UserError(
+            f"--image_size={image_size} is too small for {backbone}: at least {spec.min_size}."
+        )
+    if config.backbone_alpha != 1.0 and not spec.has_alpha:
+        raise UserError(f"--backbone_alpha only applies to MobileNet backbones, not {backbone}.")
+    return dataclasses.replace(config, backbone=backbone, image_size=image_size)
+
+
+def _check_data_and_backbone(config: Config) -> None:
+    from tf_finetune import hub_model, text_data
+
+    text = text_data.is_text_source(config)
+    validation.data_matches_backbone(config, text, hub_model.is_text_model(config))
+    if text:
+        validation.text_takes_no_augmentation(config)

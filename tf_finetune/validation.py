@@ -1,0 +1,228 @@
+"""Every check of a run's flags, in one place, before anything heavy runs.
+
+Each flag's own constraints (choices, ranges) are declared with its field in config.py and
+checked by `config.check_fields`; the rules between flags are the small named functions below,
+run in order by `validate`. A rule raises `UserError` with one line saying what is wrong and
+what to do. Rules that look at the world (the data folder, TF_CONFIG) come last.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from tf_finetune import config as config_lib
+from tf_finetune.config import Config
+from tf_finetune.errors import UserError
+
+
+# ----------------------------------------------------------------------------- flags alone
+def unfreeze_values(config: Config) -> None:
+    for value in config.unfreeze.split(","):  # a list only reaches 'compare'
+        config_lib.parse_unfreeze(value)
+
+
+def warmup_leaves_fine_tuning(config: Config) -> None:
+    # Each --unfreeze value (compare takes a list) that unfreezes anything makes two phases.
+    unfreezes = any(config_lib.parse_unfreeze(v) != 0 for v in config.unfreeze.split(","))
+    if config.warmup_epochs and unfreezes and config.warmup_epochs >= config.epochs:
+        raise UserError(
+            f"--warmup_epochs={config.warmup_epochs} leaves no fine-tuning epoch: --epochs counts "
+            f"both phases, so set it above {config.warmup_epochs}."
+        )
+
+
+def cache_needs_frozen_features(config: Config) -> None:
+    has_head_only_phase = config.unfreeze == "0" or config.warmup_epochs > 0
+    if config.cache in ("memory", "disk") and not (
+        has_head_only_phase and config_lib.augmentation_free(config)
+    ):
+        raise UserError(
+            f"--cache={config.cache} needs a frozen backbone (--unfreeze=0, or the head-only "
+            "phase of --warmup_epochs) and no --augment/--mixup/--cutmix/--ema/"
+            "--average_checkpoints: the features of a backbone that trains, or of augmented "
+            "images, change every step. Use --cache=auto or none."
+        )
+
+
+def weight_decay_needs_adamw(config: Config) -> None:
+    if config.weight_decay != Config.weight_decay and config.optimizer != "adamw":
+        raise UserError(
+            f"--weight_decay only applies to --optimizer=adamw (got --optimizer={config.optimizer}); "
+            "add --optimizer=adamw or drop --weight_decay."
+        )
+
+
+def schedule_or_plateau(config: Config) -> None:
+    if config.reduce_lr_patience and (config.lr_schedule != "constant" or config.warmup_steps):
+        raise UserError(
+            "--reduce_lr_patience cannot change a scheduled learning rate (--lr_schedule="
+            f"{config.lr_schedule}, --warmup_steps={config.warmup_steps}): the schedule sets it "
+            "every step; use one or the other."
+        )
+
+
+def cpu_replicas_need_mirrored(config: Config) -> None:
+    if config.cpu_replicas > 1 and config.strategy in ("one_device", "multi_worker"):
+        raise UserError(
+            f"--cpu_replicas={config.cpu_replicas} splits the CPU for MirroredStrategy; it "
+            f"conflicts with --strategy={config.strategy} (use --strategy=auto or mirrored)."
+        )
+
+
+def data_service_address(config: Config) -> None:
+    if not config.data_service:
+        return
+    host, _, port = config.data_service.removeprefix("grpc://").rpartition(":")
+    if not config.data_service.startswith("grpc://") or not host or not port.isdigit():
+        raise UserError(
+            f"--data_service={config.data_service} must look like grpc://HOST:PORT "
+            "(the tf.data service dispatcher)."
+        )
+    if config.strategy == "multi_worker":
+        raise UserError(
+            "--data_service with --strategy=multi_worker is not supported; use one of them."
+        )
+
+
+def tfds_name(config: Config) -> None:
+    if config.data.startswith("tfds:") and not config.data[5:]:
+        raise UserError("--data=tfds:NAME needs a dataset name, e.g. tfds:tf_flowers.")
+
+
+def quantize_needs_tflite(config: Config) -> None:
+    if config.quantize != "none" and config.format != "tflite":
+        raise UserError(f"--quantize={config.quantize} needs --format=tflite.")
+
+
+# ----------------------------------------------------------------------------- the world
+def data_exists(config: Config) -> None:
+    if not config.data or config.data.startswith("tfds:"):
+        return
+    if not os.path.exists(config.data):
+        raise UserError(f"--data={config.data}: no such folder.")
+    if not os.path.isdir(config.data) and not config_lib.is_table_file(config.data):
+        raise UserError(
+            f"--data={config.data} is a file; pass the folder that holds one subfolder per "
+            "class (or, for text, a .csv or .tsv file)."
+        )
+
+
+def folder_takes_no_tfds_splits(config: Config) -> None:
+    if not (config.data and os.path.isdir(config.data)):
+        return
+    visible = [n for n in os.listdir(config.data) if not n.startswith(".")]
+    if not visible:
+        raise UserError(
+            f"--data={config.data} is an empty folder; put one subfolder of images per class "
+            "in it (or train/ val/ test/ folders that each hold them)."
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    tfds_only = [
+        n for n in ("train_split", "val_split", "test_split") if getattr(config, n) != defaults[n]
+    ]
+    if tfds_only:
+        raise UserError(
+            f"--{tfds_only[0]} selects a TFDS split, but --data={config.data} is a folder: "
+            "a folder's splits are its train/ val/ test/ subfolders (or --validation_percent)."
+        )
+
+
+def weights_file_exists(config: Config) -> None:
+    if config.weights not in ("imagenet", "none") and not os.path.isfile(config.weights):
+        raise UserError(
+            f"--weights={config.weights}: not imagenet, none, or an existing weights file."
+        )
+
+
+def export_version_is_new(config: Config) -> None:
+    if config.export_version and config.format == "saved_model":
+        pinned = os.path.join(config.export_base, str(config.export_version))
+        if os.path.exists(pinned):
+            raise UserError(
+                f"export version {pinned} exists and versions are never overwritten; pass "
+                "another --export_version, or none for the next free one."
+            )
+
+
+def tf_config_for_multi_worker(config: Config) -> None:
+    if config.strategy == "multi_worker":
+        from tf_finetune import multiworker
+
+        multiworker.parse_tf_config()  # a missing or malformed TF_CONFIG, before any TF op
+
+
+RULES: tuple[Callable[[Config], None], ...] = (
+    unfreeze_values,
+    warmup_leaves_fine_tuning,
+    cache_needs_frozen_features,
+    weight_decay_needs_adamw,
+    schedule_or_plateau,
+    cpu_replicas_need_mirrored,
+    data_service_address,
+    tfds_name,
+    quantize_needs_tflite,
+    data_exists,
+    folder_takes_no_tfds_splits,
+    weights_file_exists,
+    export_version_is_new,
+    tf_config_for_multi_worker,
+)
+
+
+def validate(config: Config) -> None:
+    """Checks every value a user can get wrong, before anything heavy runs.
+
+    Raises:
+      UserError: one line saying what is wrong and what to do.
+    """
+    config_lib.check_fields(config)
+    for rule in RULES:
+        rule(config)
+
+
+# ----------------------------------------------------------------------------- the backbone
+def hub_backbone_options(config: Config) -> None:
+    """A TF Hub module is one layer with its own weights."""
+    if config.unfreeze not in ("0", "all"):
+        raise UserError(
+            f"--unfreeze={config.unfreeze}: a hub module is a single layer; use --unfreeze=0 "
+            "(frozen) or --unfreeze=all (fine-tune it)."
+        )
+    if config.two_phase or config.layer_lr_decay < 1.0:
+        raise UserError(
+            "--warmup_epochs and --layer_lr_decay need a Keras Applications backbone: a TF Hub "
+            "module is one layer (--unfreeze=0 or all)."
+        )
+    if config.weights != "imagenet":
+        raise UserError(
+            f"--weights={config.weights} does not apply to a hub backbone: the module brings "
+            "its own weights; drop --weights."
+        )
+    if config.backbone_alpha != 1.0:
+        raise UserError("--backbone_alpha only applies to Keras MobileNet backbones, not hub ones.")
+
+
+def keras_backbone_options(config: Config) -> None:
+    if config.preprocessor:
+        raise UserError(
+            "--preprocessor only applies to a TF Hub --backbone (a BERT-style encoder)."
+        )
+
+
+def text_takes_no_augmentation(config: Config) -> None:
+    if config.augment != "none" or config.mixup or config.cutmix:
+        raise UserError("--augment, --mixup and --cutmix transform images; text data takes none.")
+
+
+def data_matches_backbone(config: Config, text_data: bool, text_model: bool) -> None:
+    """Text data needs a text module and images an image backbone."""
+    if text_data and not text_model:
+        raise UserError(
+            f"--data={config.data} is text; pass a TF Hub text module as --backbone "
+            "(e.g. https://tfhub.dev/google/nnlm-en-dim50/2), see configs/imdb_nnlm.cfg."
+        )
+    if text_model and not text_data:
+        raise UserError(
+            f"--backbone={config.backbone} is a text module but --data={config.data or '(digits)'} "
+            "holds images; pass a .csv/.tsv file or a TFDS text data set."
+        )
