@@ -42,9 +42,10 @@ import tensorflow as tf  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tf_finetune import data, train  # noqa: E402
+from tf_finetune import callbacks, data, feature_fit, input_pipeline, phases  # noqa: E402
 from tf_finetune import model as model_lib  # noqa: E402
-from tf_finetune.config import Config, resolve  # noqa: E402
+from tf_finetune.config import Config  # noqa: E402
+from tf_finetune.resolve import resolve  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 FLOWERS = SHARED / "data" / "flowers_128"
@@ -58,6 +59,17 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 # ----------------------------------------------------------------------------- data
+
+
+def _fit_head(model, config, dataset, extra=()):
+    """tf-finetune's head-only phase on cached features (in memory), as train runs it."""
+    phase = phases.plan(config)[-1]
+    every = [*callbacks.make_callbacks(config, phase, 0, on_features=True), *extra]
+    return feature_fit.fit_head(
+        model, config, dataset, tf.distribute.get_strategy(), "memory", phase=phase, callbacks=every
+    )
+
+
 def make_jpeg_folder(
     root: pathlib.Path, count: int, classes: int = 5, size=(500, 375)
 ) -> pathlib.Path:
@@ -190,18 +202,10 @@ def bench_head_only(folder, image_size, batch, epochs, workdir) -> dict:
     keras.utils.set_random_seed(1337)
     config = ours_config(folder, image_size, batch, epochs, workdir / "head_only", cache="memory")
     start = time.perf_counter()
-    dataset = train.load_data(config)
+    dataset = input_pipeline.load_data(config)
     model = model_lib.build_model(config, dataset.num_classes)
     epoch_times = _EpochTimes()
-    history = train.fit_on_cached_features(
-        model,
-        config,
-        dataset,
-        tf.distribute.get_strategy(),
-        "memory",
-        0,
-        extra_callbacks=(epoch_times,),
-    )
+    history = _fit_head(model, config, dataset, extra=(epoch_times,))
     seconds = time.perf_counter() - start
     val = data.make_pipeline(dataset.val, dataset.num_classes, batch, False, 0)
     ours = {
@@ -221,7 +225,7 @@ def bench_extract(folder, image_size, batch, workdir, rounds: int = 5) -> dict:
     from tf_finetune import features
 
     config = ours_config(folder, image_size, batch, 1, workdir / "extract")
-    dataset = train.load_data(config)
+    dataset = input_pipeline.load_data(config)
     extractor, _ = features.split_classifier(model_lib.build_model(config, dataset.num_classes))
     n = dataset.train.count
 
@@ -283,7 +287,7 @@ def bench_full_finetune(folder, image_size, batch, steps, workdir) -> dict:
     recipe = batch / statistics.median(times.seconds[2:])
 
     config = ours_config(folder, image_size, batch, 1, workdir / "full", unfreeze="all")
-    dataset = train.load_data(config)
+    dataset = input_pipeline.load_data(config)
     model = model_lib.build_model(config, dataset.num_classes)
     pipeline = data.make_pipeline(dataset.train, dataset.num_classes, batch, True, 0)
     times = _StepTimes()
@@ -295,7 +299,7 @@ def bench_full_finetune(folder, image_size, batch, steps, workdir) -> dict:
 def bench_export(folder, image_size, workdir) -> dict:
     """serving_default latency (1 JPEG) and throughput (batch of 32), from a fresh export."""
     config = ours_config(folder, image_size, 32, 1, workdir / "export_run")
-    dataset = train.load_data(config)
+    dataset = input_pipeline.load_data(config)
     model = model_lib.build_model(config, dataset.num_classes)
     from tf_finetune import export
 
@@ -336,12 +340,10 @@ def bench_precision(folder, image_size, batch, steps, epochs, workdir) -> dict:
             config = ours_config(
                 folder, image_size, batch, epochs, workdir / f"p_{policy}", cache="memory"
             )
-            dataset = train.load_data(config)
+            dataset = input_pipeline.load_data(config)
             model = model_lib.build_model(config, dataset.num_classes)
             start = time.perf_counter()
-            train.fit_on_cached_features(
-                model, config, dataset, tf.distribute.get_strategy(), "memory", 0
-            )
+            _fit_head(model, config, dataset)
             head_only_seconds = time.perf_counter() - start
             val = data.make_pipeline(dataset.val, dataset.num_classes, batch, False, 0)
             accuracy = model.evaluate(val, return_dict=True, verbose=0)["accuracy"]
@@ -367,7 +369,8 @@ RSS_CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from tf_finetune import train
-from tf_finetune.config import Config, resolve
+from tf_finetune.config import Config
+from tf_finetune.resolve import resolve
 config = resolve(Config(data=sys.argv[2], backbone="mobilenet_v2", backbone_alpha=0.35,
     weights=sys.argv[3], image_size=int(sys.argv[4]), epochs=2, cache=sys.argv[5],
     model_dir=sys.argv[6]))

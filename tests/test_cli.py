@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from tf_finetune import cli
-from tf_finetune.config import Config, resolve
+from tf_finetune.config import Config
+from tf_finetune.resolve import resolve
 
 
 def _run(capsys, *argv):

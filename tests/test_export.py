@@ -25,7 +25,8 @@ from tensorflow_serving.config import model_server_config_pb2
 from tests.fake_tf_serving import FakeGrpcServer, FakeModelStore, FakeRestServer
 from tests.images import class_image, encode, write_class_folders
 from tf_finetune import cli, data, export, export_run
-from tf_finetune.config import Config, resolve
+from tf_finetune.config import Config
+from tf_finetune.resolve import resolve
 
 SIZE = 16
 CLASSES = ["class_0", "class_1", "class_2"]

@@ -16,7 +16,7 @@ import pytest
 
 from tests.images import write_class_folders
 from tests.test_train import tiny
-from tf_finetune import cli, export, faults, train
+from tf_finetune import cli, export, faults, input_pipeline, rundir, train
 from tf_finetune.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,17 +156,17 @@ def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_
     # Outside fit (here: while loading data) the signal stops at once.
     argv = ["train", f"--data={folder}", "--backbone=digits_cnn", "--weights=none"]
     argv += ["--image_size=16", f"--model_dir={tmp_path}"]
-    real = train.load_data
+    real = input_pipeline.load_data
 
-    def load_then_term(config):
+    def load_then_term(config, folder=None):
         os.kill(os.getpid(), signal.SIGTERM)
-        return real(config)
+        return real(config, folder)
 
     try:
-        train.load_data = load_then_term
+        input_pipeline.load_data = load_then_term
         code = cli.main(argv)
     finally:
-        train.load_data = real
+        input_pipeline.load_data = real
     err = capsys.readouterr().err
     assert code == 143
     assert err.strip().splitlines() == [
@@ -191,7 +191,7 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(
 ):
     run = tmp_path / "run"
     config = tiny(folder, run, learning_rate=0.01)
-    best = run / train.BEST_WEIGHTS
+    best = run / rundir.BEST_WEIGHTS
 
     def plant_nan(model):
         # As a diverging optimizer would: one weight becomes NaN mid-epoch.
@@ -236,7 +236,7 @@ def test_best_so_far_survives_a_resume(folder, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, extra_callbacks=(_At(2, 0, crash),))
     state = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
-    best_file = (tmp_path / train.BEST_WEIGHTS).read_bytes()
+    best_file = (tmp_path / rundir.BEST_WEIGHTS).read_bytes()
     assert state["monitor"] == "val_loss" and state["epoch"] in (0, 1)
 
     class Spoil(keras.callbacks.Callback):
@@ -247,7 +247,7 @@ def test_best_so_far_survives_a_resume(folder, tmp_path):
                 w.assign(np.random.default_rng(batch).normal(0, 5, w.shape).astype("float32"))
 
     metrics = train.train_and_evaluate(config, extra_callbacks=(Spoil(),))
-    assert (tmp_path / train.BEST_WEIGHTS).read_bytes() == best_file
+    assert (tmp_path / rundir.BEST_WEIGHTS).read_bytes() == best_file
     assert json.loads((tmp_path / "checkpoints" / "best.json").read_text()) == state
     assert metrics["val_loss"] == pytest.approx(state["best"], rel=1e-4)
 

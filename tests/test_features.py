@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from tests.images import write_class_folders
-from tf_finetune import data, features, train
+from tf_finetune import data, evaluate_run, feature_fit, features, phases, rundir, train
 from tf_finetune import model as model_lib
-from tf_finetune.config import Config, resolve
+from tf_finetune.config import Config
 from tf_finetune.errors import UserError
+from tf_finetune.resolve import resolve
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_memory_and_disk_features_match_and_disk_is_reused(folder, tmp_path):
     dataset = data.load_image_folder(str(folder), 16, 20)
     pipeline = data.make_pipeline(dataset.train, 3, 8, False, 0)
     in_memory = features.extract(extractor, pipeline, dataset.train.count)
-    key = train._cache_key(config, dataset.train, "train")
+    key = feature_fit.cache_key(config, dataset.train, "train")
     on_disk = features.cached_extract(
         extractor, pipeline, dataset.train.count, str(tmp_path / "c"), key
     )
@@ -77,14 +78,14 @@ def test_memory_and_disk_features_match_and_disk_is_reused(folder, tmp_path):
 def test_cache_key_changes_when_a_photo_or_the_weights_change(folder, tmp_path):
     config = frozen(folder, tmp_path)
     split = data.load_image_folder(str(folder), 16, 20).train
-    key = train._cache_key(config, split, "train")
-    assert train._cache_key(config, split, "train") == key
-    assert train._cache_key(frozen(folder, tmp_path, image_size=48), split, "train") != key
+    key = feature_fit.cache_key(config, split, "train")
+    assert feature_fit.cache_key(config, split, "train") == key
+    assert feature_fit.cache_key(frozen(folder, tmp_path, image_size=48), split, "train") != key
     photo = next(p for p in split.source.map(lambda k, _: k).as_numpy_iterator()).decode()
     with open(photo, "ab") as f:
         f.write(b"\0")  # still decodes: JPEG/PNG readers ignore trailing bytes
     try:
-        assert train._cache_key(config, split, "train") != key
+        assert feature_fit.cache_key(config, split, "train") != key
     finally:
         with open(photo, "rb+") as f:
             f.truncate(os.path.getsize(photo) - 1)
@@ -98,15 +99,18 @@ def test_cached_training_trains_the_full_model(folder, tmp_path, cache):
     assert (tmp_path / "checkpoints" / "head_best.weights.h5").exists()
     # The usual full-model checkpoint exists, so `evaluate` and `export` work after caching.
     model = model_lib.build_model(config, 3)
-    model.load_weights(tmp_path / train.BEST_WEIGHTS)
-    report = train.evaluate_run(config, "val")
+    model.load_weights(tmp_path / rundir.BEST_WEIGHTS)
+    report = evaluate_run.evaluate_run(config, "val")
     assert report["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
 
 
 def test_cache_modes_follow_the_backbone_and_size(folder, tmp_path):
-    assert train.cache_mode(frozen(folder, tmp_path), 1280, 1000) == "memory"
-    assert train.cache_mode(frozen(folder, tmp_path), 1280, 10**6) == "disk"
-    assert train.cache_mode(frozen(folder, tmp_path, unfreeze="all"), 1280, 10) == "none"
-    assert train.cache_mode(frozen(folder, tmp_path, cache="none"), 1280, 10) == "none"
+    def mode(config, dim, count):
+        return feature_fit.cache_mode(config, dim, count, phases.plan(config)[-1])
+
+    assert mode(frozen(folder, tmp_path), 1280, 1000) == "memory"
+    assert mode(frozen(folder, tmp_path), 1280, 10**6) == "disk"
+    assert mode(frozen(folder, tmp_path, unfreeze="all"), 1280, 10) == "none"
+    assert mode(frozen(folder, tmp_path, cache="none"), 1280, 10) == "none"
     with pytest.raises(UserError, match="needs a frozen backbone"):
         frozen(folder, tmp_path, cache="memory", unfreeze="3")

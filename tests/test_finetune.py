@@ -20,8 +20,10 @@ from tf_finetune import (
     data,
     distribute,
     phases,
+    rundir,
     schedules,
     train,
+    validation,
 )
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config, parse_unfreeze
@@ -234,7 +236,7 @@ def test_augmentation_trains_but_never_reaches_the_export(folder, tmp_path):
     second = loaded.signatures["predict_images"](images=images)["probabilities"].numpy()
     np.testing.assert_array_equal(first, second)
     model = model_lib.build_model(config, 3)
-    model.load_weights(tmp_path / train.BEST_WEIGHTS)
+    model.load_weights(tmp_path / rundir.BEST_WEIGHTS)
     np.testing.assert_allclose(first, model.predict(images, verbose=0), atol=1e-5)
 
     # The op scan does see random ops when augmentation is inside an exported model.
@@ -385,11 +387,11 @@ def test_ema_and_checkpoint_average_are_evaluated_beside_the_best(folder, tmp_pa
     assert metrics["exported_weights"] == min(losses, key=losses.get)
     assert metrics["val_loss"] == pytest.approx(losses[metrics["exported_weights"]], rel=1e-5)
     # `evaluate` finds the exported weights when they are not the best checkpoint's.
-    final_exists = (tmp_path / train.FINAL_WEIGHTS).exists()
+    final_exists = (tmp_path / rundir.FINAL_WEIGHTS).exists()
     assert final_exists == (metrics["exported_weights"] != "best_checkpoint")
 
     # The average is the element-wise mean of the two kept files.
-    top = tmp_path / train.TOP_CHECKPOINTS
+    top = tmp_path / rundir.TOP_CHECKPOINTS
     index = json.loads((top / "index.json").read_text())
     assert len(index) == 2 and sorted(os.listdir(top)) == sorted([*index, "index.json"])
     model = model_lib.build_model(config, 3)
@@ -457,9 +459,12 @@ def test_hub_modules_and_text_refuse_what_they_cannot_do(tmp_path):
     hub = "https://tfhub.dev/google/nnlm-en-dim50/2"
     for overrides in ({"warmup_epochs": 1, "unfreeze": "all"}, {"layer_lr_decay": 0.9}):
         with pytest.raises(UserError, match="TF Hub module is one layer"):
-            train.check_supported(Config(backbone=hub, epochs=3, **overrides))
+            validation.hub_backbone_options(Config(backbone=hub, epochs=3, **overrides))
     table = tmp_path / "reviews.csv"
     table.write_text("text,label\ngood,pos\nbad,neg\n")
     with pytest.raises(UserError, match="text data takes none"):
-        train.check_supported(Config(backbone=hub, data=str(table), augment="light"))
-    train.check_supported(Config(backbone=hub, data=str(table)))  # the defaults are fine
+        validation.text_takes_no_augmentation(
+            Config(backbone=hub, data=str(table), augment="light")
+        )
+    validation.hub_backbone_options(Config(backbone=hub, data=str(table)))  # the defaults pass
+    validation.text_takes_no_augmentation(Config(backbone=hub, data=str(table)))

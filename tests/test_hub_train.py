@@ -20,10 +20,11 @@ import tensorflow as tf
 from tests import hub_fixtures as fx
 from tests.images import class_image, encode, write_class_folders
 from tests.test_train import _Crash, _Epochs  # a kill after epoch 0; the epochs run
-from tf_finetune import cli, data, distribute, hub_model, train
+from tf_finetune import cli, data, distribute, evaluate_run, hub_model, rundir, train
 from tf_finetune import model as model_lib
-from tf_finetune.config import Config, resolve
+from tf_finetune.config import Config
 from tf_finetune.errors import UserError
+from tf_finetune.resolve import resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,7 +197,7 @@ def test_finetuned_hub_run_resumes_and_restores_the_best_checkpoint(modules, fol
     assert epochs.seen == [1, 2] and metrics["epochs"] == 3
     # The model evaluated and exported is the best checkpoint, hub weights included.
     fresh = model_lib.build_model(config, 3)
-    fresh.load_weights(tmp_path / train.BEST_WEIGHTS)
+    fresh.load_weights(tmp_path / rundir.BEST_WEIGHTS)
     for a, b in zip(fresh.weights, watch.model.weights):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
@@ -311,7 +312,7 @@ def test_bert_style_encoder_with_preprocessor_on_a_split_folder(modules, tmp_pat
     assert (metrics["train_images"], metrics["val_images"], metrics["test_images"]) == (32, 8, 8)
     assert _changed(watch.before, watch.after) == {"embeddings", "pooler_kernel"}
     assert "test_accuracy" in metrics
-    report = train.evaluate_run(config, "test")  # `tf-finetune evaluate` on a text run
+    report = evaluate_run.evaluate_run(config, "test")  # `tf-finetune evaluate` on a text run
     assert report["num_examples"] == 8
 
 

@@ -89,7 +89,7 @@ def test_two_workers_train_identical_weights_and_the_chief_export_serves(tmp_pat
 def test_data_service_feeds_training(tmp_path, monkeypatch):
     """--data_service: an in-process dispatcher and worker produce the training batches."""
     from tests.test_train import tiny
-    from tf_finetune import train
+    from tf_finetune import input_pipeline, train
 
     service = tf.data.experimental.service
     dispatcher = service.DispatchServer()
@@ -99,13 +99,13 @@ def test_data_service_feeds_training(tmp_path, monkeypatch):
     photos = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
     config = tiny(photos, tmp_path / "run", data_service=dispatcher.target)
     used = []
-    real = train.with_data_service
+    real = input_pipeline.with_data_service
 
     def spy(ds, address):
         used.append(real(ds, address))
         return used[-1]
 
-    monkeypatch.setattr(train, "with_data_service", spy)
+    monkeypatch.setattr(input_pipeline, "with_data_service", spy)
     metrics = train.train_and_evaluate(config)
     assert len(used) == 1
     graph = tf.raw_ops.DatasetToGraphV2(input_dataset=used[0]._variant_tensor).numpy()

@@ -8,7 +8,8 @@ import pytest
 
 from tf_finetune import backbones, train
 from tf_finetune import model as model_lib
-from tf_finetune.config import Config, resolve
+from tf_finetune.config import Config
+from tf_finetune.resolve import resolve
 
 WEIGHTS_035 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 

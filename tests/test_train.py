@@ -12,10 +12,11 @@ import pytest
 import tensorflow as tf
 
 from tests.images import class_image, encode, write_class_folders
-from tf_finetune import backbones, data, distribute, train
+from tf_finetune import backbones, data, distribute, rundir, train
 from tf_finetune import model as model_lib
-from tf_finetune.config import Config, resolve
+from tf_finetune.config import Config
 from tf_finetune.errors import UserError
+from tf_finetune.resolve import resolve
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,7 @@ def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tmp_path)
     metrics = train.train_and_evaluate(tiny(folder, tmp_path))
     export = metrics["export_path"]
     model = model_lib.build_model(tiny(folder, tmp_path), 3)
-    model.load_weights(tmp_path / train.BEST_WEIGHTS)
+    model.load_weights(tmp_path / rundir.BEST_WEIGHTS)
 
     images = [class_image(label, (30, 22), seed=100 + label) for label in (0, 1, 2)]
     jpegs = [encode(im, "JPEG") for im in images]

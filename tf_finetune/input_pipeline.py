@@ -9,7 +9,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from tf_finetune import augment, data, distribute, text_data
+from tf_finetune import augment, data, distribute, text_data, validation
 from tf_finetune import config as config_lib
 from tf_finetune.config import Config
 
@@ -23,7 +23,10 @@ def load_data(config: Config, folder: str | None = None) -> data.DataSet:
     """
     if folder is not None:
         return data.load_image_folder(folder, config.image_size, config.validation_percent)
-    if text_data.is_text_source(config):
+    text = text_data.is_text_source(config)
+    if config.data.startswith("tfds:"):
+        validation.data_matches_backbone(config, text)
+    if text:
         return text_data.load(config)
     if config.data.startswith("tfds:"):
         return data.load_tfds(

@@ -73,9 +73,9 @@ def _resolve_keras_backbone(config: Config) -> Config:
 
 
 def _check_data_and_backbone(config: Config) -> None:
-    from tf_finetune import hub_model, text_data
+    """Local data only: whether a TFDS set holds text is known once it is open, so
+    input_pipeline.load_data runs the same rule then."""
+    from tf_finetune import text_data
 
-    text = text_data.is_text_source(config)
-    validation.data_matches_backbone(config, text, hub_model.is_text_model(config))
-    if text:
-        validation.text_takes_no_augmentation(config)
+    if not config.data.startswith("tfds:"):
+        validation.data_matches_backbone(config, text_data.is_text_source(config))

@@ -214,8 +214,10 @@ def text_takes_no_augmentation(config: Config) -> None:
         raise UserError("--augment, --mixup and --cutmix transform images; text data takes none.")
 
 
-def data_matches_backbone(config: Config, text_data: bool, text_model: bool) -> None:
-    """Text data needs a text module and images an image backbone."""
+def data_matches_backbone(config: Config, text_data: bool) -> None:
+    """Text data needs a text module and images an image backbone (resolved: a text module
+    has no image size)."""
+    text_model = config.image_size == 0
     if text_data and not text_model:
         raise UserError(
             f"--data={config.data} is text; pass a TF Hub text module as --backbone "
@@ -226,3 +228,5 @@ def data_matches_backbone(config: Config, text_data: bool, text_model: bool) -> 
             f"--backbone={config.backbone} is a text module but --data={config.data or '(digits)'} "
             "holds images; pass a .csv/.tsv file or a TFDS text data set."
         )
+    if text_data:
+        text_takes_no_augmentation(config)
