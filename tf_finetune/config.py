@@ -8,6 +8,7 @@ field), parses the command line into a `Config`, and the library only ever sees 
 import dataclasses
 import os
 
+from tf_finetune import splits
 from tf_finetune.errors import UserError
 
 # Topics, in the order `--help` shows them.
@@ -60,9 +61,21 @@ class Config:
         "(image folders: by a hash of each file's path, so adding images never moves old ones).",
         "data",
     )
+    test_percent: int = _field(
+        0,
+        "Percent of the files held out as a test split, from a plain class folder or a single "
+        "CSV/TSV (by the same hash as validation, so adding files never moves old ones). Both "
+        "percents are shares of all files: 70/15/15 is --validation_percent=15 --test_percent=15. "
+        "0: no test split (train/ val/ test/ folders and TFDS keep their own).",
+        "data",
+    )
     image_size: int = _field(0, "Square input size in pixels. 0: the backbone's default.", "data")
     split: str = _field(
-        "test", "The split 'tf-finetune evaluate' reports on.", "data", ("val", "test")
+        "auto",
+        "The split 'tf-finetune evaluate' reports on. auto: test when the data has one, else "
+        "val (optimistic: it chose the checkpoint).",
+        "data",
+        ("auto", "val", "test"),
     )
     text_column: str = _field(
         "text",
@@ -418,6 +431,7 @@ def validate(config: Config) -> None:
         raise UserError(
             f"--validation_percent must be between 1 and 99, got {config.validation_percent}."
         )
+    splits.check_test_percent(config.data, config.validation_percent, config.test_percent)
     if config.image_size < 0:
         raise UserError("--image_size must be positive (or 0 for the backbone's default).")
     if config.backbone_alpha <= 0:
