@@ -237,3 +237,15 @@ def test_train_with_test_percent_reports_test_metrics_and_evaluate_picks_test(tm
     assert cli.main(["evaluate", f"--model_dir={plain}", "--split=test"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--test_percent" in err, err
+
+
+def test_check_data_cli_takes_test_percent(tmp_path, capsys):
+    """Needs cli.cmd_check_data to pass config.test_percent (the lead's wiring in cli.py)."""
+    folder = write_class_folders(tmp_path / "photos", num_classes=2, per_class=15, size=(16, 16))
+    test = len(data.list_image_folder(str(folder), 20, 20).splits["test"][0])
+    code = cli.main(["check-data", f"--data={folder}", "--test_percent=20"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "val 20%, test 20%" in out
+    total = next(line for line in out.splitlines() if line.strip().startswith("total"))
+    assert total.split()[-1] == str(test)
