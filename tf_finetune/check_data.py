@@ -1,9 +1,10 @@
 """`tf-finetune check-data`: what training would see in an image folder, without training.
 
-Class counts per split (the same split training uses), unreadable files with the reason,
-exact duplicate files (by content hash) within a split and across splits (leakage: the same
-image in train and val/test inflates the honest numbers), class imbalance, image sizes from
-the file headers (nothing is decoded twice), and the files that were ignored.
+Class counts per split (the same splits training makes, including a test split carved with
+--test_percent), unreadable files with the reason, exact duplicate files (by content hash)
+within a split and across splits (leakage: the same image in train and val/test inflates the
+honest numbers), class imbalance, image sizes from the file headers (nothing is decoded twice),
+and the files that were ignored.
 """
 
 import collections
@@ -54,11 +55,18 @@ def _size_stats(sizes: list[tuple[int, int]], image_size: int) -> dict:
     }
 
 
-def check_folder(root: str, validation_percent: int, image_size: int) -> dict:
-    """The report as a dict (see `format_report` for what each part means)."""
+def check_folder(
+    root: str, validation_percent: int, image_size: int, test_percent: int = 0
+) -> dict:
+    """The report as a dict (see `format_report` for what each part means).
+
+    The splits are the ones training makes: a folder's train/ val/ test/, or val (and, with
+    `test_percent`, test) carved by path hash from a plain class folder.
+    """
     if root.startswith("tfds:"):
         raise UserError("check-data checks image folders; TFDS data sets are already curated.")
-    listing = data.list_image_folder(root, validation_percent)
+    listing = data.list_image_folder(root, validation_percent, test_percent)
+    carved = not os.path.isdir(os.path.join(root, "train"))
     all_paths = [p for paths, _ in listing.splits.values() for p in paths]
     unreadable = list(listing.unusable) + data.find_unreadable(all_paths)
     bad = {p for p, _ in unreadable}
@@ -95,6 +103,11 @@ def check_folder(root: str, validation_percent: int, image_size: int) -> dict:
     largest, smallest = max(train.values()), min(train.values())
     return {
         "data": root,
+        "carved": (
+            {"validation_percent": validation_percent, "test_percent": test_percent}
+            if carved
+            else None
+        ),
         "class_names": list(listing.class_names),
         "counts": counts,
         "unreadable": [{"file": p, "reason": r} for p, r in unreadable],
@@ -116,7 +129,16 @@ def format_report(report: dict, max_listed: int = 20) -> str:
     names = report["class_names"]
     splits = list(report["counts"])
     width = max(12, *(len(n) for n in names))
-    lines = [f"Data: {report['data']}", ""]
+    lines = [f"Data: {report['data']}"]
+    carved = report.get("carved")
+    if carved:
+        test = carved["test_percent"]
+        lines.append(
+            f"Splits carved by a hash of each path: val {carved['validation_percent']}%"
+            + (f", test {test}%" if test else ", no test (--test_percent=15 holds one out)")
+            + "; adding images never moves old ones."
+        )
+    lines.append("")
     lines.append(f"  {'class':{width}s}" + "".join(f"{s:>8s}" for s in splits))
     for name in names:
         lines.append(

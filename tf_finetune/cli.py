@@ -101,7 +101,9 @@ def cmd_check_data(config: config_lib.Config) -> int:
 
     if config.is_offline_default:
         raise UserError("check-data needs --data=FOLDER (the folder you would train on).")
-    report = check_data.check_folder(config.data, config.validation_percent, config.image_size)
+    report = check_data.check_folder(
+        config.data, config.validation_percent, config.image_size, config.test_percent
+    )
     print(check_data.format_report(report))
     return 0
 

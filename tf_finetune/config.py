@@ -84,8 +84,21 @@ class Config:
     image_size: int = _field(
         0, "Square input size in pixels. 0: the backbone's default.", "data", at_least=0
     )
+    test_percent: int = _field(
+        0,
+        "Percent of the files held out as a test split, from a plain class folder or a single "
+        "CSV/TSV (by the same hash as validation, so adding files never moves old ones). Both "
+        "percents are shares of all files: 70/15/15 is --validation_percent=15 --test_percent=15. "
+        "0: no test split (train/ val/ test/ folders and TFDS keep their own).",
+        "data",
+        at_least=0,
+    )
     split: str = _field(
-        "test", "The split 'tf-finetune evaluate' reports on.", "data", ("val", "test")
+        "auto",
+        "The split 'tf-finetune evaluate' reports on. auto: test when the data has one, else "
+        "val (optimistic: it chose the checkpoint).",
+        "data",
+        ("auto", "val", "test"),
     )
     text_column: str = _field(
         "text",

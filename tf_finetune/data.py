@@ -18,6 +18,7 @@ from collections.abc import Callable
 import tensorflow as tf
 from absl import logging
 
+from tf_finetune import splits as splits_lib
 from tf_finetune.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -159,25 +160,35 @@ def hash_percent(relative_path: str) -> float:
     """A stable position in [0, 100) for a file, from its path (as TF Hub's retrain.py did).
 
     Anything after `_nohash_` in the file name is ignored, so variants of one photo land on the
-    same side; adding files later never moves old ones between train and validation.
+    same side; adding files later never moves old ones between train, validation and test.
     """
     key = re.sub(r"_nohash_.*$", "", relative_path.replace(os.sep, "/"))
     digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
     return (int(digest, 16) % 100_000) / 1000.0
 
 
-def partition(keys: list, labels: list, is_val: list[bool]) -> tuple[tuple, tuple]:
-    """((train keys, train labels), (val keys, val labels)) by the `is_val` mask."""
-    train = (
-        [k for k, v in zip(keys, is_val) if not v],
-        [y for y, v in zip(labels, is_val) if not v],
-    )
-    val = ([k for k, v in zip(keys, is_val) if v], [y for y, v in zip(labels, is_val) if v])
-    return train, val
+def carve(
+    keys: list, labels: list, positions: list[float], validation_percent: int, test_percent: int = 0
+) -> dict[str, tuple[list, list]]:
+    """{split: (keys, labels)} by each key's hash position (see `splits.split_of`).
+
+    Always has train and val; test only when `test_percent` > 0.
+    """
+    out = {name: ([], []) for name in splits_lib.SPLITS if name != "test" or test_percent > 0}
+    for key, label, position in zip(keys, labels, positions):
+        chosen = out[splits_lib.split_of(position, validation_percent, test_percent)]
+        chosen[0].append(key)
+        chosen[1].append(label)
+    return out
 
 
-def list_image_folder(root: str, validation_percent: int) -> FolderListing:
-    """Finds classes and files; splits train/val by path hash unless the folder has val/."""
+def list_image_folder(root: str, validation_percent: int, test_percent: int = 0) -> FolderListing:
+    """Finds classes and files; carves val (and test) by path hash unless the folder has val/.
+
+    `test_percent` > 0 carves a test split too, from a plain class folder only (UserError for a
+    folder with train/).
+    """
+    splits_lib.check_test_percent(root, validation_percent, test_percent)
     subdirs = _class_dirs(root)
     unusable: list[tuple[str, str]] = []
     if "train" in subdirs:
@@ -203,8 +214,8 @@ def list_image_folder(root: str, validation_percent: int) -> FolderListing:
         )
     if "val" not in splits:
         paths, labels = splits["train"]
-        is_val = [hash_percent(os.path.relpath(p, source_root)) < validation_percent for p in paths]
-        splits["train"], splits["val"] = partition(paths, labels, is_val)
+        positions = [hash_percent(os.path.relpath(p, source_root)) for p in paths]
+        splits.update(carve(paths, labels, positions, validation_percent, test_percent))
     return FolderListing(class_names, splits, tuple(unusable))
 
 
@@ -339,9 +350,14 @@ def _folder_split(paths, labels, image_size) -> Split:
     return Split(ds, lambda p: decode_and_resize(tf.io.read_file(p), image_size), len(paths))
 
 
-def load_image_folder(root: str, image_size: int, validation_percent: int) -> DataSet:
-    """An image folder -> DataSet, with unreadable files skipped and reported."""
-    listing = list_image_folder(root, validation_percent)
+def load_image_folder(
+    root: str, image_size: int, validation_percent: int, test_percent: int = 0
+) -> DataSet:
+    """An image folder -> DataSet, with unreadable files skipped and reported.
+
+    `test_percent` > 0 carves a test split from a plain class folder (see `list_image_folder`).
+    """
+    listing = list_image_folder(root, validation_percent, test_percent)
     all_paths = [p for paths, _ in listing.splits.values() for p in paths]
     if not all_paths:
         raise UserError(f"--data={root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, any case).")
@@ -368,6 +384,11 @@ def load_image_folder(root: str, image_size: int, validation_percent: int) -> Da
                 raise UserError(
                     f"--data={root}: no image fell in the validation split; add images or "
                     "raise --validation_percent."
+                )
+            if name == "test" and test_percent:
+                raise UserError(
+                    f"--data={root}: no image fell in the test split; add images or "
+                    "raise --test_percent."
                 )
             continue
         paths, labels = zip(*kept)

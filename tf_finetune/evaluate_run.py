@@ -4,22 +4,32 @@ Reads the run dir (rundir.py) and rebuilds the model from the run's flags with n
 weights (the checkpoint holds every weight); never imports the trainer.
 """
 
-from tf_finetune import data, distribute, evaluate, input_pipeline, offline_default, rundir, scoring
+from tf_finetune import (
+    data,
+    distribute,
+    evaluate,
+    input_pipeline,
+    offline_default,
+    rundir,
+    scoring,
+    splits,
+)
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
-from tf_finetune.errors import UserError
 
 
-def evaluate_run(config: Config, split: str) -> dict:
-    """Re-evaluates a finished run's final weights on `split` (val or test) of its data."""
+def evaluate_run(config: Config, split: str = "auto") -> dict:
+    """Re-evaluates a finished run's final weights on `split` (auto, val or test) of its data.
+
+    auto: test when the data has one, else val, with a note that val is optimistic.
+    """
     rundir.trained_weights(config.model_dir)  # no checkpoint: one line before any work
     # A multi-worker run is evaluated in one process.
     kind = "auto" if config.strategy == "multi_worker" else config.strategy
     strategy = distribute.make_strategy(kind, config.cpu_replicas)
     dataset = input_pipeline.load_data(config, offline_default.data_folder(config))
+    split, note = splits.choose_eval_split(split, dataset.test is not None)
     chosen = {"val": dataset.val, "test": dataset.test}[split]
-    if chosen is None:
-        raise UserError(f"the data has no {split} split; use --split=val.")
     with strategy.scope():
         model = model_lib.restore_trained(config, dataset.num_classes)
     batch_size = distribute.eval_batch_size(
@@ -28,4 +38,6 @@ def evaluate_run(config: Config, split: str) -> dict:
     pipeline = data.make_pipeline(chosen, dataset.num_classes, batch_size, False, config.seed)
     report = scoring.write_split_report(model, pipeline, dataset, config, split)
     report["text"] = evaluate.format_report(report, dataset.class_names)
+    if note:
+        report["text"] = f"{note}\n{report['text']}"
     return report

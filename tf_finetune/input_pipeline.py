@@ -21,7 +21,7 @@ def load_data(config: Config, folder: str | None = None) -> data.DataSet:
       config: the run.
       folder: an image folder to read instead of --data (the offline default's target task).
     """
-    if folder is not None:
+    if folder is not None:  # the offline default's: train/ val/ test/ inside
         return data.load_image_folder(folder, config.image_size, config.validation_percent)
     text = text_data.is_text_source(config)
     if config.data.startswith("tfds:"):
@@ -38,7 +38,9 @@ def load_data(config: Config, folder: str | None = None) -> data.DataSet:
             config.validation_percent,
             config.seed,
         )
-    return data.load_image_folder(config.data, config.image_size, config.validation_percent)
+    return data.load_image_folder(
+        config.data, config.image_size, config.validation_percent, config.test_percent
+    )
 
 
 def trains_on_pixels(config: Config) -> bool:

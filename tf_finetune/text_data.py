@@ -4,10 +4,10 @@ Each Split's source yields `(tf.string text, int32 label)` and its `load` is the
 `data.make_pipeline` batches text exactly like images (labels one-hot, texts stay tf.string)
 and training, evaluation and export are shared.
 
-CSV/TSV: `--data=reviews.csv` (validation carved by a hash of each text, so adding rows never
-moves old ones and duplicates never straddle train and validation), or a folder holding
-`train.csv` and optionally `val.csv` (or `validation.csv`) and `test.csv` (`.tsv` likewise),
-used as given. The first line names the columns; the delimiter follows the extension (`,` for
+CSV/TSV: `--data=reviews.csv` (validation, and with --test_percent a test split, carved by a
+hash of each text, so adding rows never moves old ones and duplicates never straddle splits),
+or a folder holding `train.csv` and optionally `val.csv` (or `validation.csv`) and `test.csv`
+(`.tsv` likewise), used as given. The first line names the columns; the delimiter follows the extension (`,` for
 .csv, tab for .tsv). Labels are class names (classes sorted by name) or integers (sorted by
 value). A missing value, an unknown label (in val/test) or a row that does not split into the
 header's columns is a UserError naming the file and line.
@@ -20,6 +20,7 @@ import os
 import tensorflow as tf
 
 from tf_finetune import data
+from tf_finetune import splits as splits_lib
 from tf_finetune.config import is_table_file
 from tf_finetune.errors import UserError
 
@@ -142,9 +143,14 @@ def _hash_percent(text: str) -> float:
 
 
 def load_table(
-    source: str, text_column: str, label_column: str, validation_percent: int
+    source: str, text_column: str, label_column: str, validation_percent: int, test_percent: int = 0
 ) -> data.DataSet:
-    """A CSV/TSV file, or a folder with train/val/test CSV/TSV files -> DataSet of texts."""
+    """A CSV/TSV file, or a folder with train/val/test CSV/TSV files -> DataSet of texts.
+
+    `test_percent` > 0 carves a test split from a single file, by the same text hash as
+    validation (UserError for a folder, which has its own splits).
+    """
+    splits_lib.check_test_percent(source, validation_percent, test_percent)
     files = _split_files(source) if os.path.isdir(source) else {"train": source}
     if "train" not in files:
         raise UserError(f"--data={source}: no train.csv or train.tsv in the folder.")
@@ -171,13 +177,14 @@ def load_table(
         splits[split] = (texts, ids)
     if "val" not in splits:
         texts, ids = splits["train"]
-        is_val = [_hash_percent(t) < validation_percent for t in texts]
-        splits["train"], splits["val"] = data.partition(texts, ids, is_val)
-        if not splits["val"][0]:
-            raise UserError(
-                f"--data={source}: no row fell in the validation split; add rows or raise "
-                "--validation_percent."
-            )
+        positions = [_hash_percent(t) for t in texts]
+        splits.update(data.carve(texts, ids, positions, validation_percent, test_percent))
+        for split, flag in (("val", "validation_percent"), ("test", "test_percent")):
+            if split in splits and not splits[split][0]:
+                raise UserError(
+                    f"--data={source}: no row fell in the {split} split; add rows or raise "
+                    f"--{flag}."
+                )
     return data.DataSet(
         class_names=class_names,
         train=_text_split(*splits["train"]),
@@ -252,7 +259,9 @@ def load_tfds_text(
 
 def load(config) -> data.DataSet:
     """The configured text source as a DataSet."""
+    test_percent = config.test_percent
     if config.data.startswith("tfds:"):
+        splits_lib.check_test_percent(config.data, config.validation_percent, test_percent)
         return load_tfds_text(
             config.data[len("tfds:") :],
             config.text_column,
@@ -264,5 +273,9 @@ def load(config) -> data.DataSet:
             config.seed,
         )
     return load_table(
-        config.data, config.text_column, config.label_column, config.validation_percent
+        config.data,
+        config.text_column,
+        config.label_column,
+        config.validation_percent,
+        test_percent,
     )

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 
 from tf_finetune import config as config_lib
+from tf_finetune import splits
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
@@ -95,6 +96,10 @@ def quantize_needs_tflite(config: Config) -> None:
 
 
 # ----------------------------------------------------------------------------- the world
+def test_percent_fits(config: Config) -> None:
+    splits.check_test_percent(config.data, config.validation_percent, config.test_percent)
+
+
 def data_exists(config: Config) -> None:
     if not config.data or config.data.startswith("tfds:"):
         return
@@ -162,6 +167,7 @@ RULES: tuple[Callable[[Config], None], ...] = (
     tfds_name,
     quantize_needs_tflite,
     data_exists,
+    test_percent_fits,
     folder_takes_no_tfds_splits,
     weights_file_exists,
     export_version_is_new,
