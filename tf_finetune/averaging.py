@@ -9,12 +9,11 @@ and averages them.
 
 import json
 import os
-import warnings
 
 import keras
 import numpy as np
 
-from tf_finetune import atomic
+from tf_finetune import atomic, rundir
 
 
 class KeepBestCheckpoints(keras.callbacks.Callback):
@@ -77,13 +76,12 @@ def average_weights(model: keras.Model, paths: list[str]) -> None:
     if not paths:
         raise ValueError("no checkpoint to average")
     total = None
-    with warnings.catch_warnings():  # the files' optimizer state is not needed here
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        for path in paths:
-            model.load_weights(path)
-            values = [np.asarray(w, dtype=np.float64) for w in model.weights]
-            total = values if total is None else [t + v for t, v in zip(total, values)]
-        model.load_weights(paths[0])  # integer state (e.g. seed generators): the best file's
+    for path in paths:
+        rundir.load_weights_quietly(model, path)
+        values = [np.asarray(w, dtype=np.float64) for w in model.weights]
+        total = values if total is None else [t + v for t, v in zip(total, values)]
+    # Integer state (e.g. seed generators): the best file's.
+    rundir.load_weights_quietly(model, paths[0])
     for weight, summed in zip(model.weights, total):
         if np.issubdtype(np.dtype(weight.dtype), np.floating):
             weight.assign((summed / len(paths)).astype(weight.dtype))

@@ -7,6 +7,7 @@ raw pixels and do the scaling inside its own graph (and so does the export).
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Callable
 
 import keras
@@ -148,6 +149,13 @@ def build_backbone(
       A functional model from (image_size, image_size, 3) preprocessed pixels to a feature map.
     """
     if spec.constructor == "digits_cnn":
+        if weights == "imagenet":
+            weights = digits_weights_file()
+            if not os.path.exists(weights):
+                raise UserError(
+                    f"digits_cnn has no pretrained weights at {weights}: run the offline default "
+                    "(tf-finetune train with no --data) once, or pass --weights=none."
+                )
         return digits.build_digits_backbone(image_size, weights)
     kwargs = dict(spec.kwargs)
     if spec.has_alpha:
@@ -173,13 +181,22 @@ def build_backbone(
         raise
 
 
-def keras_cache_dir() -> str:
-    """Where keras.applications looks for (and downloads) weights files."""
-    import os
-
+def keras_home() -> str:
+    """Keras' cache folder ($KERAS_HOME, default ~/.keras)."""
+    # keras.src: Keras has no public accessor for the folder it caches weights in itself.
     from keras.src.backend import config as keras_config
 
-    return os.path.join(keras_config.keras_home(), "models")
+    return keras_config.keras_home()
+
+
+def keras_cache_dir() -> str:
+    """Where keras.applications looks for (and downloads) weights files."""
+    return os.path.join(keras_home(), "models")
+
+
+def digits_weights_file() -> str:
+    """Where digits_cnn's pretrained ("imagenet") weights are cached (offline_default.py)."""
+    return os.path.join(keras_cache_dir(), digits.WEIGHTS_FILE)
 
 
 @keras.saving.register_keras_serializable(package="tf_finetune")

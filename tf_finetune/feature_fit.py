@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import atomic, data, distribute, features, phases, rundir, schedules
+from tf_finetune import atomic, backbones, data, distribute, features, phases, rundir
 from tf_finetune import config as config_lib
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
@@ -59,10 +59,7 @@ def cache_key(config: Config, split: data.Split, name: str) -> str:
 def _cache_dir(mode: str) -> str | None:
     if mode != "disk":
         return None
-    # keras.src: Keras has no public accessor for KERAS_HOME, where it keeps its own caches.
-    from keras.src.backend import config as keras_config
-
-    return os.path.join(keras_config.keras_home(), "tf_finetune_features")
+    return os.path.join(backbones.keras_home(), "tf_finetune_features")
 
 
 def extract_splits(
@@ -105,12 +102,7 @@ def fit_head(
     steps = phases.steps_per_epoch(dataset.train.count, config.batch_size)
     with strategy.scope():
         extractor, head = features.split_classifier(model)
-        rate = schedules.learning_rate(
-            phase.learning_rate,
-            config.lr_schedule,
-            steps * (phase.epochs - phase.initial_epoch),
-            config.warmup_steps,
-        )
+        rate = model_lib.phase_learning_rate(config, phase, steps)
         model_lib.compile_model(head, config, dataset.num_classes, rate)
     timings = timings or Timings()
     with timings.stage("features"):

@@ -79,6 +79,9 @@ def read_signature(path: str) -> ModuleSignature:
     still split the CPU afterwards (loading the module would fix the device list for good).
     """
     from tensorflow.core.protobuf import saved_model_pb2
+
+    # tensorflow.python: decoding a saved signature without loading the module has no public
+    # API (tf.saved_model.load would initialise the devices, see above).
     from tensorflow.python.saved_model import nested_structure_coder
 
     saved = saved_model_pb2.SavedModel()

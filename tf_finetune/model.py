@@ -134,6 +134,16 @@ def compile_model(
     )
 
 
+def phase_learning_rate(
+    config: Config, phase: phases.Phase, steps_per_epoch: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The phase's base rate under --lr_schedule and --warmup_steps, over its own steps."""
+    steps = steps_per_epoch * (phase.epochs - phase.initial_epoch)
+    return schedules.learning_rate(
+        phase.learning_rate, config.lr_schedule, steps, config.warmup_steps
+    )
+
+
 def prepare_phase(
     model: keras.Model,
     config: Config,
@@ -155,10 +165,7 @@ def prepare_phase(
             len(trainable),
             ", ".join(trainable[:5]),
         )
-    steps = steps_per_epoch * (phase.epochs - phase.initial_epoch)
-    rate = schedules.learning_rate(
-        phase.learning_rate, config.lr_schedule, steps, config.warmup_steps
-    )
+    rate = phase_learning_rate(config, phase, steps_per_epoch)
     multipliers = None
     if trainable and config.layer_lr_decay < 1.0:
         backbone = get_backbone(model)

@@ -188,6 +188,8 @@ _PATCH_MARK = "_tf_finetune_mw_workaround"
 
 
 def _trainer_module():
+    # keras.src: the patches below replace private trainer functions (keras#20585); there is
+    # no public hook for them.
     from keras.src.backend.tensorflow import trainer
 
     return trainer
@@ -210,7 +212,7 @@ def _patch_symbolic_build() -> None:
         if strategy is None or iterator is None:
             return original(self, iterator=iterator, data_batch=data_batch)
         import tensorflow as tf
-        from keras.src import tree
+        from keras import tree
 
         for _, _, it in iterator:
             data_batch = next(it)
@@ -245,7 +247,7 @@ def _patch_reduce_per_replica() -> None:
             strategy
         ):
             return original(values, strategy, reduction)
-        from keras.src import tree
+        from keras import tree
 
         def _reduce(v):
             local = strategy.experimental_local_results(v)[0]

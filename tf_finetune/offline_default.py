@@ -47,7 +47,7 @@ def pretrain() -> str:
 
     Seeds the global RNGs: call it before the run seeds its own.
     """
-    path = digits.pretrained_weights_file()
+    path = backbones.digits_weights_file()
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _pretrain(path)
@@ -118,8 +118,8 @@ def write_target_folder(root: str, shots: int = SHOTS_PER_CLASS, seed: int = 0) 
 
 def data_dir() -> str:
     """Where the offline default's PNG folders are written (Keras' datasets cache)."""
-    keras_home = os.path.dirname(os.path.dirname(digits.pretrained_weights_file()))
-    return os.path.join(keras_home, "datasets", f"tf_finetune_digits_5to9_{SHOTS_PER_CLASS}shot")
+    name = f"tf_finetune_digits_5to9_{SHOTS_PER_CLASS}shot"
+    return os.path.join(backbones.keras_home(), "datasets", name)
 
 
 def data_folder(config) -> str | None:
