@@ -232,6 +232,14 @@ class Config:
         "training",
         ("auto", "memory", "disk", "none"),
     )
+    smoke: bool = _field(
+        False,
+        "Shrink every size so the run finishes in seconds: at most 16 training and 8 val/test "
+        "examples, 1 epoch per phase, batch 8, images at the backbone's smallest size (32 px "
+        "where it allows), 2 tune trials. Sources are unchanged: a check that a preset or a "
+        "data set works end to end, not a result.",
+        "training",
+    )
     early_stopping_patience: int = _field(
         0, "Stop after N epochs without val_loss improvement (0: off).", "training", at_least=0
     )

@@ -13,14 +13,41 @@ from tf_finetune import augment, data, distribute, text_data, validation
 from tf_finetune import config as config_lib
 from tf_finetune.config import Config
 
+# --smoke keeps at most this many examples of each split.
+SMOKE_EXAMPLES = {"train": 16, "val": 8, "test": 8}
+
 
 def load_data(config: Config, folder: str | None = None) -> data.DataSet:
-    """The configured source as a DataSet.
+    """The configured source as a DataSet (shrunk under --smoke).
 
     Args:
       config: the run.
       folder: an image folder to read instead of --data (the offline default's target task).
     """
+    dataset = _load_source(config, folder)
+    return shrink(dataset, config.seed) if config.smoke else dataset
+
+
+def shrink(dataset: data.DataSet, seed: int) -> data.DataSet:
+    """A few examples of each split (SMOKE_EXAMPLES), drawn by a seeded shuffle of the keys
+    so a folder listed class by class still gives several classes; the same ones every epoch."""
+
+    def small(split: data.Split | None, n: int) -> data.Split | None:
+        if split is None:
+            return None
+        n = min(n, split.count)
+        keys = split.source.shuffle(max(split.count, 1), seed=seed, reshuffle_each_iteration=False)
+        return dataclasses.replace(split, source=keys.take(n), count=n)
+
+    return dataclasses.replace(
+        dataset,
+        train=small(dataset.train, SMOKE_EXAMPLES["train"]),
+        val=small(dataset.val, SMOKE_EXAMPLES["val"]),
+        test=small(dataset.test, SMOKE_EXAMPLES["test"]),
+    )
+
+
+def _load_source(config: Config, folder: str | None) -> data.DataSet:
     if folder is not None:  # the offline default's: train/ val/ test/ inside
         return data.load_image_folder(folder, config.image_size, config.validation_percent)
     text = text_data.is_text_source(config)

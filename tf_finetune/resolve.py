@@ -31,7 +31,29 @@ def resolve(config: Config, explicit: frozenset[str] = frozenset()) -> Config:
     validation.validate(config)
     config = _resolve_backbone(config)
     _check_data_and_backbone(config)
-    return config
+    return _shrunk(config) if config.smoke else config
+
+
+# --smoke: sizes only; the data (input_pipeline.SMOKE_EXAMPLES) shrinks when it is loaded.
+SMOKE_SIZE, SMOKE_BATCH, SMOKE_TRIALS = 32, 8, 2
+
+
+def _shrunk(config: Config) -> Config:
+    """The same run at the smallest sizes it takes (`--smoke`)."""
+    from tf_finetune import backbones
+
+    image_size = config.image_size
+    if image_size and config.backbone in backbones.BACKBONES:  # a hub module fixes its own
+        image_size = min(image_size, max(SMOKE_SIZE, backbones.get_spec(config.backbone).min_size))
+    warmup = min(config.warmup_epochs, 1)
+    return dataclasses.replace(
+        config,
+        image_size=image_size,
+        epochs=warmup + 1 if config.two_phase else 1,
+        warmup_epochs=warmup,
+        batch_size=min(config.batch_size, SMOKE_BATCH),
+        max_trials=min(config.max_trials, SMOKE_TRIALS),
+    )
 
 
 def check_resolved(config: Config) -> None:
