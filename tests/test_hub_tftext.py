@@ -298,3 +298,12 @@ def test_cli_kaggle_url_offline_is_one_line(monkeypatch, tmp_path, capsys, no_ne
     _, err = capsys.readouterr()
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert str(tmp_path / "kagglehub") in err and "kagglehub.model_download(" in err
+
+
+def test_predict_on_an_export_needing_an_unknown_op_is_one_line(modules):
+    from tf_finetune.serving import LocalPredictor
+
+    with pytest.raises(UserError) as info:
+        LocalPredictor(modules["made_up"])
+    message = str(info.value)
+    assert message.startswith("--model ") and MADE_UP_OP in message and "\n" not in message
