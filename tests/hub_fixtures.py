@@ -259,6 +259,87 @@ def save_bert_preprocessor(path, *, seq_length: int = SEQ_LENGTH):
     return path
 
 
+class _TFTextBertPreprocessor(_Trackable):
+    """Like TF Hub's bert_en_uncased_preprocess, made of the same TF Text ops.
+
+    ``tensorflow_text.BertTokenizer(lower_case=True)`` runs CaseFoldUTF8, NormalizeUTF8,
+    RegexSplitWithOffsets and WordpieceTokenizeWithOffsets; ``combine_segments`` adds
+    [CLS]/[SEP] and ``pad_model_inputs`` truncates/pads to ``seq_length``.
+    """
+
+    def __init__(self, vocab_file, seq_length):
+        super().__init__()
+        import tensorflow_text as text
+
+        self.tokenizer = text.BertTokenizer(vocab_file, lower_case=True, token_out_type=tf.int64)
+        self.seq_length = seq_length
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def __call__(self, sentences):
+        import tensorflow_text as text
+
+        tokens = self.tokenizer.tokenize(sentences).merge_dims(-2, -1)
+        cls_id, sep_id = BERT_SPECIAL.index("[CLS]"), BERT_SPECIAL.index("[SEP]")
+        ids, type_ids = text.combine_segments(
+            [tokens], start_of_sequence_id=cls_id, end_of_segment_id=sep_id
+        )
+        word_ids, mask = text.pad_model_inputs(ids, max_seq_length=self.seq_length)
+        type_ids, _ = text.pad_model_inputs(type_ids, max_seq_length=self.seq_length)
+        return {
+            "input_word_ids": tf.cast(word_ids, tf.int32),
+            "input_mask": tf.cast(mask, tf.int32),
+            "input_type_ids": tf.cast(type_ids, tf.int32),
+        }
+
+
+def save_tftext_bert_preprocessor(path, *, seq_length: int = SEQ_LENGTH):
+    """:func:`save_bert_preprocessor`'s interface, made of TF Text ops (needs tensorflow_text).
+
+    Loading it in a process that has not imported tensorflow_text fails with
+    "Op type not registered 'CaseFoldUTF8'", exactly like the real bert_en_uncased_preprocess.
+    Its ids match :func:`save_bert_encoder`'s vocabulary.
+    """
+    path = str(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file = os.path.join(scratch, "vocab.txt")
+        with open(vocab_file, "w") as f:
+            f.write("\n".join(BERT_SPECIAL + VOCAB) + "\n")
+        module = _TFTextBertPreprocessor(vocab_file, seq_length)
+        module.variables = []
+        module.trainable_variables = []
+        module.regularization_losses = []
+        tf.saved_model.save(module, path)
+    return path
+
+
+def rename_op(path, old: str, new: str) -> str:
+    """Rewrites saved_model.pb so every ``old`` op node becomes ``new`` (e.g. a made-up op).
+
+    For "an op no installed library registers": the graph stays well-formed, only the op name
+    changes. Returns ``path``; raises if ``old`` does not occur.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb = os.path.join(str(path), "saved_model.pb")
+    saved = saved_model_pb2.SavedModel()
+    with open(pb, "rb") as f:
+        saved.ParseFromString(f.read())
+    count = 0
+    for graph in saved.meta_graphs:
+        nodes = list(graph.graph_def.node)
+        for function in graph.graph_def.library.function:
+            nodes += list(function.node_def)
+        for node in nodes:
+            if node.op == old:
+                node.op = new
+                count += 1
+    if not count:
+        raise ValueError(f"no {old} op in {pb}")
+    with open(pb, "wb") as f:
+        f.write(saved.SerializeToString())
+    return str(path)
+
+
 class _BertEncoder(_Trackable):
     def __init__(self, vocab_size, hidden, seed):
         super().__init__()
@@ -306,4 +387,5 @@ if __name__ == "__main__":
     save_signature_only_module(os.path.join(out, "signature_only"))
     save_bert_preprocessor(os.path.join(out, "bert_preprocess"))
     save_bert_encoder(os.path.join(out, "bert_encoder"))
+    save_tftext_bert_preprocessor(os.path.join(out, "bert_preprocess_tftext"))
     print(out)

@@ -190,8 +190,9 @@ def test_tfhub_to_kaggle_handle_ignores_other_urls():
     ],
 )
 def test_kaggle_url_to_handle_both_forms(url):
+    # Normalised: Kaggle paths are case-sensitive, both forms must share one cache folder.
     assert hub.kaggle_url_to_handle(url) == (
-        "google/mobilenet-v2/TensorFlow2/100-224-feature-vector/5"
+        "google/mobilenet-v2/tensorFlow2/100-224-feature-vector/5"
     )
 
 

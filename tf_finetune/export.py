@@ -33,7 +33,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import faults
+from tf_finetune import faults, hub
 from tf_finetune.config import Config
 from tf_finetune.data import decode_and_resize, resize
 from tf_finetune.errors import UserError
@@ -225,6 +225,24 @@ def run_card(config: Config, class_names: list[str], metrics: dict) -> dict:
     )
 
 
+def record_non_core_ops(saved_model_dir: str) -> list[str]:
+    """The ops the written SavedModel needs beyond core TensorFlow, sorted; logged when any.
+
+    E.g. a BERT preprocessor's TF Text ops: stock TF Serving cannot load such a model (see
+    docs/serving.md). Goes into model_card.json as `non_core_ops` (empty when none).
+    """
+    ops = hub.non_core_ops(saved_model_dir)
+    if ops:
+        providers = sorted({hub.op_provider(op) or "an unknown op library" for op in ops})
+        logging.warning(
+            "The export needs ops beyond core TensorFlow: %s (from %s). Stock TF Serving "
+            "lacks them: serve it with a build that has them (docs/serving.md).",
+            ", ".join(ops),
+            ", ".join(providers),
+        )
+    return ops
+
+
 def write_json_atomically(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -289,6 +307,7 @@ def export_saved_model(
             **(card or model_card(class_names, image_size)),
             "version": version,
             "signatures": signatures,
+            "non_core_ops": record_non_core_ops(tmp),
         }
         write_json_atomically(os.path.join(tmp, MODEL_CARD), card)
         faults.fault_point("export")

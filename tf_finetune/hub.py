@@ -21,8 +21,10 @@ Conventions of TF Hub modules the caller must respect:
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
+import sys
 import urllib.error
 import urllib.parse
 
@@ -37,15 +39,26 @@ __all__ = [
     "HubLayer",
     "hub_cache_dir",
     "is_hub_handle",
+    "is_kaggle_handle",
+    "kaggle_cache_dir",
     "kaggle_url_to_handle",
     "load_module",
+    "load_op_libraries",
+    "missing_ops",
+    "non_core_ops",
+    "normalize_kaggle_handle",
+    "op_provider",
+    "resolve_kaggle",
+    "saved_model_ops",
     "resolve_handle",
     "module_image_size",
     "module_input_spec",
     "module_kind",
     "module_output_rank",
     "module_output_shape",
+    "check_ops",
     "tfhub_to_kaggle_handle",
+    "unregistered_op",
 ]
 
 # HubLayer(output_key=ALL_OUTPUTS) returns a module's whole output dict.
@@ -54,6 +67,35 @@ ALL_OUTPUTS = "*"
 _TFHUB_HOSTS = ("tfhub.dev", "www.tfhub.dev", "hub.tensorflow.google.cn")
 _KAGGLE_HOSTS = ("www.kaggle.com", "kaggle.com")
 _KAGGLE_FRAMEWORK = "tensorFlow2"
+# Kaggle's framework slugs, by lower-case spelling. Kaggle paths (and so kagglehub's cache
+# folders) are case-sensitive, while users and URLs spell frameworks either way
+# (`TensorFlow2` in short URLs, `tensorFlow2` in handles): normalising maps both to one
+# cache folder. Unknown frameworks are kept as given.
+_KAGGLE_FRAMEWORKS = {
+    name.lower(): name
+    for name in (
+        "tensorFlow2",
+        "tensorFlow1",
+        "tfLite",
+        "tfJs",
+        "keras",
+        "jax",
+        "flax",
+        "pyTorch",
+        "transformers",
+        "onnx",
+        "coral",
+        "scikitLearn",
+        "gemmaCpp",
+        "ggml",
+        "gguf",
+        "maxText",
+        "pax",
+        "tensorRtLlm",
+        "mxnet",
+        "other",
+    )
+}
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
 
@@ -87,14 +129,62 @@ def _is_local_saved_model(path: str) -> bool:
     )
 
 
+def _kaggle_handle_parts(name: str) -> list[str] | None:
+    """The 4 or 5 parts of an ``owner/model/framework/variation[/version]`` handle, else None."""
+    parts = name.split("/")
+    if len(parts) not in (4, 5) or not all(parts):
+        return None
+    if parts[2].lower() not in _KAGGLE_FRAMEWORKS:
+        return None
+    if len(parts) == 5 and not parts[4].isdigit():
+        return None
+    if not all(re.fullmatch(r"[A-Za-z0-9._-]+", p) for p in parts):
+        return None
+    return parts
+
+
+def is_kaggle_handle(name) -> bool:
+    """True for a Kaggle Models handle ``owner/model/framework/variation[/version]``.
+
+    The framework must be one Kaggle knows (``tensorFlow2``, ``keras``, ...; any case), so a
+    relative path like ``runs/a/b/c`` is not mistaken for a handle; an existing local
+    directory always wins (see :func:`resolve_handle`).
+    """
+    if not isinstance(name, str | os.PathLike):
+        return False
+    name = os.fspath(name)
+    return _url_parts(name) is None and _kaggle_handle_parts(name) is not None
+
+
+def normalize_kaggle_handle(handle: str) -> str:
+    """One spelling per Kaggle model: lower-case slugs, Kaggle's camelCase framework.
+
+    ``Google/MobileNet-V2/TensorFlow2/100-224-Feature-Vector/5`` ->
+    ``google/mobilenet-v2/tensorFlow2/100-224-feature-vector/5``. Kaggle's owner, model and
+    variation slugs are lower case; its framework slugs are camelCase (``tensorFlow2``,
+    ``pyTorch``). Kaggle paths are case-sensitive, so without this the short and long URL
+    forms of one model would land in two kagglehub cache folders.
+    """
+    parts = _kaggle_handle_parts(handle)
+    if parts is None:
+        raise UserError(
+            f"{handle!r} is not a Kaggle model handle; use owner/model/framework/variation"
+            "/version, e.g. google/mobilenet-v2/tensorFlow2/100-224-feature-vector/5"
+        )
+    parts[0], parts[1], parts[3] = parts[0].lower(), parts[1].lower(), parts[3].lower()
+    parts[2] = _KAGGLE_FRAMEWORKS[parts[2].lower()]
+    return "/".join(parts)
+
+
 def is_hub_handle(name) -> bool:
     """True if ``name`` should be loaded as a TF Hub module rather than a Keras model name.
 
     Accepts ``https://tfhub.dev/...`` (and the hub.tensorflow.google.cn mirror),
     ``https://www.kaggle.com/models/...`` in both the short
     (``owner/model/framework/variation/version``) and the long
-    (``.../frameworks/F/variations/V/versions/N``) form, ``gs://...``, and a local
-    directory that contains ``saved_model.pb``.
+    (``.../frameworks/F/variations/V/versions/N``) form, a Kaggle Models handle
+    (``owner/model/framework/variation[/version]``, :func:`is_kaggle_handle`), ``gs://...``,
+    and a local directory that contains ``saved_model.pb``.
     """
     if not isinstance(name, str | os.PathLike):
         return False
@@ -103,7 +193,7 @@ def is_hub_handle(name) -> bool:
         return len(name) > len("gs://")
     if _url_parts(name) is not None:
         return _is_tfhub_url(name) or _is_kaggle_url(name)
-    return _is_local_saved_model(name)
+    return _is_local_saved_model(name) or is_kaggle_handle(name)
 
 
 def _kaggle_slug(text: str) -> str:
@@ -156,7 +246,7 @@ def tfhub_to_kaggle_handle(url: str) -> str | None:
 def kaggle_url_to_handle(url: str) -> str | None:
     """``owner/model/framework/variation[/version]`` for a kaggle.com/models URL, else None.
 
-    Both URL forms map to the same handle:
+    Both URL forms map to the same handle, normalised (:func:`normalize_kaggle_handle`):
     ``https://www.kaggle.com/models/google/mobilenet-v2/TensorFlow2/100-224-feature-vector/5``
     and ``https://www.kaggle.com/models/google/mobilenet-v2/frameworks/tensorFlow2/
     variations/100-224-feature-vector/versions/5``.
@@ -169,10 +259,211 @@ def kaggle_url_to_handle(url: str) -> str | None:
         handle = segments[:2] + [segments[3], segments[5]]
         if len(segments) >= 8 and segments[6] == "versions":
             handle.append(segments[7])
-        return "/".join(handle)
-    if len(segments) >= 4:
-        return "/".join(segments[:5])
+    elif len(segments) >= 4:
+        handle = segments[:5]
+    else:
+        return None
+    handle = "/".join(handle)
+    return normalize_kaggle_handle(handle) if _kaggle_handle_parts(handle) else handle
+
+
+# --------------------------------------------------------------------------- op libraries
+
+# TF Text's ops (tensorflow-text 2.21: what `import tensorflow_text` adds to the op registry).
+# Real TF Hub BERT preprocessors are made of them (CaseFoldUTF8, NormalizeUTF8,
+# WordpieceTokenizeWithOffsets, ...); SentencePiece-based preprocessors use its SentencepieceOp.
+_TF_TEXT_OPS = frozenset(
+    {
+        "CaseFoldUTF8",
+        "ConstrainedSequence",
+        "FastBertNormalize",
+        "FastWordpieceTokenizeWithOffsets",
+        "FindSourceOffsets",
+        "MaxSpanningTree",
+        "NormalizeUTF8",
+        "NormalizeUTF8WithOffsetsMap",
+        "PhraseTokenize",
+        "RegexSplitWithOffsets",
+        "RougeL",
+        "SentenceFragments",
+        "SentenceFragmentsV2",
+        "SplitMergeTokenizeWithOffsets",
+        "TokenizerFromLogits",
+        "UnicodeScriptTokenizeWithOffsets",
+        "WhitespaceTokenizeWithOffsets",
+        "WordpieceTokenizeWithOffsets",
+    }
+)
+# (op name prefix, the pip package that most likely registers it). Best effort: an op name
+# does not say where it comes from; these are the namespaces the packages use.
+_OP_PREFIXES = (
+    ("TFText>", "tensorflow-text"),
+    ("Sentencepiece", "tensorflow-text"),
+    ("IO>", "tensorflow-io"),
+    ("Addons>", "tensorflow-addons"),
+    ("SimpleML", "tensorflow-decision-forests"),
+    ("TFRA>", "tensorflow-recommenders-addons"),
+    ("Scann", "scann"),
+)
+# Python modules whose import registers the ops of an installed op library.
+_OP_LIBRARY_MODULES = ("tensorflow_text",)
+
+_core_ops: frozenset | None = None
+_op_libraries_loaded = False
+_op_library_errors: dict[str, str] = {}  # module -> why importing it failed
+
+
+def op_provider(op: str) -> str | None:
+    """The pip package that most likely registers ``op`` (e.g. ``tensorflow-text``), else None."""
+    if op in _TF_TEXT_OPS:
+        return "tensorflow-text"
+    for prefix, package in _OP_PREFIXES:
+        if op.startswith(prefix):
+            return package
     return None
+
+
+def _registered_ops() -> set[str]:
+    """Names of every op registered in this process (core TF plus loaded op libraries).
+
+    No public API lists them: ``tf.raw_ops`` only holds the Python wrappers of core ops (it
+    lacks ~450 registered internal/TPU ops, and never has a library's ops), and
+    ``op_def_registry`` only answers for one name. TF_GetAllOpList is the C API call the
+    registry is built on.
+    """
+    from tensorflow.core.framework import op_def_pb2
+    from tensorflow.python.client import pywrap_tf_session as c_api
+
+    buffer = c_api.TF_GetAllOpList()
+    try:
+        data = c_api.TF_GetBuffer(buffer)
+    finally:
+        c_api.TF_DeleteBuffer(buffer)
+    return {op.name for op in op_def_pb2.OpList.FromString(data).op}
+
+
+def load_op_libraries() -> None:
+    """Registers the ops of installed op libraries (``import tensorflow_text``); idempotent.
+
+    Call before loading any SavedModel: TF Hub BERT preprocessors fail to load with
+    "Op type not registered 'CaseFoldUTF8'" otherwise. The ops registered before the first
+    import are remembered as core TensorFlow (see :func:`non_core_ops`).
+    """
+    global _core_ops, _op_libraries_loaded
+    if _op_libraries_loaded:
+        return
+    if not any(name in sys.modules for name in _OP_LIBRARY_MODULES):
+        _core_ops = frozenset(_registered_ops())
+    for name in _OP_LIBRARY_MODULES:
+        try:
+            __import__(name)
+        except ImportError as error:
+            _op_library_errors[name] = _short(error)
+            logging.info("%s is not importable (%s): its ops are not registered", name, error)
+    _op_libraries_loaded = True
+
+
+def _core_op_names() -> frozenset:
+    load_op_libraries()
+    registered = _registered_ops()
+    core = _core_ops if _core_ops is not None else registered
+    # Whatever was imported first, ops a known extension package provides are not core.
+    return frozenset(op for op in core if op_provider(op) is None)
+
+
+def _read_saved_model(path: str):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    pb = os.path.join(path, "saved_model.pb")
+    try:
+        with open(pb, "rb") as f:
+            saved.ParseFromString(f.read())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {pb} ({_short(error)})") from None
+    return saved
+
+
+def saved_model_ops(path: str) -> set[str]:
+    """Op names used by the SavedModel in ``path`` (its graphs and their function library).
+
+    Read from saved_model.pb without loading it; calls of the library's own functions are
+    not ops and are left out.
+    """
+    ops, functions = set(), set()
+    for graph in _read_saved_model(os.fspath(path)).meta_graphs:
+        ops.update(node.op for node in graph.graph_def.node)
+        for function in graph.graph_def.library.function:
+            functions.add(function.signature.name)
+            ops.update(node.op for node in function.node_def)
+    return ops - functions
+
+
+def missing_ops(path: str) -> list[str]:
+    """Ops the SavedModel in ``path`` needs that no library in this process registers."""
+    load_op_libraries()
+    return sorted(saved_model_ops(path) - _registered_ops())
+
+
+def non_core_ops(path: str) -> list[str]:
+    """Sorted ops the SavedModel in ``path`` needs beyond core TensorFlow (e.g. TF Text's).
+
+    A serving binary without the libraries that provide them (stock TF Serving lacks TF Text)
+    cannot load the SavedModel.
+    """
+    return sorted(saved_model_ops(path) - _core_op_names())
+
+
+def _missing_op_error(what: str, op: str, more: int = 0) -> UserError:
+    package = op_provider(op)
+    if package is None:
+        where = (
+            "it comes from an op library not installed here (a TensorFlow extension package; "
+            "the module's documentation should name it); install it and retry"
+        )
+    else:
+        try:
+            installed = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        failed = _op_library_errors.get(package.replace("-", "_"))
+        if installed and failed:
+            where = (
+                f"it most likely comes from {package}, which is installed ({installed}) but "
+                f"failed to import ({failed}): reinstall the {package} release matching "
+                f"TensorFlow {tf.__version__}"
+            )
+        elif installed:
+            where = (
+                f"it most likely comes from {package}, but the installed {package} {installed} "
+                f"does not register it: install the {package} release the module was made with"
+            )
+        else:
+            where = (
+                f"it most likely comes from {package}: `pip install {package}` (the release "
+                f"matching TensorFlow {tf.__version__}) and retry"
+            )
+    others = f" (and {more} other{'s' if more > 1 else ''})" if more else ""
+    return UserError(
+        f"{what} needs the TensorFlow op {op!r}{others}, which no installed library registers; "
+        f"{where}"
+    )
+
+
+def check_ops(path: str, what: str | None = None) -> None:
+    """Raises a one-line :class:`UserError` if the SavedModel in ``path`` needs an unknown op.
+
+    The message names the op and the package that most likely provides it.
+    """
+    missing = missing_ops(path)
+    if missing:
+        raise _missing_op_error(what or f"the SavedModel in {path}", missing[0], len(missing) - 1)
+
+
+def unregistered_op(error: BaseException) -> str | None:
+    """The op name in TensorFlow's "Op type not registered 'X'" error, else None."""
+    match = re.search(r"Op type not registered '([^']+)'", str(error))
+    return match.group(1) if match else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -220,6 +511,8 @@ def _kagglehub_fallback(handle: str, kaggle_handle: str) -> tuple[str | None, st
         import kagglehub
     except ImportError:
         return None, f", or `pip install kagglehub` and retry (it downloads {kaggle_handle})"
+    if _kaggle_handle_parts(kaggle_handle):
+        kaggle_handle = normalize_kaggle_handle(kaggle_handle)
     candidates = [kaggle_handle]
     if kaggle_handle.count("/") == 4:
         candidates.append(kaggle_handle.rsplit("/", 1)[0])
@@ -237,12 +530,104 @@ def _kagglehub_fallback(handle: str, kaggle_handle: str) -> tuple[str | None, st
     return None, f" (kagglehub could not download {' nor '.join(candidates)} either)"
 
 
+def kaggle_cache_dir() -> str:
+    """Where kagglehub caches downloads: ``$KAGGLEHUB_CACHE`` or ``~/.cache/kagglehub``.
+
+    The same rule as ``kagglehub.config.get_cache_folder`` (kagglehub 1.0), without importing it.
+    """
+    return os.environ.get("KAGGLEHUB_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kagglehub"
+    )
+
+
+def _kaggle_cached(handle: str) -> str | None:
+    """The cached folder of a versioned, normalised handle if kagglehub finished writing it.
+
+    kagglehub (1.0) writes ``models/OWNER/MODEL/FRAMEWORK/VARIATION/N/`` and, once complete,
+    an empty ``N.complete`` file beside it; a folder without the marker is a broken download.
+    """
+    owner, model, framework, variation, version = handle.split("/")
+    base = os.path.join(kaggle_cache_dir(), "models", owner, model, framework, variation)
+    folder = os.path.join(base, version)
+    if os.path.isdir(folder) and os.path.isfile(os.path.join(base, f"{version}.complete")):
+        return folder
+    return None
+
+
+def _kaggle_cached_versions(handle: str) -> list[str]:
+    base = os.path.join(kaggle_cache_dir(), "models", *handle.split("/")[:4])
+    names = os.listdir(base) if os.path.isdir(base) else []
+    done = [n for n in names if n.isdigit() and f"{n}.complete" in names]
+    return sorted(done, key=int)
+
+
+def _predownload_hint(handle: str) -> str:
+    return (
+        f"kagglehub caches models in {kaggle_cache_dir()} (KAGGLEHUB_CACHE). Check the network, "
+        f'or pre-download on a connected machine with `python -c "import kagglehub; '
+        f"kagglehub.model_download('{handle}')\"` and copy that cache folder here"
+    )
+
+
+def resolve_kaggle(handle: str) -> str:
+    """The local folder of a Kaggle model (a handle or a kaggle.com/models URL).
+
+    A versioned handle already in kagglehub's cache (``KAGGLEHUB_CACHE``) is used as is, with
+    no network at all; otherwise ``kagglehub.model_download`` fetches it into that cache.
+    Offline and not cached: a :class:`UserError` naming the cache folder and the command that
+    pre-downloads it. An unversioned handle needs the network (Kaggle decides the latest
+    version), so offline the error says to pin a version.
+    """
+    original = handle
+    if _url_parts(handle) is not None:
+        handle = kaggle_url_to_handle(handle)
+        if handle is None or _kaggle_handle_parts(handle) is None:
+            raise UserError(
+                f"{original} is not a Kaggle model URL; use https://www.kaggle.com/models/"
+                "OWNER/MODEL/FRAMEWORK/VARIATION/VERSION"
+            )
+    handle = normalize_kaggle_handle(handle)
+    versioned = handle.count("/") == 4
+    if versioned:
+        cached = _kaggle_cached(handle)
+        if cached:
+            logging.info("Kaggle model %s: using the cached copy in %s", handle, cached)
+            return cached
+    try:
+        import kagglehub
+    except ImportError:
+        raise UserError(
+            f"{original} is a Kaggle model and kagglehub is not installed: "
+            "`pip install kagglehub`, or pass the extracted SavedModel folder instead"
+        ) from None
+    try:
+        return kagglehub.model_download(handle)
+    except Exception as error:  # kagglehub raises assorted HTTP/IO/auth errors
+        reason = _short(error)
+        if isinstance(error, OSError) and getattr(error, "response", None) is None:
+            # requests' ConnectionError/Timeout (OSError subclasses without an HTTP answer)
+            reason = f"cannot reach Kaggle, offline? {type(error).__name__}"
+        if not versioned:
+            cached = _kaggle_cached_versions(handle)
+            have = f" (cached here: version {', '.join(cached)})" if cached else ""
+            raise UserError(
+                f"cannot find the latest version of Kaggle model {handle} ({reason}): an "
+                f"unversioned handle needs the network; pin a version, e.g. "
+                f"{handle}/{cached[-1] if cached else 1}{have}. {_predownload_hint(handle)}"
+            ) from error
+        raise UserError(
+            f"cannot download Kaggle model {handle} ({reason}); {_predownload_hint(handle)}"
+        ) from error
+
+
 def _resolve_remote(handle: str) -> str:
+    if _is_kaggle_url(handle):
+        return resolve_kaggle(handle)
     try:
         return _hub_resolve(handle)
     except urllib.error.HTTPError as error:
         if error.code == 403:
-            kaggle_handle = tfhub_to_kaggle_handle(handle) or kaggle_url_to_handle(handle)
+            kaggle_handle = tfhub_to_kaggle_handle(handle)
             if kaggle_handle:
                 path, extra = _kagglehub_fallback(handle, kaggle_handle)
                 if path:
@@ -258,7 +643,8 @@ def _resolve_remote(handle: str) -> str:
 def resolve_handle(handle) -> str:
     """The local directory of ``handle``'s SavedModel, downloading it into the hub cache if needed.
 
-    Resolution goes through ``tensorflow_hub`` (``TFHUB_CACHE_DIR`` is honoured); nothing
+    tfhub.dev and ``gs://`` handles resolve through ``tensorflow_hub`` (``TFHUB_CACHE_DIR`` is
+    honoured); Kaggle URLs and handles through kagglehub (:func:`resolve_kaggle`); nothing
     is loaded, so TensorFlow's devices stay uninitialised. Raises :class:`UserError` for
     a handle that cannot be reached or a local directory without a SavedModel; on the
     tfhub.dev HTTP 403 (tensorflow/hub#932) it falls back to ``kagglehub`` (logged).
@@ -267,6 +653,8 @@ def resolve_handle(handle) -> str:
     if handle.startswith("gs://") or _url_parts(handle) is not None:
         return _resolve_remote(handle)
     path = os.path.expanduser(handle)
+    if not os.path.isdir(path) and is_kaggle_handle(handle):
+        return resolve_kaggle(handle)
     if not os.path.isdir(path):
         raise UserError(
             f"hub module directory {path} does not exist; pass a directory holding an "
@@ -299,9 +687,16 @@ def load_module(handle):
     path = resolve_handle(handle)
     import tensorflow_hub as hub
 
+    # Before loading: TF Text ops must be registered, and an op nothing registers is one line
+    # naming it (a traceback from deep inside the loader otherwise).
+    if os.path.isdir(path):
+        check_ops(path, f"the hub module {handle}")
     try:
         return hub.load(path)
-    except (OSError, ValueError, tf.errors.OpError) as error:
+    except (OSError, ValueError, RuntimeError, tf.errors.OpError) as error:
+        op = unregistered_op(error)
+        if op:
+            raise _missing_op_error(f"the hub module {handle}", op) from error
         if remote and not os.path.isdir(path):
             raise _unreachable(handle, _short(error)) from error
         raise UserError(

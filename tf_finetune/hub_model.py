@@ -112,6 +112,19 @@ def read_signature(path: str) -> ModuleSignature:
     return ModuleSignature(path, inputs[0], output)
 
 
+def read_checked_signature(handle: str, flag: str) -> ModuleSignature:
+    """Resolves a hub handle (downloading it if needed), checks its ops, reads its signature.
+
+    The op check registers TF Text's ops (``import tensorflow_text``) and turns an op that no
+    installed library registers into one line naming it and its likely package, before
+    anything heavy runs. Nothing is loaded, so TensorFlow's devices stay uninitialised.
+    """
+    path = hub.resolve_handle(handle)
+    signature = read_signature(path)
+    hub.check_ops(path, f"{flag}={handle}")
+    return signature
+
+
 _RANDOM_OPS = frozenset(
     {
         "RandomUniform",
@@ -174,9 +187,9 @@ def resolve(config):
     Downloads the module (and preprocessor) into the hub cache if needed, so an unreachable
     handle fails here with one line naming TFHUB_CACHE_DIR.
     """
-    signature = read_signature(hub.resolve_handle(config.backbone))
+    signature = read_checked_signature(config.backbone, "--backbone")
     if config.preprocessor:
-        pre = read_signature(hub.resolve_handle(config.preprocessor))
+        pre = read_checked_signature(config.preprocessor, "--preprocessor")
         if not pre.takes_text:
             raise UserError(
                 f"--preprocessor={config.preprocessor} does not take a batch of strings."

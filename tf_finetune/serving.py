@@ -276,8 +276,18 @@ class LocalPredictor(Predictor):
     def __init__(self, model_path: str | os.PathLike):
         import tensorflow as tf
 
+        from tf_finetune import hub
+
         self.path = resolve_saved_model_dir(model_path)
         self.description = str(self.path)
+        # TF Text ops (a BERT preprocessor inside the export) must be registered before
+        # loading; an op no installed library registers is one line naming it.
+        try:
+            missing = hub.missing_ops(str(self.path))
+        except UserError:
+            missing = []  # an unreadable saved_model.pb: the load below says so
+        if missing:
+            hub.check_ops(str(self.path), f"--model {self.path}")
         try:
             self._model = tf.saved_model.load(str(self.path), tags=["serve"])
         except (OSError, RuntimeError, ValueError, tf.errors.OpError) as err:
