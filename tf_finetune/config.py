@@ -61,6 +61,13 @@ class Config:
         "data",
     )
     image_size: int = _field(0, "Square input size in pixels. 0: the backbone's default.", "data")
+    max_image_pixels: int = _field(
+        89_478_485,
+        "Images whose header announces more pixels than this (width x height x frames) are "
+        "never decoded: skipped in training, refused (INVALID_ARGUMENT) by the export. "
+        "Default: PIL's decompression-bomb limit.",
+        "data",
+    )
     split: str = _field(
         "test", "The split 'tf-finetune evaluate' reports on.", "data", ("val", "test")
     )
@@ -420,6 +427,8 @@ def validate(config: Config) -> None:
         )
     if config.image_size < 0:
         raise UserError("--image_size must be positive (or 0 for the backbone's default).")
+    if config.max_image_pixels < 1:
+        raise UserError(f"--max_image_pixels must be at least 1, got {config.max_image_pixels}.")
     if config.backbone_alpha <= 0:
         raise UserError(f"--backbone_alpha must be positive, got {config.backbone_alpha}.")
     if config.weight_decay < 0:
