@@ -773,3 +773,20 @@ def balanced_class_weights(counts: list[int]) -> dict[int, float]:
     (scikit-learn's "balanced"). A class without examples gets weight 0."""
     total, k = sum(counts), len(counts)
     return {c: (total / (k * n) if n else 0.0) for c, n in enumerate(counts)}
+
+
+def decode_images(
+    image_bytes: tf.Tensor, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tf.Tensor:
+    """A batch of encoded images (tf.string [batch]) -> float32 [batch, size, size, 3] pixels.
+
+    What the export's `serving_default` does before the model (and `predict --model=X.tflite`
+    too): the header check of the whole batch (`check_image_sizes`), then `decode_and_resize`
+    of each image, the training pipeline's own decode.
+    """
+    checked = check_image_sizes(image_bytes, max_pixels)
+    return tf.map_fn(
+        lambda b: decode_and_resize(b, image_size),
+        checked,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+    )

@@ -39,7 +39,7 @@ from absl import logging
 from tf_finetune import data as data_lib
 from tf_finetune import faults
 from tf_finetune.config import Config
-from tf_finetune.data import MAX_IMAGE_PIXELS, check_image_sizes, decode_and_resize, resize
+from tf_finetune.data import MAX_IMAGE_PIXELS, decode_images, resize
 from tf_finetune.errors import UserError
 
 LABELS_FILE = "labels.txt"
@@ -115,15 +115,9 @@ def build_archive(
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(image_bytes):
-        # Headers first: a decompression bomb is refused before anything is decoded.
-        checked = check_image_sizes(image_bytes, max_image_pixels)
-        # The same decode-and-resize as the training pipeline, so serving sees what training saw.
-        pixels = tf.map_fn(
-            lambda b: decode_and_resize(b, image_size),
-            checked,
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-        )
-        return classify(pixels)
+        # Headers first (a decompression bomb is refused before anything is decoded), then the
+        # same decode-and-resize as the training pipeline, so serving sees what training saw.
+        return classify(decode_images(image_bytes, image_size, max_image_pixels))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
     def serve_images(images):
