@@ -181,3 +181,27 @@ def test_gif_walk_gives_up_on_a_file_crafted_to_make_the_check_slow(exported):
     with pytest.raises(tf.errors.InvalidArgumentError, match="more than 100 frames"):
         serve(image_bytes=tf.constant([bytes(blob)]))
     assert time.perf_counter() - start < 5.0
+
+
+def test_a_server_refusal_of_a_mixed_batch_still_names_the_one_file(exported, tmp_path):
+    base, _ = exported
+    files = [tmp_path / f"good_{i}.img" for i in range(3)]
+    for path, blob in zip(files, _good()):
+        path.write_bytes(blob)
+    bomb = tmp_path / "bomb.gif"
+    bomb.write_bytes(BOMBS["gif_descriptor"][0])
+    files.insert(2, bomb)
+    store = FakeModelStore("m", base)
+    with FakeRestServer(store) as server:
+        predictor = RestPredictor(server.url, "m", timeout=30)
+        # A client that believes the server allows more sends the bomb: the server refuses
+        # the whole batch (HTTP 400), the retry file by file names the bomb only.
+        results = predict_files(predictor, [str(f) for f in files], max_image_pixels=10**12)
+        assert [r.error is None for r in results] == [True, True, False, True]
+        assert "image 1 of 1 in the request is too large to decode safely: 60000x60000" in (
+            results[2].error
+        )
+        assert store.batch_sizes[0] == 4  # the mixed batch went out and failed as a whole
+        # A client told a lower limit refuses more, itself.
+        tight = predict_files(predictor, [str(files[0])], max_image_pixels=100)
+        assert "limit 100 pixels" in tight[0].error

@@ -750,7 +750,16 @@ def test_readme_and_docs_curl_examples_run_against_the_double(export, text_expor
                 timeout=60,
             )
         assert done.returncode == 0, (command, done.stderr)
-        (prediction,) = json.loads(done.stdout)["predictions"]
-        assert set(prediction) == {"probabilities", "top_k_indices", "top_k_names", "top_k_scores"}
+        answer = json.loads(done.stdout)
+        if ":predict" in command:
+            (prediction,) = answer["predictions"]
+            assert set(prediction) == {
+                "probabilities",
+                "top_k_indices",
+                "top_k_names",
+                "top_k_scores",
+            }
+        else:  # the status route
+            assert answer["model_version_status"][0]["state"] == "AVAILABLE"
         ran.add(name)
     assert {"reviews", "photos", "flowers"} <= ran
