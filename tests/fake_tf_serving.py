@@ -4,17 +4,22 @@ The real TF Serving binary cannot be installed on the test machines, so this mod
 the parts of its wire protocol that ``tf_finetune.serving`` uses, answering from a real
 SavedModel loaded with ``tf.saved_model.load``:
 
-* REST (``FakeRestServer``, ``http.server.ThreadingHTTPServer``):
-  ``POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict`` in row format
-  (``instances``, with ``{"b64": ...}`` decoding of string inputs and the one-input shorthand
-  ``[{"b64": ...}]``, ``predictions`` out) and
-  ``GET /v1/models/<name>[/versions/<v>]/metadata``. Errors are ``{"error": "..."}`` with the
-  HTTP codes TF Serving maps its status codes to (INVALID_ARGUMENT 400, NOT_FOUND 404, ...).
+* REST (``FakeRestServer``, ``http.server.ThreadingHTTPServer``), as TF Serving's RESTful API
+  page describes it:
+  ``POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict`` in row format (``instances``:
+  objects of named inputs, or -- for a signature with one input -- bare values such as
+  ``["a great film"]`` or ``[{"b64": ...}]``; ``{"predictions": [...]}`` out) and in columnar
+  format (``inputs``: one tensor, or an object of named tensors; ``{"outputs": {...}}`` out,
+  or the bare tensor when the signature has one output). ``{"b64": ...}`` decodes to bytes.
+  ``GET /v1/models/<name>[/versions/<v>|/labels/<l>]`` (model status: the JSON of
+  ``GetModelStatusResponse``, every loaded version ``AVAILABLE``) and ``.../metadata``. Errors
+  are ``{"error": "..."}`` with the HTTP codes TF Serving maps its status codes to
+  (INVALID_ARGUMENT 400, NOT_FOUND 404, ...).
 * gRPC (``FakeGrpcServer``, ``grpc.server``): ``PredictionService.Predict`` and
   ``GetModelMetadata`` on the real ``tensorflow_serving.apis`` protos.
 
-Deliberate limits: only the ``predict`` verb, only row format, no ``classify``/``regress``,
-no batching, no model reloading. Both servers bind 127.0.0.1 on an ephemeral port (port 0),
+Deliberate limits: only the ``predict`` verb, no ``classify``/``regress``, no batching, no
+model reloading, no output ``_bytes`` base64 encoding (no tf_finetune output is binary). Both servers bind 127.0.0.1 on an ephemeral port (port 0),
 run daemon threads, and are stopped by ``stop()`` / the context manager -- the test
 fixtures do that.
 """
@@ -37,6 +42,7 @@ from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
+    get_model_status_pb2,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
@@ -148,6 +154,27 @@ class FakeModelStore:
 
 _PREDICT = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:predict")
 _METADATA = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?/metadata")
+_STATUS = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?")
+
+
+def model_status(store: FakeModelStore, name: str, version: int | None, label: str | None) -> dict:
+    """TF Serving's status JSON: ``GetModelStatusResponse`` printed with default fields, e.g.
+    ``{"model_version_status": [{"version": "1", "state": "AVAILABLE", "status":
+    {"error_code": "OK", "error_message": ""}}]}`` (int64 versions are JSON strings)."""
+    if version is None and label is None:
+        store.resolve(name)  # NOT_FOUND for an unknown name
+        versions = sorted(store.versions, reverse=True)
+    else:
+        versions = [store.resolve(name, version, label)]
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for v in versions:
+        entry = response.model_version_status.add()
+        entry.version = v
+        entry.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        entry.status.SetInParent()  # error_code OK, error_message ""
+    return json_format.MessageToDict(
+        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def _json_value(value):
@@ -178,6 +205,14 @@ def _decode_instance_value(value):
     return value
 
 
+def _to_array(values) -> np.ndarray:
+    """Decoded JSON values -> a numpy array (object dtype for strings/bytes)."""
+    arr = np.array(values, dtype=object)
+    if not all(isinstance(x, bytes) for x in arr.ravel()):
+        arr = np.array(arr.tolist())
+    return arr
+
+
 class _RestHandler(BaseHTTPRequestHandler):
     server_version = "FakeTFServing/0"
     store: FakeModelStore  # set on the subclass made per server
@@ -200,6 +235,13 @@ class _RestHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         match = _METADATA.fullmatch(self.path)
         try:
+            status = _STATUS.fullmatch(self.path)
+            if status and not match:
+                name, version, label = status.groups()
+                self._reply(
+                    200, model_status(self.store, name, int(version) if version else None, label)
+                )
+                return
             if not match:
                 raise ServingError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"Malformed request: GET {self.path}"
@@ -223,6 +265,62 @@ class _RestHandler(BaseHTTPRequestHandler):
         except ServingError as err:
             self._error(err)
 
+    def _rows(self, v: int, signature: str, names: list[str], instances) -> dict:
+        """Row format: ``instances`` -> ``{"predictions": [one object per row]}``."""
+        if not isinstance(instances, list) or not instances:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT, "'instances' must be a non-empty list"
+            )
+        bare = not all(isinstance(i, dict) and set(i) != {"b64"} for i in instances)
+        if bare:
+            # TF Serving's shorthand for a signature with one input: each instance is that
+            # input's value (["a great film"], or [{"b64": ...}], the README's curl forms).
+            if len(names) != 1:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "instances must be objects of named inputs: the signature has "
+                    f"{len(names)} inputs {sorted(names)}",
+                )
+            if any(isinstance(i, dict) and set(i) != {"b64"} for i in instances):
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "Failed to process element: 0 of 'instances' list. JSON Value: mixes "
+                    "named and unnamed instances",
+                )
+            instances = [{names[0]: i} for i in instances]
+        keys = set(instances[0])
+        if any(set(i) != keys for i in instances):
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Failed to process element: 1 key of 'instances' list. Error: "
+                "all objects in 'instances' list must have the same keys",
+            )
+        inputs = {k: _to_array([_decode_instance_value(i[k]) for i in instances]) for k in keys}
+        out = self.store.predict(v, signature, inputs)
+        n = len(instances)
+        if len(out) == 1:  # one output: its values, without the name
+            (values,) = out.values()
+            return {"predictions": [_json_value(values[i]) for i in range(n)]}
+        return {
+            "predictions": [{k: _json_value(val[i]) for k, val in out.items()} for i in range(n)]
+        }
+
+    def _columnar(self, v: int, signature: str, names: list[str], inputs) -> dict:
+        """Columnar format: ``inputs`` (a tensor, or named tensors) -> ``{"outputs": ...}``."""
+        if not (isinstance(inputs, dict) and set(inputs) != {"b64"}):
+            if len(names) != 1:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"'inputs' must name the signature's {len(names)} inputs {sorted(names)}",
+                )
+            inputs = {names[0]: inputs}
+        arrays = {k: _to_array(_decode_instance_value(val)) for k, val in inputs.items()}
+        out = self.store.predict(v, signature, arrays)
+        if len(out) == 1:
+            (values,) = out.values()
+            return {"outputs": _json_value(values)}
+        return {"outputs": {k: _json_value(val) for k, val in out.items()}}
+
     def do_POST(self):
         try:
             match = _PREDICT.fullmatch(self.path)
@@ -242,48 +340,25 @@ class _RestHandler(BaseHTTPRequestHandler):
                 raise ServingError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"JSON Parse error: {err}"
                 ) from None
-            if not isinstance(body, dict) or "instances" not in body:
+            if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
                 raise ServingError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    "Missing 'inputs' or 'instances' key",
+                    "Missing 'inputs' or 'instances' key"
+                    if isinstance(body, dict) and "instances" not in body
+                    else "JSON Value: only one of 'inputs' or 'instances' may be present",
                 )
-            instances = body["instances"]
-            if not isinstance(instances, list) or not instances:
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT, "'instances' must be a non-empty list"
-                )
-            if all(isinstance(i, dict) and set(i) == {"b64"} for i in instances):
-                # TF Serving's shorthand for a signature with one input: each instance is
-                # that input's value ({"instances": [{"b64": ...}]}, the README's curl form).
-                signature = body.get("signature_name") or "serving_default"
-                model = self.store.versions[v]
-                if signature in model.signatures:
-                    names = list(model.signatures[signature].structured_input_signature[1])
-                    if len(names) == 1:
-                        instances = [{names[0]: i} for i in instances]
-            if not all(isinstance(i, dict) for i in instances):
+            signature = body.get("signature_name") or "serving_default"
+            model = self.store.versions[v]
+            if signature not in model.signatures:
                 raise ServingError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    "this fake only supports named inputs: instances as a list of objects",
+                    f'Serving signature name: "{signature}" not found in signature def',
                 )
-            keys = set(instances[0])
-            if any(set(i) != keys for i in instances):
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "Failed to process element: 1 key of 'instances' list. Error: "
-                    "all objects in 'instances' list must have the same keys",
-                )
-            inputs = {
-                k: np.array([_decode_instance_value(i[k]) for i in instances], dtype=object)
-                for k in keys
-            }
-            for k, arr in inputs.items():
-                if arr.dtype == object and not all(isinstance(x, bytes) for x in arr.ravel()):
-                    inputs[k] = np.array(arr.tolist())
-            out = self.store.predict(v, body.get("signature_name", ""), inputs)
-            n = len(instances)
-            predictions = [{k: _json_value(val[i]) for k, val in out.items()} for i in range(n)]
-            self._reply(200, {"predictions": predictions})
+            names = list(model.signatures[signature].structured_input_signature[1])
+            if "inputs" in body:
+                self._reply(200, self._columnar(v, signature, names, body["inputs"]))
+            else:
+                self._reply(200, self._rows(v, signature, names, body["instances"]))
         except ServingError as err:
             self._error(err)
 

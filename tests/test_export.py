@@ -17,11 +17,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
 from google.protobuf import text_format
 from tensorflow.python.tools import saved_model_utils
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from tests import bombs
 from tests.fake_tf_serving import FakeGrpcServer, FakeModelStore, FakeRestServer
 from tests.images import class_image, encode, write_class_folders
 from tf_finetune import cli, data, export, export_run
@@ -284,7 +286,8 @@ def test_export_tflite_float_and_quantized_reports_size_and_accuracy(
         assert f"{entry['val_accuracy']:.3f}" in out and "float32" in out
         if quantize != "none":
             assert f"{entry['float32_val_accuracy']:.3f}" in out
-        interpreter = tf.lite.Interpreter(model_path=str(path))
+        interpreter = Interpreter(model_path=str(path))  # LiteRT, what devices run
+        interpreter.allocate_tensors()
         probabilities = export_run.tflite_predict(interpreter, pixels.astype("float32"))
         accuracy = float(np.mean(probabilities.argmax(1) == labels))
         assert entry["val_accuracy"] == pytest.approx(accuracy)  # measured, not copied
@@ -414,3 +417,42 @@ def test_readme_curl_body_is_answered_by_the_rest_test_double(run, keras_model, 
     expected = keras_model.predict(_decoded(blob)[None], verbose=0)[0]
     np.testing.assert_allclose(prediction["probabilities"], expected, atol=1e-5)
     assert prediction["top_k_names"][0] == CLASSES[int(expected.argmax())]
+
+
+def test_predict_a_tflite_file_with_litert_and_the_labels_beside_it(
+    run, keras_model, tmp_path, capsys
+):
+    folder = tmp_path / "tflite"
+    code, _, err = _cli(
+        capsys, "export", f"--model_dir={run}", "--format=tflite", f"--export_dir={folder}"
+    )
+    assert code == 0, err
+    tflite = folder / "model_float32.tflite"
+    assert (folder / "labels.txt").read_text().split() == CLASSES
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["max_image_pixels"] == 89_478_485
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["c0.jpg", "c1.png", "c2.bmp", "gray.gif"]
+    for i, (name, fmt) in enumerate(zip(names, ("JPEG", "PNG", "BMP", "GIF"))):
+        mode = "L" if name.startswith("gray") else "RGB"
+        (photos / name).write_bytes(encode(class_image(i % 3, (23, 31), seed=i, mode=mode), fmt))
+    (photos / "bomb.png").write_bytes(bombs.png())
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    code, out, err = _cli(capsys, "predict", f"--model={tflite}", "--json", str(photos))
+    assert code == 1 and "2 of 6 inputs failed" in err, err
+    results = {os.path.basename(r["file"]): r for r in json.loads(out)}
+    # Decoded and resized by the export's own function: the Keras model's answer.
+    pixels = np.stack([_decoded((photos / n).read_bytes()) for n in names])
+    expected = keras_model.predict(pixels, verbose=0)
+    for name, probs in zip(names, expected):
+        top = results[name]["top_k"]
+        assert top[0]["label"] == CLASSES[int(probs.argmax())], name
+        assert top[0]["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+    assert results["bomb.png"]["error"].startswith("PNG too large to decode safely: 20000x20000")
+    assert "JPEG" in results["broken.jpg"]["error"]
+    (folder / "labels.txt").unlink()
+    code, _, err = _cli(capsys, "predict", f"--model={tflite}", str(photos / "c0.jpg"))
+    assert code == 2 and "no labels.txt beside it" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _cli(capsys, "predict", f"--model={folder}/nope.tflite", "a.jpg")
+    assert code == 2 and "no such file" in err

@@ -639,3 +639,127 @@ def test_docs_exist():
     doc = (ROOT / "docs" / "serving.md").read_text()
     for needle in ('"b64"', "serving_default", "predict_images", "serve.sh", "batching", '"error"'):
         assert needle in doc
+
+
+# --------------------------------------------------------------------------- every REST form
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def _b64(path: Path) -> dict:
+    return {"b64": base64.b64encode(path.read_bytes()).decode()}
+
+
+def test_fake_rest_columnar_inputs_match_row_instances(rest_server, images):
+    url = f"{rest_server.url}/v1/models/{MODEL_NAME}:predict"
+    files = [images / "red.jpg", images / "noise.png"]
+    rows = _post(url, {"instances": [{"image_bytes": _b64(f)} for f in files]})["predictions"]
+    named = _post(url, {"inputs": {"image_bytes": [_b64(f) for f in files]}})
+    bare = _post(url, {"signature_name": "serving_default", "inputs": [_b64(f) for f in files]})
+    for body in (named, bare):
+        outputs = body["outputs"]  # several outputs: an object of whole tensors
+        assert set(body) == {"outputs"} and set(outputs) == set(rows[0])
+        for key in outputs:
+            assert outputs[key] == [row[key] for row in rows]
+    pixels = np.zeros((2, 9, 7, 3)).tolist()
+    columns = _post(url, {"signature_name": "predict_images", "inputs": {"images": pixels}})
+    assert np.asarray(columns["outputs"]["probabilities"]).shape == (2, len(LABELS))
+    with pytest.raises(urllib.error.HTTPError) as err:  # both forms at once: TF Serving's 400
+        _post(url, {"instances": [_b64(files[0])], "inputs": [_b64(files[0])]})
+    assert err.value.code == 400 and "error" in json.loads(err.value.read())
+
+
+def test_fake_rest_bare_value_instances_for_a_one_input_text_model(text_export):
+    with FakeRestServer(FakeModelStore("reviews", text_export)) as server:
+        url = f"{server.url}/v1/models/reviews:predict"
+        bare = _post(url, {"instances": ["a great film", "dull"]})["predictions"]
+        named = _post(url, {"instances": [{"text": "a great film"}, {"text": "dull"}]})
+        columnar = _post(url, {"inputs": ["a great film", "dull"]})["outputs"]
+    assert bare == named["predictions"] and len(bare) == 2
+    assert columnar["top_k_names"] == [row["top_k_names"] for row in bare]
+
+
+def test_fake_rest_model_status_route(rest_server):
+    status = _get(f"{rest_server.url}/v1/models/{MODEL_NAME}")
+    available = {"state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    # TF Serving's JSON of GetModelStatusResponse: int64 versions as strings, all versions.
+    assert status == {
+        "model_version_status": [
+            {"version": "2", **available},
+            {"version": "1", **available},
+        ]
+    }
+    one = _get(f"{rest_server.url}/v1/models/{MODEL_NAME}/versions/1")
+    assert one == {"model_version_status": [{"version": "1", **available}]}
+    labelled = _get(f"{rest_server.url}/v1/models/{MODEL_NAME}/labels/stable")
+    assert labelled["model_version_status"][0]["version"] == "1"
+    for path in ("/v1/models/nope", f"/v1/models/{MODEL_NAME}/versions/7"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _get(rest_server.url + path)
+        assert err.value.code == 404
+        assert "Servable not found" in json.loads(err.value.read())["error"]
+
+
+def _doc_curl_commands() -> list[str]:
+    """Every curl example of README.md and docs/serving.md, as the shell would run it."""
+    commands = []
+    for doc in (ROOT / "README.md", ROOT / "docs" / "serving.md"):
+        text = doc.read_text(encoding="utf-8")
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            if "curl" in block:  # the block's variable lines too (IMG=$(base64 ...))
+                lines = [
+                    line
+                    for line in block.splitlines()
+                    if not line.startswith(("scripts/", "docker ", "tf-finetune "))
+                ]
+                commands.append("\n".join(lines))
+        commands += re.findall(r"`(curl [^`]*)`", text)
+    return commands
+
+
+def test_readme_and_docs_curl_examples_run_against_the_double(export, text_export, tmp_path):
+    commands = _doc_curl_commands()
+    assert len(commands) >= 3, commands
+    (tmp_path / "photos").mkdir()
+    blob = _encode(Image.fromarray(np.full((20, 30, 3), 200, np.uint8)), "JPEG")
+    for name in ("cat.jpg", "photos/rose.jpg", "photos/daisy.png", "rose.jpg"):
+        (tmp_path / name).write_bytes(blob)
+    ran = set()
+    for command in commands:
+        name = re.search(r"/v1/models/(\w+)", command).group(1)
+        base = text_export if name == "reviews" else export["base"]
+        with FakeRestServer(FakeModelStore(name, base)) as server:
+            host = server.url.removeprefix("http://")
+            script = re.sub(r"(http://)?localhost:8501", f"http://{host}", command)
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 0, (command, done.stderr)
+        answer = json.loads(done.stdout)
+        if ":predict" in command:
+            (prediction,) = answer["predictions"]
+            assert set(prediction) == {
+                "probabilities",
+                "top_k_indices",
+                "top_k_names",
+                "top_k_scores",
+            }
+        else:  # the status route
+            assert answer["model_version_status"][0]["state"] == "AVAILABLE"
+        ran.add(name)
+    assert {"reviews", "photos", "flowers"} <= ran

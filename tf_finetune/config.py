@@ -93,6 +93,14 @@ class Config:
         "data",
         at_least=0,
     )
+    max_image_pixels: int = _field(
+        89_478_485,
+        "Images whose header announces more pixels than this (width x height x frames) are "
+        "never decoded: skipped in training, refused (INVALID_ARGUMENT) by the export. "
+        "Default: PIL's decompression-bomb limit.",
+        "data",
+        at_least=1,
+    )
     split: str = _field(
         "auto",
         "The split 'tf-finetune evaluate' reports on. auto: test when the data has one, else "

@@ -12,20 +12,22 @@ import dataclasses
 import hashlib
 import os
 import re
-import struct
 from collections.abc import Callable
 
 import tensorflow as tf
 from absl import logging
 
+from tf_finetune import headers
 from tf_finetune import splits as splits_lib
 from tf_finetune.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-# Files whose header announces more pixels than this are skipped without being decoded, so one
-# huge (or malicious) file cannot exhaust memory: decoding takes width * height * 3 bytes
-# (~270 MB at this limit, PIL's decompression-bomb threshold), per parallel decode.
-MAX_IMAGE_PIXELS = 89_478_485
+# Files whose header announces more pixels than this (--max_image_pixels) are skipped without
+# being decoded, so one huge (or malicious) file cannot exhaust memory: decoding takes
+# width * height * 3 bytes (~270 MB at this limit, PIL's decompression-bomb threshold), per
+# parallel decode. The export refuses such requests in-graph (`check_image_sizes`).
+MAX_IMAGE_PIXELS = headers.MAX_IMAGE_PIXELS
+MAX_ANIMATION_FRAMES = headers.MAX_ANIMATION_FRAMES
 VALIDATION_DIRS = ("val", "validation")
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -87,6 +89,237 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, 3])
     return resize(image, image_size)
+
+
+# ----------------------------------------------------------------------------- in-graph headers
+def _u16le(b, i):
+    return b[i] + b[i + 1] * 256
+
+
+# The in-graph GIF walk jumps over runs of full (255-byte) data sub-blocks, 64 per step (every
+# encoder writes full sub-blocks but the last of each frame), so a legitimate GIF takes a few
+# steps per frame plus one per 16 KB. A file that needs more steps than this (e.g. crafted with
+# 1-byte sub-blocks to make the check itself slow) counts as more than the frame limit.
+GIF_WALK_MAX_STEPS = 20_000
+_SUB_BLOCK_RUN = 64
+
+
+def _gif_info_tensor(encoded: tf.Tensor, max_frames: int) -> tf.Tensor:
+    """[width, height, frames] of a GIF, walking its blocks in a tf.while_loop (as headers.py).
+
+    No LZW decoding: the walk follows block and sub-block sizes, stopping after `max_frames` + 1
+    frames or GIF_WALK_MAX_STEPS steps (then reported as `max_frames` + 1 frames).
+    """
+    raw = tf.io.decode_raw(encoded, tf.uint8)  # kept uint8: one byte per byte of the file
+    n = tf.size(raw, out_type=tf.int64)
+    raw = tf.concat([raw, tf.zeros([16], tf.uint8)], 0)  # reads past the end give 0
+
+    def at(p):
+        return tf.cast(tf.gather(raw, tf.minimum(tf.cast(p, tf.int64), n + 15)), tf.int64)
+
+    def table(packed):  # size of a colour table announced by a packed-fields byte
+        return tf.where(
+            packed >= 128, 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), packed % 8), 0
+        )
+
+    width, height = at(6) + at(7) * 256, at(8) + at(9) * 256
+    start = 13 + table(at(10))
+    run = 256 * tf.range(_SUB_BLOCK_RUN, dtype=tf.int64)
+
+    def cond(step, pos, in_blocks, frames, w, h):
+        return (pos < n) & (frames <= max_frames) & (step < GIF_WALK_MAX_STEPS)
+
+    def body(step, pos, in_blocks, frames, w, h):
+        fields = at(pos + tf.range(10, dtype=tf.int64))  # one read: a descriptor's 10 bytes
+        byte = fields[0]
+        # In data sub-blocks: skip the leading run of full ones at once, else one (size byte +
+        # data); a size of 0 ends them.
+        full = tf.reduce_sum(tf.math.cumprod(tf.cast(tf.equal(at(pos + run), 255), tf.int64)))
+        sub_pos = tf.where(full > 0, pos + 256 * full, pos + 1 + byte)
+        sub_in = byte > 0
+        is_ext, is_desc = byte == 0x21, byte == 0x2C
+        desc = ~in_blocks & is_desc
+        desc_w, desc_h = fields[5] + fields[6] * 256, fields[7] + fields[8] * 256
+        desc_pos = pos + 10 + table(fields[9]) + 1
+        intro_pos = tf.where(is_ext, pos + 2, tf.where(is_desc, desc_pos, n))  # else: stop
+        return (
+            step + 1,
+            tf.where(in_blocks, sub_pos, intro_pos),
+            tf.where(in_blocks, sub_in, is_ext | is_desc),
+            frames + tf.cast(desc, tf.int64),
+            tf.where(desc, tf.maximum(w, desc_w), w),
+            tf.where(desc, tf.maximum(h, desc_h), h),
+        )
+
+    zero = tf.constant(0, tf.int64)
+    step, pos, _, frames, width, height = tf.while_loop(
+        cond, body, (zero, start, tf.constant(False), zero, width, height)
+    )
+    gave_up = (step >= GIF_WALK_MAX_STEPS) & (pos < n)
+    frames = tf.where(gave_up, tf.maximum(frames, max_frames + 1), frames)
+    return tf.stack([width, height, tf.maximum(frames, 1)])
+
+
+def _webp_info_tensor(encoded: tf.Tensor, head_str: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
+    """[width, height, frames] of a WebP from its VP8 / VP8L / VP8X chunk (0s: unknown).
+
+    `head_str`/`head`: the first 32 bytes, zero-padded (as a string / as int64 values).
+    """
+    chunk = tf.strings.substr(head_str, 12, 4)
+    vp8 = [
+        tf.bitwise.bitwise_and(_u16le(head, 26), 0x3FFF),
+        tf.bitwise.bitwise_and(_u16le(head, 28), 0x3FFF),
+    ]
+    bits = head[21] + head[22] * 256 + head[23] * 65536 + head[24] * 16777216
+    vp8l = [bits % 16384 + 1, (bits // 16384) % 16384 + 1]
+    vp8x = [
+        head[24] + head[25] * 256 + head[26] * 65536 + 1,
+        head[27] + head[28] * 256 + head[29] * 65536 + 1,
+    ]
+
+    def animation_frames():  # count top-level ANMF chunks (tens of steps, not per pixel)
+        raw = tf.io.decode_raw(encoded, tf.uint8)
+        n = tf.size(raw, out_type=tf.int64)
+        raw = tf.concat([raw, tf.zeros([16], tf.uint8)], 0)
+
+        def at(p):
+            return tf.cast(raw[tf.minimum(tf.cast(p, tf.int64), n + 15)], tf.int64)
+
+        anmf = tf.constant([ord(c) for c in "ANMF"], tf.int64)
+
+        def body(pos, frames):
+            size = at(pos + 4) + at(pos + 5) * 256 + at(pos + 6) * 65536 + at(pos + 7) * 16777216
+            is_anmf = tf.reduce_all(tf.stack([at(pos + i) for i in range(4)]) == anmf)
+            return pos + 8 + size + size % 2, frames + tf.cast(is_anmf, tf.int64)
+
+        _, frames = tf.while_loop(
+            lambda pos, _: pos + 8 <= n, body, (tf.constant(12, tf.int64), tf.constant(0, tf.int64))
+        )
+        return tf.maximum(frames, 1)
+
+    is_vp8 = (chunk == "VP8 ") & (tf.strings.substr(head_str, 23, 3) == b"\x9d\x01\x2a")
+    is_vp8l = (chunk == "VP8L") & tf.equal(head[20], 0x2F)
+    is_vp8x = chunk == "VP8X"
+    zero = tf.constant(0, tf.int64)
+    return tf.case(
+        [
+            (is_vp8, lambda: tf.stack([vp8[0], vp8[1], tf.constant(1, tf.int64)])),
+            (is_vp8l, lambda: tf.stack([vp8l[0], vp8l[1], tf.constant(1, tf.int64)])),
+            (is_vp8x, lambda: tf.stack([vp8x[0], vp8x[1], animation_frames()])),
+        ],
+        default=lambda: tf.stack([zero, zero, zero]),
+        exclusive=True,
+    )
+
+
+def image_info_tensor(encoded: tf.Tensor, max_frames: int = MAX_ANIMATION_FRAMES) -> tf.Tensor:
+    """int64 [width, height, frames] of one encoded image, from its header, in-graph.
+
+    The graph twin of `headers.parse` (JPEG via tf.image.extract_jpeg_shape, the others by
+    their header bytes; GIF: the largest of the logical screen and each image descriptor).
+    [0, 0, 0] when the format is not recognised or the header does not say: decoding decides.
+    """
+    # Short inputs are padded with zeros so every fixed-offset read is in range.
+    head_str = tf.strings.substr(
+        tf.strings.join([tf.strings.substr(encoded, 0, 32), "\0" * 32]), 0, 32
+    )
+    head = tf.cast(tf.io.decode_raw(head_str, tf.uint8), tf.int64)
+    magic = tf.strings.substr(head_str, 0, 8)
+    zero = tf.constant(0, tf.int64)
+    one = tf.constant(1, tf.int64)
+
+    def jpeg():
+        hwc = tf.cast(tf.image.extract_jpeg_shape(encoded), tf.int64)
+        return tf.stack([hwc[1], hwc[0], one])
+
+    def png():
+        be32 = lambda i: ((head[i] * 256 + head[i + 1]) * 256 + head[i + 2]) * 256 + head[i + 3]  # noqa: E731
+        return tf.stack([be32(16), be32(20), one])
+
+    def bmp():
+        def le32(i):  # signed, as TF's BMP decoder reads it (negative height = top-down)
+            u = head[i] + head[i + 1] * 256 + head[i + 2] * 65536 + head[i + 3] * 16777216
+            return tf.abs(tf.where(u >= 2**31, u - 2**32, u))
+
+        return tf.stack([le32(18), le32(22), one])
+
+    is_jpeg = tf.strings.substr(magic, 0, 3) == b"\xff\xd8\xff"
+    is_png = magic == b"\x89PNG\r\n\x1a\n"
+    is_gif = (tf.strings.substr(magic, 0, 6) == "GIF87a") | (
+        tf.strings.substr(magic, 0, 6) == "GIF89a"
+    )
+    is_bmp = tf.strings.substr(magic, 0, 2) == "BM"
+    is_webp = (tf.strings.substr(magic, 0, 4) == "RIFF") & (
+        tf.strings.substr(head_str, 8, 4) == "WEBP"
+    )
+    return tf.case(
+        [
+            (is_jpeg, jpeg),
+            (is_png & (tf.strings.length(encoded) >= 24), png),
+            (
+                is_gif & (tf.strings.length(encoded) >= 13),
+                lambda: _gif_info_tensor(encoded, max_frames),
+            ),
+            (is_bmp & (tf.strings.length(encoded) >= 26), bmp),
+            (is_webp, lambda: _webp_info_tensor(encoded, head_str, head)),
+        ],
+        default=lambda: tf.stack([zero, zero, zero]),
+        exclusive=False,
+    )
+
+
+def check_image_sizes(
+    image_bytes: tf.Tensor,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_frames: int = MAX_ANIMATION_FRAMES,
+) -> tf.Tensor:
+    """`image_bytes` (tf.string [batch]), once every header is within the limits.
+
+    Reads each image's size from its header (`image_info_tensor`, no decoding) and fails the
+    whole batch with InvalidArgument naming the first image above `max_pixels` pixels (width x
+    height x frames) or `max_frames` frames, before any image of the batch is decoded. Decode
+    the returned tensor: it depends on the check.
+    """
+    info = tf.map_fn(
+        lambda b: image_info_tensor(b, max_frames),
+        image_bytes,
+        fn_output_signature=tf.TensorSpec([3], tf.int64),
+    )
+    width, height, frames = info[:, 0], info[:, 1], info[:, 2]
+    too_many_frames = frames > max_frames
+    too_large = width * height * frames > max_pixels
+    padded = tf.concat([info, tf.zeros([1, 3], tf.int64)], 0)  # formatting an empty batch
+
+    count = tf.size(image_bytes, out_type=tf.int64)
+
+    def first(bad):  # index of the first offending image (count when none)
+        return tf.argmax(tf.cast(tf.concat([bad, [True]], 0), tf.int32), output_type=tf.int64)
+
+    i = first(too_large)
+    pixels_ok = tf.debugging.Assert(
+        ~tf.reduce_any(too_large),
+        [
+            tf.strings.format(
+                "image {} of {} in the request is too large to decode safely: {}x{} pixels x {} "
+                f"frame(s), above the limit of {max_pixels:,} pixels (max_image_pixels); "
+                "refused before decoding",
+                (i + 1, count, padded[i, 0], padded[i, 1], padded[i, 2]),
+            )
+        ],
+    )
+    j = first(too_many_frames)
+    frames_ok = tf.debugging.Assert(
+        ~tf.reduce_any(too_many_frames),
+        [
+            tf.strings.format(
+                f"image {{}} of {{}} in the request is an animation of more than {max_frames} "
+                f"frames, above the limit of {max_frames} frames; refused before decoding",
+                (j + 1, count),
+            )
+        ],
+    )
+    with tf.control_dependencies([frames_ok, pixels_ok]):
+        return tf.identity(image_bytes)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -219,67 +452,26 @@ def list_image_folder(root: str, validation_percent: int, test_percent: int = 0)
     return FolderListing(class_names, splits, tuple(unusable))
 
 
-# The first bytes of each format TensorFlow decodes (decode_image sniffs the content, so a PNG
-# named .jpg still works).
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_size(f) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, walking the marker segments (no decoding)."""
-    f.seek(2)
-    while True:
-        byte = f.read(1)
-        while byte == b"\xff":  # fill bytes before a marker
-            byte = f.read(1)
-        if not byte:
-            return None
-        marker = byte[0]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            continue
-        length_bytes = f.read(2)
-        if len(length_bytes) < 2 or marker == 0xDA:  # start of scan: no frame header found
-            return None
-        length = struct.unpack(">H", length_bytes)[0]
-        if marker in _JPEG_SOF:
-            header = f.read(5)
-            if len(header) < 5:
-                return None
-            height, width = struct.unpack(">HH", header[1:5])
-            return width, height
-        f.seek(length - 2, os.SEEK_CUR)
-        if f.read(1) != b"\xff":
-            return None
-        f.seek(-1, os.SEEK_CUR)
-
-
 def image_header(path: str) -> tuple[str, int | None, int | None] | None:
     """(format, width, height) read from the file's first bytes, or None if not an image.
 
-    Width and height are None when the header does not say (then decoding decides).
+    Width and height are None when the header does not say (then decoding decides). JPEG, PNG,
+    GIF, BMP and WebP (VP8, VP8L, VP8X); see `headers` for frames and the size limit.
     """
-    with open(path, "rb") as f:
-        head = f.read(32)
-        if head.startswith(b"\xff\xd8\xff"):
-            size = _jpeg_size(f)
-            return ("JPEG", *size) if size else ("JPEG", None, None)
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24:
-        return ("PNG", *struct.unpack(">II", head[16:24]))
-    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
-        return ("GIF", *struct.unpack("<HH", head[6:10]))
-    if head.startswith(b"BM") and len(head) >= 26:
-        width, height = struct.unpack("<ii", head[18:26])
-        return "BMP", abs(width), abs(height)
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP", None, None
-    return None
+    info = headers.read(path)
+    return (info.format, info.width, info.height) if info else None
 
 
-def precheck(path: str) -> str | None:
-    """Why `path` must not be decoded (empty, not an image, too large), from its header; or None."""
+def precheck(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+    """Why `path` must not be decoded (empty, not an image, too large), from its header; or None.
+
+    Too large: more than `max_pixels` pixels over all frames, or an animation of more than
+    `headers.MAX_ANIMATION_FRAMES` frames.
+    """
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-        header = image_header(path)
+        header = headers.read(path)
     except FileNotFoundError:
         return "broken symbolic link" if os.path.islink(path) else "file disappeared"
     except OSError as e:
@@ -289,13 +481,7 @@ def precheck(path: str) -> str | None:
             start = f.read(16)
         kind = "a text file" if start.isascii() and start.decode("ascii").isprintable() else "data"
         return f"not an image: {kind} starting with {start!r}"
-    fmt, width, height = header
-    if width is not None and height is not None and width * height > MAX_IMAGE_PIXELS:
-        return (
-            f"{fmt} too large to decode safely: {width}x{height} pixels "
-            f"(limit {MAX_IMAGE_PIXELS:,})"
-        )
-    return None
+    return headers.problem(header, max_pixels)
 
 
 def _decode_error(error: Exception, path: str) -> str:
@@ -307,16 +493,16 @@ def _decode_error(error: Exception, path: str) -> str:
     return f"corrupt or truncated {fmt}: {message}"
 
 
-def find_unreadable(paths: list[str]) -> list[tuple[str, str]]:
+def find_unreadable(paths: list[str], max_pixels: int = MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
     """Returns (path, reason) for each file that cannot be decoded as an image.
 
-    Headers are checked first (empty, not an image, more than MAX_IMAGE_PIXELS: never decoded).
+    Headers are checked first (empty, not an image, more than `max_pixels`: never decoded).
     The rest are decoded once in parallel by tf.data; only the failures are decoded again, one
     by one, to learn why.
     """
     bad = {}
     for path in paths:
-        reason = precheck(path)
+        reason = precheck(path, max_pixels)
         if reason:
             bad[path] = reason
     candidates = [p for p in paths if p not in bad]
@@ -351,17 +537,23 @@ def _folder_split(paths, labels, image_size) -> Split:
 
 
 def load_image_folder(
-    root: str, image_size: int, validation_percent: int, test_percent: int = 0
+    root: str,
+    image_size: int,
+    validation_percent: int,
+    test_percent: int = 0,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> DataSet:
     """An image folder -> DataSet, with unreadable files skipped and reported.
 
     `test_percent` > 0 carves a test split from a plain class folder (see `list_image_folder`).
+    Files whose header announces more than `max_image_pixels` pixels (--max_image_pixels) are
+    skipped without being decoded.
     """
     listing = list_image_folder(root, validation_percent, test_percent)
     all_paths = [p for paths, _ in listing.splits.values() for p in paths]
     if not all_paths:
         raise UserError(f"--data={root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, any case).")
-    skipped = list(listing.unusable) + find_unreadable(all_paths)
+    skipped = list(listing.unusable) + find_unreadable(all_paths, max_image_pixels)
     if skipped:
         logging.warning(
             "Skipping %d unreadable file(s), e.g. %s",
@@ -602,3 +794,20 @@ def balanced_class_weights(counts: list[int]) -> dict[int, float]:
     (scikit-learn's "balanced"). A class without examples gets weight 0."""
     total, k = sum(counts), len(counts)
     return {c: (total / (k * n) if n else 0.0) for c, n in enumerate(counts)}
+
+
+def decode_images(
+    image_bytes: tf.Tensor, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tf.Tensor:
+    """A batch of encoded images (tf.string [batch]) -> float32 [batch, size, size, 3] pixels.
+
+    What the export's `serving_default` does before the model (and `predict --model=X.tflite`
+    too): the header check of the whole batch (`check_image_sizes`), then `decode_and_resize`
+    of each image, the training pipeline's own decode.
+    """
+    checked = check_image_sizes(image_bytes, max_pixels)
+    return tf.map_fn(
+        lambda b: decode_and_resize(b, image_size),
+        checked,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+    )

@@ -21,6 +21,9 @@ string ops (DecodeImage) have no XLA kernels. An empty batch returns empty outpu
 without calling the model (TF's Conv2D mishandles a zero-size batch on CPU). A batch with
 bytes that do not decode fails as a whole with InvalidArgument "Unknown image file format.
 One of JPEG, PNG, GIF, BMP required." (TF Serving: HTTP 400 / gRPC INVALID_ARGUMENT).
+Before decoding, every image's size is read from its header (`data.check_image_sizes`): a
+batch holding an image above `max_image_pixels` pixels (a decompression bomb) or an animation
+of too many frames fails as a whole with InvalidArgument naming the image and the limit.
 """
 
 import datetime
@@ -33,9 +36,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tf_finetune import data as data_lib
 from tf_finetune import faults, hub
 from tf_finetune.config import Config
-from tf_finetune.data import decode_and_resize, resize
+from tf_finetune.data import MAX_IMAGE_PIXELS, decode_images, resize
 from tf_finetune.errors import UserError
 
 LABELS_FILE = "labels.txt"
@@ -81,9 +85,18 @@ def _outputs(probabilities: tf.Tensor, class_names: tf.Tensor, k: int) -> dict:
 
 
 def build_archive(
-    model: keras.Model, class_names: list[str], image_size: int, top_k: int = 5
+    model: keras.Model,
+    class_names: list[str],
+    image_size: int,
+    top_k: int = 5,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> keras.export.ExportArchive:
-    """The serving graph around `model` (which takes float32 0-255 pixels)."""
+    """The serving graph around `model` (which takes float32 0-255 pixels).
+
+    `serving_default` reads every image's size from its header first and refuses the whole
+    request (InvalidArgument naming the image and the limit) when one has more than
+    `max_image_pixels` pixels (over all frames) or too many frames: nothing is decoded then.
+    """
     k = min(top_k, len(class_names))
     names = tf.constant(list(class_names))
     archive = keras.export.ExportArchive()
@@ -102,13 +115,9 @@ def build_archive(
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(image_bytes):
-        # The same decode-and-resize as the training pipeline, so serving sees what training saw.
-        pixels = tf.map_fn(
-            lambda b: decode_and_resize(b, image_size),
-            image_bytes,
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-        )
-        return classify(pixels)
+        # Headers first (a decompression bomb is refused before anything is decoded), then the
+        # same decode-and-resize as the training pipeline, so serving sees what training saw.
+        return classify(decode_images(image_bytes, image_size, max_image_pixels))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
     def serve_images(images):
@@ -219,6 +228,7 @@ def run_card(config: Config, class_names: list[str], metrics: dict) -> dict:
         class_names,
         config.image_size,
         config.to_flagfile(),
+        max_image_pixels=getattr(config, "max_image_pixels", MAX_IMAGE_PIXELS),
         backbone=config.backbone,
         data=config.data or "offline default (scikit-learn digits 5-9)",
         metrics=card_metrics(metrics),
@@ -258,6 +268,7 @@ def export_saved_model(
     export_base: str,
     version: int | None = None,
     card: dict | None = None,
+    max_image_pixels: int | None = None,
 ) -> str:
     """Writes `<export_base>/<version>/` atomically and returns its path.
 
@@ -269,6 +280,8 @@ def export_saved_model(
       export_base: TF Serving's base path.
       version: pin the version (0/None: the next free one).
       card: written as model_card.json, with `version` and `signatures` added.
+      max_image_pixels: requests with a larger image are refused (None: the card's
+        `max_image_pixels`, else data.MAX_IMAGE_PIXELS); recorded in the card.
 
     Raises:
       UserError: the pinned version exists (versions are never overwritten).
@@ -284,12 +297,16 @@ def export_saved_model(
         )
     tmp = os.path.join(export_base, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if max_image_pixels is None:
+        max_image_pixels = (card or {}).get("max_image_pixels") or MAX_IMAGE_PIXELS
     try:
         text = is_text_model(model)
         if text:
             build_text_archive(model, class_names).write_out(tmp, verbose=False)
         else:
-            build_archive(model, class_names, image_size).write_out(tmp, verbose=False)
+            build_archive(
+                model, class_names, image_size, max_image_pixels=max_image_pixels
+            ).write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
         with open(os.path.join(tmp, "assets", LABELS_FILE), "w", encoding="utf-8") as f:
             f.write("\n".join(class_names) + "\n")
@@ -299,7 +316,7 @@ def export_saved_model(
         else:
             write_warmup_requests(tmp, warmup_image(image_size))
             signatures = {
-                "serving_default": "image_bytes: tf.string [batch] (encoded JPEG/PNG/GIF/BMP)",
+                "serving_default": "image_bytes: tf.string [batch] (encoded JPEG/PNG/GIF/BMP/WebP)",
                 "predict_images": "images: float32 [batch, h, w, 3], 0-255 pixels",
             }
         signatures["outputs"] = "probabilities, top_k_indices, top_k_names, top_k_scores"
@@ -309,6 +326,11 @@ def export_saved_model(
             "signatures": signatures,
             "non_core_ops": record_non_core_ops(tmp),
         }
+        if text:
+            card.pop("max_image_pixels", None)
+        else:  # the limit the graph enforces
+            card["max_image_pixels"] = max_image_pixels
+            card["max_animation_frames"] = data_lib.MAX_ANIMATION_FRAMES
         write_json_atomically(os.path.join(tmp, MODEL_CARD), card)
         faults.fault_point("export")
         os.rename(tmp, final)

@@ -3,8 +3,9 @@
 The model is rebuilt from the run's flags (cli.py reads its flags.cfg first) and the weights of
 `checkpoints/best.weights.h5`. TFLite files are converted from the Keras model (float pixels in,
 probabilities out) and, when quantized, measured against the float conversion on the validation
-split with `tf.lite.Interpreter`: the size / accuracy trade-off is printed and kept in the model
-card beside the file.
+split with the LiteRT interpreter (`ai_edge_litert`, what phones and edge boxes run; TF 2.21's
+`tf.lite.Interpreter` is deprecated): the size / accuracy trade-off is printed and kept in the
+model card beside the file, with `labels.txt` (read by `tf-finetune predict --model=X.tflite`).
 
 Pruning (tensorflow-model-optimization) is not offered: its `prune_low_magnitude` only accepts
 tf_keras (Keras 2) objects and rejects every Keras 3 model and layer (checked with 0.8.1).
@@ -14,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 
 import keras
@@ -26,6 +26,7 @@ from tf_finetune import data, export, input_pipeline, offline_default, rundir
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
+from tf_finetune.serving import tflite_interpreter, tflite_predict  # noqa: F401 (re-exported)
 
 # Training images the int8 converter calibrates activation ranges on (TFLite's guide: ~100-500).
 REPRESENTATIVE_IMAGES = 200
@@ -90,37 +91,9 @@ def _configure(converter, quantize: str, representative) -> None:
         converter.inference_input_type = tf.uint8
 
 
-def _interpreter(tflite_model: bytes) -> tf.lite.Interpreter:
-    with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice (LiteRT)
-        warnings.simplefilter("ignore")
-        return tf.lite.Interpreter(model_content=tflite_model)
-
-
-def tflite_predict(interpreter: tf.lite.Interpreter, pixels: np.ndarray) -> np.ndarray:
-    """Probabilities for a batch of 0-255 pixels [n, s, s, 3] (any n) from a TFLite model."""
-    inp = interpreter.get_input_details()[0]
-    if tuple(inp["shape"]) != pixels.shape:
-        interpreter.resize_tensor_input(inp["index"], list(pixels.shape))
-        interpreter.allocate_tensors()
-        inp = interpreter.get_input_details()[0]
-    if np.issubdtype(inp["dtype"], np.integer):
-        scale, zero = inp["quantization"]
-        info = np.iinfo(inp["dtype"])
-        pixels = np.clip(np.round(pixels / scale + zero), info.min, info.max)
-    interpreter.set_tensor(inp["index"], pixels.astype(inp["dtype"]))
-    interpreter.invoke()
-    out = interpreter.get_output_details()[0]
-    result = interpreter.get_tensor(out["index"]).astype(np.float32)
-    if np.issubdtype(out["dtype"], np.integer):
-        scale, zero = out["quantization"]
-        result = (result - zero) * scale
-    return result
-
-
 def tflite_accuracy(tflite_model: bytes, split: data.Split, batch_size: int = 32) -> float:
-    """Top-1 accuracy of a TFLite model on a split, run with tf.lite.Interpreter."""
-    interpreter = _interpreter(tflite_model)
-    interpreter.allocate_tensors()
+    """Top-1 accuracy of a TFLite model on a split, run with LiteRT (`ai_edge_litert`)."""
+    interpreter = tflite_interpreter(model_content=tflite_model)
     correct = total = 0
     for pixels, labels in split.examples().batch(batch_size).as_numpy_iterator():
         probabilities = tflite_predict(interpreter, pixels.astype(np.float32))

@@ -49,7 +49,9 @@ def shrink(dataset: data.DataSet, seed: int) -> data.DataSet:
 
 def _load_source(config: Config, folder: str | None) -> data.DataSet:
     if folder is not None:  # the offline default's: train/ val/ test/ inside
-        return data.load_image_folder(folder, config.image_size, config.validation_percent)
+        return data.load_image_folder(
+            folder, config.image_size, config.validation_percent, 0, config.max_image_pixels
+        )
     text = text_data.is_text_source(config)
     if config.data.startswith("tfds:"):
         validation.data_matches_backbone(config, text)
@@ -66,7 +68,11 @@ def _load_source(config: Config, folder: str | None) -> data.DataSet:
             config.seed,
         )
     return data.load_image_folder(
-        config.data, config.image_size, config.validation_percent, config.test_percent
+        config.data,
+        config.image_size,
+        config.validation_percent,
+        config.test_percent,
+        config.max_image_pixels,
     )
 
 

@@ -7,8 +7,8 @@ The export contract this module builds against (see docs/serving.md):
   JPEG/PNG/GIF/BMP) -- or ``text`` (``tf.string [None]``) for text models -- and returning
   ``probabilities``, ``top_k_indices``, ``top_k_names`` and ``top_k_scores``.
 
-Three backends share one interface (:class:`Predictor`): :class:`LocalPredictor` loads the
-SavedModel in process, :class:`RestPredictor` talks to TF Serving's REST API with the
+Four backends share one interface (:class:`Predictor`): :class:`LocalPredictor` loads the
+SavedModel in process, :class:`TFLitePredictor` runs a ``.tflite`` export with LiteRT, :class:`RestPredictor` talks to TF Serving's REST API with the
 standard library only, :class:`GrpcPredictor` uses TF Serving's ``PredictionService``.
 
 A decode failure of one file inside a batch fails the whole batch (in process and in TF
@@ -34,6 +34,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from tf_finetune import headers
 from tf_finetune.errors import UserError
 
 __all__ = [
@@ -46,12 +47,15 @@ __all__ = [
     "PredictArgs",
     "Predictor",
     "RestPredictor",
+    "TFLitePredictor",
     "collect_inputs",
     "format_json",
     "format_table",
     "predict_files",
     "predict_main",
     "resolve_saved_model_dir",
+    "tflite_interpreter",
+    "tflite_predict",
     "write_models_config",
 ]
 
@@ -300,6 +304,7 @@ class LocalPredictor(Predictor):
                 f"--model {self.path}: no '{SIGNATURE}' signature; re-export the model with tf-finetune"
             )
         self._fn = self._model.signatures[SIGNATURE]
+        self.max_image_pixels = _card(self.path).get("max_image_pixels")
         self._input_key = _check_input_key(self._fn.structured_input_signature[1], str(self.path))
         _check_outputs(self._fn.structured_outputs, str(self.path))
         self._tf = tf
@@ -315,6 +320,124 @@ class LocalPredictor(Predictor):
         except tf.errors.InvalidArgumentError as err:
             raise InputRejected(_short_error(err.message)) from err
         return _rows(out["top_k_names"].numpy(), out["top_k_scores"].numpy())
+
+
+def _card(folder: Path) -> dict:
+    """The model_card.json in `folder` ({} when missing or unreadable)."""
+    try:
+        card = json.loads((folder / "model_card.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def tflite_interpreter(model_path: str | None = None, model_content: bytes | None = None):
+    """A LiteRT interpreter (``ai_edge_litert``, the runtime phones and edge boxes run; TF
+    2.21's ``tf.lite.Interpreter`` is deprecated), tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=model_path, model_content=model_content)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def tflite_predict(interpreter, pixels):
+    """Probabilities for a batch of 0-255 pixels [n, s, s, 3] (any n) from a TFLite model.
+
+    Quantized (uint8/int8) inputs and outputs are mapped with the tensors' scale and zero point.
+    """
+    import numpy as np
+
+    inp = interpreter.get_input_details()[0]
+    if tuple(inp["shape"]) != pixels.shape:
+        interpreter.resize_tensor_input(inp["index"], list(pixels.shape))
+        interpreter.allocate_tensors()
+        inp = interpreter.get_input_details()[0]
+    if np.issubdtype(inp["dtype"], np.integer):
+        scale, zero = inp["quantization"]
+        info = np.iinfo(inp["dtype"])
+        pixels = np.clip(np.round(pixels / scale + zero), info.min, info.max)
+    interpreter.set_tensor(inp["index"], pixels.astype(inp["dtype"]))
+    interpreter.invoke()
+    out = interpreter.get_output_details()[0]
+    result = interpreter.get_tensor(out["index"]).astype(np.float32)
+    if np.issubdtype(out["dtype"], np.integer):
+        scale, zero = out["quantization"]
+        result = (result - zero) * scale
+    return result
+
+
+class TFLitePredictor(Predictor):
+    """A ``.tflite`` file from ``tf-finetune export --format=tflite``, run with LiteRT.
+
+    Images are decoded and resized by the export's own function (``data.decode_and_resize``)
+    after the same header check; class names come from ``labels.txt`` beside the file (the
+    export writes it there), the pixel limit from ``model_card.json`` when present.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        self.path = Path(model_path)
+        self.description = str(self.path)
+        if not self.path.is_file():
+            raise UserError(
+                f"--model {self.path}: no such file; pass a .tflite file from tf-finetune export"
+            )
+        labels = self.path.parent / "labels.txt"
+        if not labels.is_file():
+            raise UserError(
+                f"--model {self.path}: no labels.txt beside it (class names, one per line); copy "
+                f"it from the folder tf-finetune export wrote the .tflite file to"
+            )
+        self.class_names = labels.read_text(encoding="utf-8").splitlines()
+        self.max_image_pixels = _card(self.path.parent).get("max_image_pixels")
+        try:
+            self._interpreter = tflite_interpreter(model_path=str(self.path))
+        except (RuntimeError, ValueError) as err:
+            raise UserError(
+                f"--model {self.path}: not a TFLite model ({_short_error(str(err))})"
+            ) from None
+        shape = self._interpreter.get_input_details()[0]["shape"]
+        outputs = self._interpreter.get_output_details()[0]["shape"]
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise UserError(
+                f"--model {self.path}: takes {list(shape)}, not [batch, size, size, 3] pixels; "
+                f"re-export it with tf-finetune"
+            )
+        if outputs[-1] != len(self.class_names):
+            raise UserError(
+                f"--model {self.path}: {outputs[-1]} outputs but {len(self.class_names)} class "
+                f"names in {labels}; use the labels.txt exported with it"
+            )
+        self.image_size = int(shape[1])
+        self._decode = None
+
+    @property
+    def input_key(self) -> str:
+        return IMAGE_INPUT
+
+    def predict_batch(self, payloads: Sequence[bytes]) -> list[TopK]:
+        import numpy as np
+        import tensorflow as tf
+
+        from tf_finetune import data
+
+        if self._decode is None:  # the export's decoding, traced once
+            self._decode = tf.function(
+                lambda b: data.decode_images(
+                    b, self.image_size, self.max_image_pixels or headers.MAX_IMAGE_PIXELS
+                ),
+                input_signature=[tf.TensorSpec([None], tf.string)],
+            )
+        try:
+            pixels = self._decode(tf.constant(list(payloads), dtype=tf.string)).numpy()
+        except tf.errors.InvalidArgumentError as err:
+            raise InputRejected(_short_error(err.message)) from err
+        probabilities = tflite_predict(self._interpreter, pixels.astype(np.float32))
+        order = np.argsort(-probabilities, axis=1, kind="stable")
+        return [
+            tuple((self.class_names[i], float(row[i])) for i in ranks)
+            for row, ranks in zip(probabilities, order, strict=True)
+        ]
 
 
 def _parse_error_body(body: bytes) -> str:
@@ -623,22 +746,37 @@ def predict_files(
     top_k: int = 5,
     batch_size: int = 32,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    max_image_pixels: int | None = None,
 ) -> list[Prediction]:
     """Predict ``files`` in batches; one :class:`Prediction` per file, in order.
 
-    Files that cannot be read, and files the model rejects, get ``error`` set; the others are
-    predicted. When a batch is rejected (one undecodable image fails the whole batch), its
-    files are retried one by one so only the bad ones are reported.
+    Files that cannot be read, images whose header announces more pixels than the model's
+    limit (never sent), and files the model rejects get ``error`` set; the others are
+    predicted. The limit is the model card's for a local model (``predictor.max_image_pixels``),
+    else ``max_image_pixels``, else the export's default ``headers.MAX_IMAGE_PIXELS``; a
+    server's export with another limit still refuses by its own, and the retry below names the
+    file. When a batch is rejected (one undecodable image fails the whole batch), its files
+    are retried one by one so only the bad ones are reported.
     """
     results: dict[int, Prediction] = {}
     readable: list[tuple[str, bytes]] = []
     index: dict[int, int] = {}  # position in readable -> position in files
+    images = predictor.input_key == IMAGE_INPUT
+    limit = (
+        getattr(predictor, "max_image_pixels", None) or max_image_pixels or headers.MAX_IMAGE_PIXELS
+    )
     for i, path in enumerate(files):
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
         except OSError as err:
             results[i] = Prediction(path, error=f"cannot read file: {err.strerror or err}")
+            continue
+        # A decompression bomb is named here, from its header, and never sent; the export
+        # refuses it too (it would fail its whole batch).
+        too_big = headers.problem(headers.parse(data), limit) if images else None
+        if too_big:
+            results[i] = Prediction(path, error=too_big)
             continue
         index[len(readable)] = i
         readable.append((path, data))
@@ -700,7 +838,7 @@ def format_table(results: Sequence[Prediction]) -> str:
 class PredictArgs:
     """Arguments of the ``predict`` command. Exactly one of model / server / grpc."""
 
-    model: str | None = None  # local export dir (base dir with versions, or a version dir)
+    model: str | None = None  # local export dir (base, version or run dir) or a .tflite file
     server: str | None = None  # TF Serving REST URL, e.g. http://localhost:8501
     grpc: str | None = None  # TF Serving gRPC host:port, e.g. localhost:8500
     model_name: str = "model"  # name TF Serving serves the model as (docker's MODEL_NAME)
@@ -710,6 +848,8 @@ class PredictArgs:
     batch_size: int = 32
     version: int | str | None = None  # TF Serving version number or label; None = latest
     timeout: float = DEFAULT_TIMEOUT  # seconds per request (REST/gRPC)
+    # Client-side header check for a server's model (a local model's card says its own).
+    max_image_pixels: int | None = None
 
 
 def make_predictor(args: PredictArgs) -> Predictor:
@@ -734,6 +874,8 @@ def make_predictor(args: PredictArgs) -> Predictor:
             raise UserError(
                 "--model_version works with --server/--grpc; for --model pass the version dir"
             )
+        if str(args.model).lower().endswith(".tflite"):
+            return TFLitePredictor(args.model)
         return LocalPredictor(args.model)
     if args.server:
         return RestPredictor(args.server, args.model_name, args.version, args.timeout)
@@ -772,7 +914,13 @@ def predict_main(args: PredictArgs, out=None, err=None) -> int:
             raise UserError(
                 f"no {kinds} files found in {', '.join(args.inputs)}; pass files or directories holding them"
             )
-        results = predict_files(predictor, files, top_k=args.top_k, batch_size=args.batch_size)
+        results = predict_files(
+            predictor,
+            files,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            max_image_pixels=args.max_image_pixels,
+        )
     results += [Prediction(path, error=reason) for path, reason in errors]
 
     print(format_json(results) if args.json else format_table(results), file=out)
