@@ -14,12 +14,19 @@ import os
 from absl import logging
 
 from tf_finetune import config as config_lib
-from tf_finetune import distribute, train
+from tf_finetune import distribute, report, train
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
 RESULTS = "compare.json"
 VARIANT_RESULT = "compare_result.json"
+INDEX_COLUMNS = [
+    ("unfreeze", "--unfreeze"),
+    ("val_accuracy", "val accuracy"),
+    ("val_loss", "val loss"),
+    ("trainable_parameters", "trainable params"),
+    ("seconds_per_epoch", "s/epoch"),
+]
 
 
 def variants(config: Config) -> list[Config]:
@@ -95,7 +102,13 @@ def compare(config: Config) -> dict:
         "variants": [{k: v for k, v in row.items() if k != "flags"} for row in rows],
     }
     _atomic_json(os.path.join(config.model_dir, RESULTS), results)
-    return {"rows": rows, "table": format_table(rows)}
+    page = report.write_index(
+        config.model_dir,
+        f"tf-finetune compare: {len(rows)} --unfreeze variants, ranked by val accuracy",
+        INDEX_COLUMNS,
+        sorted(rows, key=lambda r: (-r["val_accuracy"], r["val_loss"])),
+    )
+    return {"rows": rows, "table": format_table(rows), "report": page}
 
 
 def format_table(rows: list[dict]) -> str:
