@@ -340,6 +340,18 @@ def test_chromium_opens_the_report_without_errors_and_draws_it(run, tmp_path):
         shutil.copy(shot, keep)
 
 
+def test_evaluate_rewrites_the_report_and_prints_its_path(run):
+    page = run["dir"] / "report.html"
+    before = page.stat().st_mtime_ns
+    code, out = _main(["evaluate", f"--model_dir={run['dir']}", "--split=val"])
+    assert code == 0, out
+    assert out.strip().splitlines()[-1] == f"Report: {page}"
+    assert page.stat().st_mtime_ns > before
+    _, tree = _parse(page)
+    rep = _json(run["dir"] / "report_val.json")
+    assert float(_by_id(tree, "accuracy-val").get("data-value")) == rep["accuracy"]
+
+
 # ----------------------------------------------------------------------------- compare
 @pytest.mark.slow  # two tiny fits: ~10-20 s on 2 busy cores
 def test_compare_writes_a_ranking_page_linking_each_variant(run, tmp_path):

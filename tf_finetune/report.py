@@ -28,6 +28,7 @@ import jinja2
 from tf_finetune import config as config_lib
 
 REPORT = "report.html"
+COMPARE_RESULT = "compare_result.json"  # compare.VARIANT_RESULT (compare imports TensorFlow)
 TEMPLATE = "report.html"
 SPLITS = ("test", "val")
 MAX_INLINE_EXAMPLE = 3000  # bytes of an example image the curl line carries in full
@@ -343,6 +344,10 @@ def collect(model_dir: str) -> dict:
     """Everything the page shows, read from the run dir (missing pieces are None or empty)."""
     model_dir = os.path.abspath(model_dir)
     metrics = _read_json(os.path.join(model_dir, "metrics.json")) or {}
+    has_metrics = bool(metrics)
+    if not metrics:  # a compare variant: its row (val scores, parameters, epoch seconds)
+        metrics = _read_json(os.path.join(model_dir, COMPARE_RESULT)) or {}
+        metrics = {k: v for k, v in metrics.items() if k != "flags"}
     flags = read_flags(os.path.join(model_dir, "flags.cfg"))
     export_path = metrics.get("export_path")
     card = {}
@@ -427,7 +432,7 @@ def collect(model_dir: str) -> dict:
         "title": f"tf-finetune report: {os.path.basename(model_dir)}",
         "model_dir": model_dir,
         "metrics": metrics,
-        "has_metrics": bool(metrics),
+        "has_metrics": has_metrics,
         "task": "text classification" if is_text else "image classification",
         "is_text": is_text,
         "data": card.get("data") or data or None,
