@@ -390,3 +390,15 @@ def test_compare_writes_a_ranking_page_linking_each_variant(run, tmp_path):
         assert not link.startswith(("http", "/")) and (out_dir / link).is_file()
         _, variant = _parse(out_dir / link)
         assert variant.find(".//title") is not None
+
+
+def test_curl_example_of_a_big_photo_is_a_small_png_of_it(tmp_path):
+    photo = tmp_path / "photos" / "test" / "cat" / "big.png"
+    photo.parent.mkdir(parents=True)
+    photo.write_bytes(encode(class_image(0, (200, 150), seed=1), "PNG"))
+    assert photo.stat().st_size > report.MAX_INLINE_EXAMPLE
+    example = report.serving_example(False, [f"--data={tmp_path / 'photos'}"], None, None)
+    assert str(photo) in example["source"]
+    body = json.loads(example["command"].split("-d '", 1)[1].rstrip("'"))
+    with Image.open(io.BytesIO(base64.b64decode(body["instances"][0]["image_bytes"]["b64"]))) as im:
+        assert im.format == "PNG" and im.size == (48, 36)

@@ -17,6 +17,7 @@ Deliberately free of TensorFlow and Keras: it runs in a fraction of a second.
 import base64
 import csv
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -192,8 +193,20 @@ def _warmup_image(export_path: str) -> bytes | None:
     return None
 
 
+def _offline_digits_dir() -> str | None:
+    """The offline default's PNG folders (digits.default_data_dir, found without Keras)."""
+    homes = [os.environ.get("KERAS_HOME"), os.path.expanduser("~/.keras"), "/tmp/.keras"]
+    for home in filter(None, homes):
+        found = sorted(glob.glob(os.path.join(home, "datasets", "tf_finetune_digits_5to9_*")))
+        if found:
+            return found[0]
+    return None
+
+
 def _data_image(data: str) -> str | None:
-    """A real image file of an image folder: from test/ or val/ when the folder has them."""
+    """A real image file of an image folder: from test/ or val/ when the folder has them
+    (the offline default: one of its digits)."""
+    data = data or _offline_digits_dir() or ""
     if not data or not os.path.isdir(data):
         return None
     for sub in ("test", "val", "validation", ""):
@@ -249,9 +262,8 @@ def serving_example(
         path = _data_image(_flag_value(flags, "data") or "")
         if path:
             image = _small_png(path)
-            source = f"{path} (shrunk to 48 px)" if image and len(image) > 0 else ""
-            if image and os.path.getsize(path) <= MAX_INLINE_EXAMPLE:
-                source = path
+            small = os.path.getsize(path) <= MAX_INLINE_EXAMPLE
+            source = path if small else f"{path} (shrunk to at most 48 px)"
         if not image and export_path:
             image, source = _warmup_image(export_path), "the export's warm-up image"
         if not image:
@@ -340,6 +352,19 @@ def _label_issues(model_dir: str) -> list[dict] | None:
     return [i for i in issues if isinstance(i, dict)]
 
 
+def _find_export(export_path: str | None, flags: list[str], model_dir: str) -> str | None:
+    """metrics.json's export path; a relative one (relative to where the run was started)
+    found again from the run dir when this process runs elsewhere."""
+    if not export_path or os.path.exists(export_path):
+        return export_path
+    run_flag = _flag_value(flags, "model_dir")
+    if run_flag and export_path.startswith(run_flag.rstrip(os.sep) + os.sep):
+        moved = os.path.join(model_dir, export_path[len(run_flag.rstrip(os.sep)) + 1 :])
+        if os.path.exists(moved):
+            return moved
+    return export_path
+
+
 def collect(model_dir: str) -> dict:
     """Everything the page shows, read from the run dir (missing pieces are None or empty)."""
     model_dir = os.path.abspath(model_dir)
@@ -349,7 +374,7 @@ def collect(model_dir: str) -> dict:
         metrics = _read_json(os.path.join(model_dir, COMPARE_RESULT)) or {}
         metrics = {k: v for k, v in metrics.items() if k != "flags"}
     flags = read_flags(os.path.join(model_dir, "flags.cfg"))
-    export_path = metrics.get("export_path")
+    export_path = _find_export(metrics.get("export_path"), flags, model_dir)
     card = {}
     if export_path:
         card = _read_json(os.path.join(export_path, "model_card.json")) or {}
