@@ -19,8 +19,10 @@ def test_offline_default_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1].startswith("Export:") and lines[-2].startswith("Run directory:")
+    assert lines[-2].startswith("Export:") and lines[-3].startswith("Run directory:")
     run = tmp_path / "runs" / "default"
+    assert lines[-1] == f"Report:        {os.path.join('runs', 'default', 'report.html')}"
+    assert (run / "report.html").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["backbone"] == "digits_cnn"
     assert metrics["class_names"] == ["eight", "five", "nine", "seven", "six"]

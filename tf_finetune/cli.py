@@ -61,6 +61,9 @@ def cmd_train(config: config_lib.Config) -> int:
         print(f"Worker done: {metrics['epochs']} epochs on {metrics['replicas']} replicas.")
         return 0
     _print_train_summary(config, metrics)
+    from tf_finetune import report  # the page a person opens: report.html in the run dir
+
+    print(f"Report:        {report.write_report(config.model_dir)}")
     return 0
 
 
@@ -70,6 +73,9 @@ def cmd_evaluate(config: config_lib.Config) -> int:
     report = evaluate_run.evaluate_run(config, config.split)
     print(report["text"])
     print(f"\nReport and plots: {', '.join(report['files'])}")
+    from tf_finetune import report as report_page
+
+    print(f"Report: {report_page.write_report(config.model_dir)}")
     return 0
 
 
@@ -80,6 +86,7 @@ def cmd_tune(config: config_lib.Config) -> int:
     print(f"\nTrials ranked by val_accuracy (best checkpoint of each):\n{result['table']}")
     print(f"\nBest trial as flags: {result['flagfile']}")
     print(f"Rerun it in full:    {PROG} train --flagfile={result['flagfile']}")
+    print(f"Report: {result['report']}")
     return 0
 
 
@@ -93,6 +100,7 @@ def cmd_compare(config: config_lib.Config) -> int:
         + f"), one row per --unfreeze value:\n{result['table']}"
     )
     print(f"\nRuns and compare.json in {config.model_dir}")
+    print(f"Report: {result['report']}")
     return 0
 
 

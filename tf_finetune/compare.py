@@ -18,6 +18,7 @@ from tf_finetune import (
     distribute,
     input_pipeline,
     offline_default,
+    report,
     resolve,
     selection,
     train,
@@ -27,6 +28,13 @@ from tf_finetune.errors import UserError
 
 RESULTS = "compare.json"
 VARIANT_RESULT = "compare_result.json"
+INDEX_COLUMNS = [
+    ("unfreeze", "--unfreeze"),
+    ("val_accuracy", "val accuracy"),
+    ("val_loss", "val loss"),
+    ("trainable_parameters", "trainable params"),
+    ("seconds_per_epoch", "s/epoch"),
+]
 
 
 def variants(config: Config) -> list[Config]:
@@ -94,7 +102,13 @@ def compare(config: Config) -> dict:
         "variants": [{k: v for k, v in row.items() if k != "flags"} for row in rows],
     }
     atomic.write_json(os.path.join(config.model_dir, RESULTS), results)
-    return {"rows": rows, "table": format_table(rows)}
+    page = report.write_index(
+        config.model_dir,
+        f"tf-finetune compare: {len(rows)} --unfreeze variants, ranked by val accuracy",
+        INDEX_COLUMNS,
+        sorted(rows, key=lambda r: (-r["val_accuracy"], r["val_loss"])),
+    )
+    return {"rows": rows, "table": format_table(rows), "report": page}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -29,6 +29,7 @@ from tf_finetune import (
     distribute,
     input_pipeline,
     offline_default,
+    report,
     resolve,
     selection,
     train,
@@ -272,4 +273,12 @@ def tune(config: Config) -> dict:
         os.path.join(config.model_dir, RESULTS),
         json.dumps({"objective": "val_accuracy", "trials": rows}, indent=2),
     )
-    return {"rows": rows, "table": format_table(rows, dims), "flagfile": flagfile}
+    page = report.write_index(
+        config.model_dir,
+        f"tf-finetune tune: {len(rows)} trial(s), ranked by val accuracy",
+        [(k, k.replace("_", " ")) for k in ("trial", "val_accuracy", "val_loss", "epochs")]
+        + [("values", "hyperparameters"), ("seconds_per_epoch", "s/epoch")],
+        [{**r, "run_dir": tuner.get_trial_dir(r["trial"])} for r in rows],
+        note=f"Rerun the best in full: tf-finetune train --flagfile={flagfile}",
+    )
+    return {"rows": rows, "table": format_table(rows, dims), "flagfile": flagfile, "report": page}
