@@ -4,6 +4,11 @@ Intentionally short. The only module that reads FLAGS. Every flag comes from a f
 `config.Config`, so each knob is declared once. The first positional word picks the command;
 adding one is adding an entry to COMMANDS. Only commands marked `takes_inputs` (predict)
 accept positional arguments (the files to act on) after it.
+
+Start-up order: flags are parsed and checked before TensorFlow is imported (it takes seconds);
+commands marked `needs_config=False` (backbones) never import it. From there until the
+strategy exists, fd 2 goes through `quiet_start`, which drops TensorFlow's known C++ start-up
+lines (unless --verbosity asks for them) and passes everything else on.
 """
 
 import dataclasses
@@ -17,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 from absl import flags, logging  # noqa: E402
 
 from tf_finetune import config as config_lib  # noqa: E402
+from tf_finetune import quiet_start  # noqa: E402
 from tf_finetune.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -152,8 +158,8 @@ def cmd_predict(config: config_lib.Config, inputs: list[str]) -> int:
     return serving.predict_main(args)
 
 
-def cmd_backbones(config: config_lib.Config) -> int:
-    from tf_finetune.backbones import BACKBONES
+def cmd_backbones() -> int:
+    from tf_finetune.backbone_table import BACKBONES  # the table without TensorFlow
 
     print(f"{'name':24s} {'default size':>12s}  preprocessing")
     for spec in BACKBONES.values():
@@ -166,6 +172,7 @@ class Command:
     run: Callable[..., int]  # (config) -> exit code; (config, inputs) if takes_inputs
     help: str
     takes_inputs: bool = False
+    needs_config: bool = True  # False: run() takes nothing and never imports TensorFlow
 
 
 COMMANDS: dict[str, Command] = {
@@ -201,7 +208,9 @@ COMMANDS: dict[str, Command] = {
         "(or --server=URL / --grpc=HOST:PORT with --model_name for TF Serving)",
         takes_inputs=True,
     ),
-    "backbones": Command(cmd_backbones, "list the backbone names --backbone accepts"),
+    "backbones": Command(
+        cmd_backbones, "list the backbone names --backbone accepts", needs_config=False
+    ),
 }
 
 
@@ -222,7 +231,7 @@ def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
         print(f"  {row[0]:42s} {row[1]:>9s} {row[2]:>8s}")
     print(
         f"\n{len(metrics['class_names'])} classes, {metrics['train_images']} train / "
-        f"{metrics['val_images']} val / {metrics['test_images']} test images, "
+        f"{metrics['val_images']} val / {metrics['test_images']} test {_data_kind(config)}, "
         f"{len(metrics['skipped_files'])} unreadable file(s) skipped, "
         f"{metrics['wall_time_seconds']:.0f} s."
     )
@@ -239,6 +248,14 @@ def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
         )
     print(f"Run directory: {config.model_dir}  (metrics.json, flags.cfg, logs/)")
     print(f"Export:        {metrics['export_path']}")
+
+
+def _data_kind(config: config_lib.Config) -> str:
+    """'texts' or 'images': what the counts of a run's summary count (metrics.json's keys say
+    train_images for both)."""
+    from tf_finetune import text_data
+
+    return "texts" if text_data.is_text_source(config) else "images"
 
 
 # ----------------------------------------------------------------------------- help
@@ -260,7 +277,11 @@ def usage() -> str:
             kind = "|".join(choices) if choices else f.type.__name__
             lines.append(f"  --{f.name}={f.default!s}  ({kind})")
             lines.append(f"      {f.metadata['help']}")
-    lines += ["", "  --flagfile=FILE  read flags from FILE (one --flag=value per line; # comments)"]
+    lines += [
+        "",
+        "  --flagfile=FILE  read flags from FILE (one --flag=value per line; # comments)",
+        "  --verbosity=1    also show TensorFlow's C++ start-up lines (hidden by default)",
+    ]
     return "\n".join(lines)
 
 
@@ -338,7 +359,13 @@ def main(argv: list[str]) -> int:
         return _fail(
             f"unexpected argument(s) {' '.join(positional)}; flags look like --name=value."
         )
+    show_startup = FLAGS["verbosity"].value >= 1  # read before _configure_logging sets it
     _configure_logging()
+    if not chosen.needs_config:
+        return chosen.run()
+    if not show_startup:
+        # Until the strategy exists (distribute.make_strategy ends it) or the command returns.
+        quiet_start.begin()
     try:
         config = config_from_flags()
         return chosen.run(config, positional) if chosen.takes_inputs else chosen.run(config)
@@ -347,6 +374,8 @@ def main(argv: list[str]) -> int:
         return _fail(str(e), getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume from the last epoch.", 130)
+    finally:
+        quiet_start.end()
 
 
 def run() -> None:

@@ -7,6 +7,7 @@ import itertools
 import tensorflow as tf
 
 from tf_finetune import multiworker as mw
+from tf_finetune import quiet_start
 from tf_finetune.errors import UserError
 
 
@@ -37,7 +38,16 @@ def make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
 
     `multi_worker`: MultiWorkerMirroredStrategy from TF_CONFIG, with the Keras 3 workarounds
     (keras-team/keras#20585); must be the first TensorFlow op of the process.
+
+    The devices are up once it returns: the CLI's start-up filter on stderr ends here.
     """
+    try:
+        return _make_strategy(kind, cpu_replicas)
+    finally:
+        quiet_start.end()
+
+
+def _make_strategy(kind: str, cpu_replicas: int) -> tf.distribute.Strategy:
     # Keras 3 trainer fixes (Python patches, no TF op): keras#20585 under multi_worker, and
     # keras#19246 for a first batch split unevenly over the replicas of any strategy.
     mw.apply_keras_workarounds()

@@ -26,20 +26,10 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import head, hub
+from tf_finetune.backbone_table import is_hub_backbone  # noqa: F401 - this module's API
 from tf_finetune.errors import UserError
 
 DEFAULT_IMAGE_SIZE = 224
-_REMOTE_PREFIXES = ("gs://", "http://", "https://")
-
-
-def is_hub_backbone(backbone: str) -> bool:
-    """True when `--backbone` names a TF Hub module rather than a Keras Applications model."""
-    return (
-        backbone.startswith(_REMOTE_PREFIXES)
-        or backbone.startswith(("/", ".", "~"))
-        or os.sep in backbone
-        or hub.is_hub_handle(backbone)
-    )
 
 
 # ----------------------------------------------------------------------------- signatures

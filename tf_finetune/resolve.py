@@ -8,7 +8,7 @@ This is where handles are resolved and modules downloaded, never in config.py.
 
 import dataclasses
 
-from tf_finetune import validation
+from tf_finetune import backbone_table, validation
 from tf_finetune.config import OFFLINE_DEFAULT_PRESET, Config
 from tf_finetune.errors import UserError
 
@@ -40,11 +40,10 @@ SMOKE_SIZE, SMOKE_BATCH, SMOKE_TRIALS = 32, 8, 2
 
 def _shrunk(config: Config) -> Config:
     """The same run at the smallest sizes it takes (`--smoke`)."""
-    from tf_finetune import backbones
-
     image_size = config.image_size
-    if image_size and config.backbone in backbones.BACKBONES:  # a hub module fixes its own
-        image_size = min(image_size, max(SMOKE_SIZE, backbones.get_spec(config.backbone).min_size))
+    if image_size and config.backbone in backbone_table.BACKBONES:  # a hub module fixes its own
+        spec = backbone_table.get_spec(config.backbone)
+        image_size = min(image_size, max(SMOKE_SIZE, spec.min_size))
     warmup = min(config.warmup_epochs, 1)
     return dataclasses.replace(
         config,
@@ -59,31 +58,27 @@ def _shrunk(config: Config) -> Config:
 def check_resolved(config: Config) -> None:
     """Every rule again for a config derived from a resolved one (a compare variant, a tune
     trial): the flags, and what its backbone and data take."""
-    from tf_finetune import hub_model
-
     validation.validate(config)
-    if hub_model.is_hub_backbone(config.backbone):
+    if backbone_table.is_hub_backbone(config.backbone):
         validation.hub_backbone_options(config)
     _check_data_and_backbone(config)
 
 
 def _resolve_backbone(config: Config) -> Config:
-    from tf_finetune import hub_model
-
-    if hub_model.is_hub_backbone(config.backbone):
+    if backbone_table.is_hub_backbone(config.backbone):
         validation.hub_backbone_options(config)
+        from tf_finetune import hub_model  # TensorFlow: only once a hub module is named
+
         return hub_model.resolve(config)
     validation.keras_backbone_options(config)
     return _resolve_keras_backbone(config)
 
 
 def _resolve_keras_backbone(config: Config) -> Config:
-    from tf_finetune import backbones
-
     backbone = config.backbone
     if backbone == "auto":
         backbone = "digits_cnn" if config.is_offline_default else "mobilenet_v2"
-    spec = backbones.get_spec(backbone)
+    spec = backbone_table.get_spec(backbone)
     image_size = config.image_size or spec.default_size
     if image_size < spec.min_size:
         raise UserError(
