@@ -113,39 +113,18 @@ def classification_report(
     Raises:
       ValueError: on no examples, mismatched shapes, labels out of range or non-finite scores.
     """
-    class_names = [str(n) for n in class_names]
-    if len(set(class_names)) != len(class_names):
-        raise ValueError(f"class names are not unique: {class_names}")
-    p = _check_probabilities(probabilities, class_names)
-    num_classes = len(class_names)
-    y = _as_labels(y_true, num_classes)
-    if y.shape[0] != p.shape[0]:
-        raise ValueError(f"{y.shape[0]} labels but {p.shape[0]} rows of probabilities")
-    n = y.shape[0]
-    if n == 0:
-        raise ValueError("no examples to evaluate")
-
+    class_names, y, p = _checked_inputs(y_true, probabilities, class_names)
+    n, num_classes = y.shape[0], len(class_names)
     ranking = _ranking(p)
-    y_pred = ranking[:, 0]
-    matrix = confusion_matrix(y, y_pred, num_classes)
-    true_positives = np.diag(matrix).astype(np.float64)
-    support = matrix.sum(axis=1)
-    predicted = matrix.sum(axis=0)
-    precision = _safe_divide(true_positives, predicted)
-    recall = _safe_divide(true_positives, support)
-    f1 = _safe_divide(2 * precision * recall, precision + recall)
-
+    matrix = confusion_matrix(y, ranking[:, 0], num_classes)
+    precision, recall, f1, support = _per_class_scores(matrix)
     report = {
         "num_examples": int(n),
         "num_classes": num_classes,
         "class_names": class_names,
-        "accuracy": float(true_positives.sum() / n),
+        "accuracy": float(np.trace(matrix) / n),
     }
-    # Position of the true class in each row's ranking.
-    true_rank = np.argmax(ranking == y[:, None], axis=1)
-    for k in sorted(set(int(k) for k in top_k)):
-        if 1 <= k < num_classes:
-            report[f"top{k}_accuracy"] = float(np.mean(true_rank < k))
+    report.update(_top_k_accuracies(ranking, y, top_k))
     report["per_class"] = {
         name: {
             "precision": float(precision[i]),
@@ -163,6 +142,44 @@ def classification_report(
     report["weighted_f1"] = float(np.sum(f1 * support) / n)
     report["confusion_matrix"] = matrix.tolist()
     return report
+
+
+def _checked_inputs(
+    y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(class names as str, int64 labels [n], float64 probabilities [n, C]), or ValueError."""
+    class_names = [str(n) for n in class_names]
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names are not unique: {class_names}")
+    p = _check_probabilities(probabilities, class_names)
+    y = _as_labels(y_true, len(class_names))
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"{y.shape[0]} labels but {p.shape[0]} rows of probabilities")
+    if y.shape[0] == 0:
+        raise ValueError("no examples to evaluate")
+    return class_names, y, p
+
+
+def _per_class_scores(matrix: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(precision, recall, f1, support) per class from a confusion matrix; 0 where undefined."""
+    true_positives = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    precision = _safe_divide(true_positives, matrix.sum(axis=0))
+    recall = _safe_divide(true_positives, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+    return precision, recall, f1, support
+
+
+def _top_k_accuracies(ranking: np.ndarray, y: np.ndarray, top_k: Sequence[int]) -> dict:
+    """{"top{k}_accuracy": ...} for each distinct k in [1, C), k ascending."""
+    num_classes = ranking.shape[1]
+    # Position of the true class in each row's ranking.
+    true_rank = np.argmax(ranking == y[:, None], axis=1)
+    return {
+        f"top{k}_accuracy": float(np.mean(true_rank < k))
+        for k in sorted(set(int(k) for k in top_k))
+        if 1 <= k < num_classes
+    }
 
 
 # ----------------------------------------------------------------------------- text
@@ -208,68 +225,114 @@ def format_report(report: dict, class_names: Sequence[str]) -> str:
     and weighted averages, then the confusion matrix (rows = true, columns = predicted).
     Long names are cut ('~' marks a cut); when cut names would collide, or the matrix has more
     than MAX_NAMED_COLUMNS classes, rows carry the class index and the columns are numbered.
+
+    Args:
+      report: what `classification_report` returned.
+      class_names: the names, in label order (the keys of `report["per_class"]`).
+
+    Returns:
+      The text, without a final newline.
     """
     names = [str(n) for n in class_names]
-    digits = len(str(len(names) - 1))
-    top_keys = sorted(
-        (k for k in report if k.startswith("top") and k.endswith("_accuracy")),
-        key=lambda k: int(k[3 : -len("_accuracy")]),
-    )
+    top_keys = _top_k_keys(report)
+    # Row labels: the names, cut short while that keeps them distinct, else index + name.
+    numbered = _numbered_names(names)
+    labels = _short_names(names, min(_longest(names), NAME_WIDTH)) or numbered
     summary_labels = ["accuracy", "macro avg", "weighted avg"] + [
         k.replace("_", " ") for k in top_keys
     ]
-    longest = max(len(n) for n in names)
-    numbered = [_truncate(f"{i:>{digits}d} {n}", NAME_WIDTH) for i, n in enumerate(names)]
-    labels = _short_names(names, min(longest, NAME_WIDTH)) or numbered  # indices disambiguate
     width = max(max(len(label) for label in labels), *(len(s) for s in summary_labels))
+    return "\n".join(
+        _score_lines(report, names, labels, width)
+        + _summary_lines(report, len(names), top_keys, width)
+        + _matrix_lines(report["confusion_matrix"], names, labels)
+    )
 
-    def line(label, *cells):
-        return f"{label:<{width}s}  " + " ".join(cells)
 
-    def num(value):
-        return f"{value:9.4f}"
+def _top_k_keys(report: dict) -> list[str]:
+    """The report's "top{k}_accuracy" keys, k ascending (as numbers: top10 after top5)."""
+    return sorted(
+        (k for k in report if k.startswith("top") and k.endswith("_accuracy")),
+        key=lambda k: int(k[3 : -len("_accuracy")]),
+    )
 
-    blank = " " * 9
-    lines = [line("class", f"{'precision':>9s}", f"{'recall':>9s}", f"{'f1':>9s}", "support")]
+
+def _longest(names: Sequence[str]) -> int:
+    return max(len(n) for n in names)
+
+
+def _index_digits(names: Sequence[str]) -> int:
+    """Characters of the largest class index, so numbered labels line up."""
+    return len(str(len(names) - 1))
+
+
+def _numbered_names(names: Sequence[str]) -> list[str]:
+    """Labels "<index> <name>" cut to NAME_WIDTH: distinct however the names collide."""
+    digits = _index_digits(names)
+    return [_truncate(f"{i:>{digits}d} {n}", NAME_WIDTH) for i, n in enumerate(names)]
+
+
+_BLANK_SCORE = " " * 9  # a missing score keeps its column
+
+
+def _score(value: float) -> str:
+    return f"{value:9.4f}"
+
+
+def _row(label: str, width: int, *cells: str) -> str:
+    return f"{label:<{width}s}  " + " ".join(cells)
+
+
+def _score_lines(
+    report: dict, names: Sequence[str], labels: Sequence[str], width: int
+) -> list[str]:
+    """The header and one precision/recall/F1/support row per class."""
+    lines = [
+        _row("class", width, f"{'precision':>9s}", f"{'recall':>9s}", f"{'f1':>9s}", "support")
+    ]
     for name, label in zip(names, labels):
         row = report["per_class"][name]
-        lines.append(
-            line(label, num(row["precision"]), num(row["recall"]), num(row["f1"]),
-                 f"{row['support']:7d}")
-        )  # fmt: skip
-    n = report["num_examples"]
-    correct = sum(report["confusion_matrix"][i][i] for i in range(len(names)))
-    lines.append("")
-    lines.append(line("accuracy", num(report["accuracy"]), f" ({correct}/{n} correct)"))
-    for key in top_keys:
-        lines.append(line(key.replace("_", " "), num(report[key])))
-    for kind in ("macro", "weighted"):
-        lines.append(
-            line(
-                f"{kind} avg",
-                num(report[f"{kind}_precision"]) if f"{kind}_precision" in report else blank,
-                num(report[f"{kind}_recall"]) if f"{kind}_recall" in report else blank,
-                num(report[f"{kind}_f1"]),
-                f"{n:7d}",
-            )
-        )
+        scores = [_score(row[k]) for k in ("precision", "recall", "f1")]
+        lines.append(_row(label, width, *scores, f"{row['support']:7d}"))
+    return lines
 
-    matrix = report["confusion_matrix"]
+
+def _summary_lines(report: dict, num_classes: int, top_keys: list[str], width: int) -> list[str]:
+    """Accuracy with the counts behind it, top-k, then the macro and weighted averages."""
+    n = report["num_examples"]
+    correct = sum(report["confusion_matrix"][i][i] for i in range(num_classes))
+    lines = ["", _row("accuracy", width, _score(report["accuracy"]), f" ({correct}/{n} correct)")]
+    for key in top_keys:
+        lines.append(_row(key.replace("_", " "), width, _score(report[key])))
+    for kind in ("macro", "weighted"):
+        optional = [f"{kind}_precision", f"{kind}_recall"]  # a report may carry only F1
+        cells = [_score(report[k]) if k in report else _BLANK_SCORE for k in optional]
+        lines.append(_row(f"{kind} avg", width, *cells, _score(report[f"{kind}_f1"]), f"{n:7d}"))
+    return lines
+
+
+def _matrix_lines(
+    matrix: list[list[int]], names: Sequence[str], labels: Sequence[str]
+) -> list[str]:
+    """The confusion matrix, rows = true class, columns = predicted class.
+
+    Columns are headed by short names, or by class indices when short names would collide or
+    there are more than MAX_NAMED_COLUMNS classes (the rows then carry the index too).
+    """
     biggest = max((c for row in matrix for c in row), default=0)
-    column = max(len(str(biggest)), min(longest, COLUMN_NAME_WIDTH))
+    column = max(len(str(biggest)), min(_longest(names), COLUMN_NAME_WIDTH))
     headers = _short_names(names, column) if len(names) <= MAX_NAMED_COLUMNS else None
     row_labels = labels
     if headers is None:
         headers = [str(i) for i in range(len(names))]
-        column = max(len(str(biggest)), digits)
-        row_labels = numbered
+        column = max(len(str(biggest)), _index_digits(names))
+        row_labels = _numbered_names(names)
     row_width = max(len(label) for label in row_labels)
-    lines.append("")
-    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    lines = ["", "confusion matrix (rows: true class, columns: predicted class)"]
     lines.append(f"{'':<{row_width}s}  " + " ".join(f"{h:>{column}s}" for h in headers))
     for label, row in zip(row_labels, matrix):
         lines.append(f"{label:<{row_width}s}  " + " ".join(f"{c:>{column}d}" for c in row))
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------- predictions
