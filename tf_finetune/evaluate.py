@@ -117,7 +117,6 @@ def classification_report(
     n, num_classes = y.shape[0], len(class_names)
     ranking = _ranking(p)
     matrix = confusion_matrix(y, ranking[:, 0], num_classes)
-    precision, recall, f1, support = _per_class_scores(matrix)
     report = {
         "num_examples": int(n),
         "num_classes": num_classes,
@@ -125,21 +124,7 @@ def classification_report(
         "accuracy": float(np.trace(matrix) / n),
     }
     report.update(_top_k_accuracies(ranking, y, top_k))
-    report["per_class"] = {
-        name: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(class_names)
-    }
-    report["macro_precision"] = float(precision.mean())
-    report["macro_recall"] = float(recall.mean())
-    report["macro_f1"] = float(f1.mean())
-    report["weighted_precision"] = float(np.sum(precision * support) / n)
-    report["weighted_recall"] = float(np.sum(recall * support) / n)  # equals accuracy
-    report["weighted_f1"] = float(np.sum(f1 * support) / n)
+    report.update(_class_scores(class_names, *_per_class_scores(matrix)))
     report["confusion_matrix"] = matrix.tolist()
     return report
 
@@ -168,6 +153,34 @@ def _per_class_scores(matrix: np.ndarray) -> tuple[np.ndarray, ...]:
     recall = _safe_divide(true_positives, support)
     f1 = _safe_divide(2 * precision * recall, precision + recall)
     return precision, recall, f1, support
+
+
+def _class_scores(
+    class_names: Sequence[str],
+    precision: np.ndarray,
+    recall: np.ndarray,
+    f1: np.ndarray,
+    support: np.ndarray,
+) -> dict:
+    """The report's per_class entry, then macro (plain mean) and weighted (by support) averages."""
+    n = support.sum()
+    return {
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "weighted_precision": float(np.sum(precision * support) / n),
+        "weighted_recall": float(np.sum(recall * support) / n),  # equals accuracy
+        "weighted_f1": float(np.sum(f1 * support) / n),
+    }
 
 
 def _top_k_accuracies(ranking: np.ndarray, y: np.ndarray, top_k: Sequence[int]) -> dict:
@@ -397,9 +410,10 @@ def predict_dataset(
 
     Args:
       model: a Keras model mapping float32 pixels [b, h, w, 3] (0-255) to probabilities [b, C]
-        (run with `predict_on_batch`), or any callable doing so; a dict result is read at
-        "probabilities", so `lambda x: loaded.signatures["predict_images"](images=x)` evaluates
-        an exported SavedModel.
+        (run as one compiled forward pass per batch), or any callable doing so; a dict result
+        is read at "probabilities", so
+        `lambda x: loaded.signatures["predict_images"](images=x)` evaluates an exported
+        SavedModel.
       dataset: batched `(pixels, labels)` (extra elements, e.g. sample weights, are ignored),
         labels one-hot [b, C] or integer [b] -- what `data.make_pipeline(training=False)` yields.
       max_images: misclassified images to keep (those with the highest predicted-class
@@ -410,58 +424,71 @@ def predict_dataset(
       is 0). MistakeImages is empty when nothing was misclassified.
     """
     labels, probs = [], []
-    kept_images = kept_index = kept_conf = None
-    offset = 0
-    text = False
+    worst = _WorstMistakes(max_images)
+    offset = 0  # position of the batch's first example in the returned arrays
     for element in dataset:
-        x, y = element[0], element[1]
-        text = _is_text(np.asarray(x))
+        x = element[0]
         batch_probs = _probabilities(model, x)
-        y = np.asarray(y)
-        if batch_probs.ndim != 2 or batch_probs.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"model output shape {batch_probs.shape} does not match a batch of {y.shape[0]}"
-            )
-        batch_labels = np.argmax(y, axis=1) if y.ndim == 2 else y.astype(np.int64)
-        labels.append(batch_labels.astype(np.int64))
+        batch_labels = _batch_labels(element[1], batch_probs)
+        labels.append(batch_labels)
         probs.append(batch_probs)
         if max_images > 0:
-            predicted = _ranking(batch_probs)[:, 0]
-            wrong = np.nonzero(predicted != batch_labels)[0]
-            conf = batch_probs[wrong, predicted[wrong]]
-            full = kept_conf is not None and len(kept_conf) >= max_images
-            if wrong.size and not (full and conf.max() < kept_conf.min()):
-                pixels = _keep(np.asarray(x)[wrong])
-                if kept_images is None:
-                    kept_images, kept_index, kept_conf = pixels, wrong + offset, conf
-                else:
-                    kept_images = np.concatenate([kept_images, pixels])
-                    kept_index = np.concatenate([kept_index, wrong + offset])
-                    kept_conf = np.concatenate([kept_conf, conf])
-                # Most confident first; among equals, dataset order.
-                order = np.lexsort((kept_index, -kept_conf))[:max_images]
-                kept_images, kept_index, kept_conf = (
-                    kept_images[order],
-                    kept_index[order],
-                    kept_conf[order],
-                )
-        offset += y.shape[0]
+            worst.add(x, batch_labels, batch_probs, offset)
+        offset += batch_labels.shape[0]
 
     if probs:
-        y_true = np.concatenate(labels)
-        probabilities = np.concatenate(probs)
+        y_true, probabilities = np.concatenate(labels), np.concatenate(probs)
     else:
-        y_true = np.zeros((0,), np.int64)
-        probabilities = np.zeros((0, 0), np.float32)
-    if max_images <= 0:
-        return y_true, probabilities, None
-    if kept_images is None:
-        return (
-            y_true,
-            probabilities,
-            MistakeImages(np.zeros((0,), np.int64), np.zeros((0,), object if text else np.uint8)),
+        y_true, probabilities = np.zeros((0,), np.int64), np.zeros((0, 0), np.float32)
+    return y_true, probabilities, (worst.result() if max_images > 0 else None)
+
+
+def _batch_labels(y, batch_probs: np.ndarray) -> np.ndarray:
+    """A batch's labels (one-hot or integer) as int64 [b], checked against the model's output."""
+    y = np.asarray(y)
+    if batch_probs.ndim != 2 or batch_probs.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"model output shape {batch_probs.shape} does not match a batch of {y.shape[0]}"
         )
-    return y_true, probabilities, MistakeImages(kept_index, kept_images)
+    return (np.argmax(y, axis=1) if y.ndim == 2 else y).astype(np.int64)
+
+
+class _WorstMistakes:
+    """The `limit` most confident mistakes seen so far, batch by batch.
+
+    Memory stays bounded by `limit` + one batch: after each batch only the `limit` most
+    confident mistakes are kept (ties: dataset order), so the dataset never has to fit.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.inputs = self.indices = self.confidence = None
+        self.text = False  # whether the last batch held texts (for the empty result's dtype)
+
+    def add(self, x, labels: np.ndarray, probabilities: np.ndarray, offset: int) -> None:
+        """Considers one batch; `offset` is the position of its first example."""
+        self.text = _is_text(np.asarray(x))
+        wrong, confidence = _mistakes(labels, probabilities)
+        full = self.confidence is not None and len(self.confidence) >= self.limit
+        if not wrong.size or (full and confidence.max() < self.confidence.min()):
+            return  # nothing in this batch beats the mistakes kept (skips copying its inputs)
+        inputs = _keep(np.asarray(x)[wrong])
+        if self.inputs is None:
+            self.inputs, self.indices, self.confidence = inputs, wrong + offset, confidence
+        else:
+            self.inputs = np.concatenate([self.inputs, inputs])
+            self.indices = np.concatenate([self.indices, wrong + offset])
+            self.confidence = np.concatenate([self.confidence, confidence])
+        order = _most_confident_first(self.indices, self.confidence)[: self.limit]
+        self.inputs = self.inputs[order]
+        self.indices = self.indices[order]
+        self.confidence = self.confidence[order]
+
+    def result(self) -> MistakeImages:
+        if self.inputs is None:
+            empty = np.zeros((0,), object if self.text else np.uint8)
+            return MistakeImages(np.zeros((0,), np.int64), empty)
+        return MistakeImages(self.indices, self.inputs)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -637,13 +664,22 @@ def most_confident_mistakes(
     Equal confidences keep their order in the data. At most `limit` indices (None: all).
     """
     probs = np.asarray(probabilities, dtype=np.float64)
-    y = np.asarray(y_true)
     if probs.shape[0] == 0:
         return np.zeros((0,), np.int64)
-    predicted = _ranking(probs)[:, 0]
+    wrong, confidence = _mistakes(np.asarray(y_true), probs)
+    return wrong[_most_confident_first(wrong, confidence)][:limit]
+
+
+def _mistakes(y: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the misclassified rows, their predicted-class probability)."""
+    predicted = _ranking(probabilities)[:, 0]
     wrong = np.nonzero(predicted != y)[0]
-    confidence = probs[wrong, predicted[wrong]]
-    return wrong[np.lexsort((wrong, -confidence))][:limit]
+    return wrong, probabilities[wrong, predicted[wrong]]
+
+
+def _most_confident_first(indices: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """The order putting the highest confidence first; equal ones by index (dataset order)."""
+    return np.lexsort((indices, -confidence))
 
 
 def plot_mistakes(
@@ -665,8 +701,6 @@ def plot_mistakes(
       total_mistakes: the number of mistakes in the whole split, for the title, when the arrays
         hold only a subset (as `predict_dataset` keeps). Default: the mistakes in the arrays.
     """
-    from matplotlib.figure import Figure
-
     names = [str(n) for n in class_names]
     probs = np.asarray(probabilities, dtype=np.float64)
     y = _as_labels(y_true, len(names))
@@ -676,40 +710,47 @@ def plot_mistakes(
     predicted = _ranking(probs)[:, 0] if n else np.zeros((0,), np.int64)
     order = most_confident_mistakes(y, probs, max_images)
     total = int(np.sum(predicted != y)) if total_mistakes is None else total_mistakes
-
     if len(order) == 0:
-        fig = Figure(figsize=(5, 2.5))
-        ax = fig.subplots()
-        ax.axis("off")
         message = "No misclassified images" if total == 0 else "No misclassified images kept"
-        ax.text(
-            0.5,
-            0.5,
-            f"{message}\n({n} examples)",
-            ha="center",
-            va="center",
-            fontsize=14,
-            transform=ax.transAxes,
-        )
-        return _save_figure(fig, out_png)
+        return _save_figure(_message_figure(f"{message}\n({n} examples)"), out_png)
 
-    cols = math.ceil(math.sqrt(len(order)))
-    rows = math.ceil(len(order) / cols)
+    titles = [
+        f"true: {_truncate(names[y[i]], 14)}\npred: {_truncate(names[predicted[i]], 14)} "
+        f"({probs[i, predicted[i]]:.2f})"
+        for i in order
+    ]
+    fig = _image_grid([images[i] for i in order], titles)
+    fig.suptitle(f"Most confident mistakes: {len(order)} shown of {total}")
+    fig.tight_layout()
+    return _save_figure(fig, out_png)
+
+
+def _message_figure(message: str):
+    """A small figure holding only `message`, centred (a plot with nothing to show)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 2.5))
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=14, transform=ax.transAxes)
+    return fig
+
+
+def _image_grid(images: Sequence[np.ndarray], titles: Sequence[str]):
+    """A near-square grid of `images`, each with its title; spare cells stay blank."""
+    from matplotlib.figure import Figure
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
     fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.5))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, i in zip(axes, order):
-        image, cmap = _display_image(images[i])
-        ax.imshow(image, cmap=cmap, interpolation="nearest")
-        ax.set_title(
-            f"true: {_truncate(names[y[i]], 14)}\npred: {_truncate(names[predicted[i]], 14)} "
-            f"({probs[i, predicted[i]]:.2f})",
-            fontsize=8,
-        )
-    fig.suptitle(f"Most confident mistakes: {len(order)} shown of {total}")
-    fig.tight_layout()
-    return _save_figure(fig, out_png)
+    for ax, image, title in zip(axes, images, titles):
+        pixels, cmap = _display_image(image)
+        ax.imshow(pixels, cmap=cmap, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    return fig
 
 
 def write_text_mistakes(
