@@ -55,35 +55,30 @@ def _size_stats(sizes: list[tuple[int, int]], image_size: int) -> dict:
     }
 
 
-def check_folder(
-    root: str, validation_percent: int, image_size: int, test_percent: int = 0
-) -> dict:
-    """The report as a dict (see `format_report` for what each part means).
+def _scan_splits(listing, bad: set[str]) -> tuple[dict, list[tuple[int, int]], dict]:
+    """One pass over every readable file: class counts, header sizes and content hashes.
 
-    The splits are the ones training makes: a folder's train/ val/ test/, or val (and, with
-    `test_percent`, test) carved by path hash from a plain class folder.
+    Returns:
+      (counts {split: {class: n}} with every class present, sizes [(width, height)] of the
+      files whose header gives one, {sha256: [(split, class, path)]}).
     """
-    if root.startswith("tfds:"):
-        raise UserError("check-data checks image folders; TFDS data sets are already curated.")
-    listing = data.list_image_folder(root, validation_percent, test_percent)
-    carved = not os.path.isdir(os.path.join(root, "train"))
-    all_paths = [p for paths, _ in listing.splits.values() for p in paths]
-    unreadable = list(listing.unusable) + data.find_unreadable(all_paths)
-    bad = {p for p, _ in unreadable}
-
     counts, sizes, by_hash = {}, [], collections.defaultdict(list)
     for split, (paths, labels) in listing.splits.items():
         per_class = collections.Counter()
         for path, label in zip(paths, labels):
             if path in bad:
-                continue
+                continue  # reported as unreadable; training skips it too
             per_class[listing.class_names[label]] += 1
             header = data.image_header(path)
             if header and header[1] is not None:
                 sizes.append(header[1:])
             by_hash[_sha256(path)].append((split, listing.class_names[label], path))
         counts[split] = {name: per_class.get(name, 0) for name in listing.class_names}
+    return counts, sizes, by_hash
 
+
+def _duplicate_groups(by_hash: dict) -> list[dict]:
+    """Groups of files with the same content, leaks (across splits) first."""
     duplicates = []
     for copies in by_hash.values():
         if len(copies) > 1:
@@ -99,8 +94,35 @@ def check_folder(
                 }
             )
     duplicates.sort(key=lambda d: (not d["leak"], d["files"]))
-    train = counts["train"]
-    largest, smallest = max(train.values()), min(train.values())
+    return duplicates
+
+
+def _imbalance(train_counts: dict[str, int]) -> dict:
+    """Largest and smallest train class, their ratio, and whether it deserves a warning."""
+    largest, smallest = max(train_counts.values()), min(train_counts.values())
+    return {
+        "largest": largest,
+        "smallest": smallest,
+        "ratio": (largest / smallest) if smallest else float("inf"),
+        "warning": smallest == 0 or largest / smallest >= IMBALANCE_WARNING_RATIO,
+    }
+
+
+def check_folder(
+    root: str, validation_percent: int, image_size: int, test_percent: int = 0
+) -> dict:
+    """The report as a dict (see `format_report` for what each part means).
+
+    The splits are the ones training makes: a folder's train/ val/ test/, or val (and, with
+    `test_percent`, test) carved by path hash from a plain class folder.
+    """
+    if root.startswith("tfds:"):
+        raise UserError("check-data checks image folders; TFDS data sets are already curated.")
+    listing = data.list_image_folder(root, validation_percent, test_percent)
+    carved = not os.path.isdir(os.path.join(root, "train"))
+    all_paths = [p for paths, _ in listing.splits.values() for p in paths]
+    unreadable = list(listing.unusable) + data.find_unreadable(all_paths)
+    counts, sizes, by_hash = _scan_splits(listing, {p for p, _ in unreadable})
     return {
         "data": root,
         "carved": (
@@ -111,24 +133,28 @@ def check_folder(
         "class_names": list(listing.class_names),
         "counts": counts,
         "unreadable": [{"file": p, "reason": r} for p, r in unreadable],
-        "duplicates": duplicates,
-        "imbalance": {
-            "largest": largest,
-            "smallest": smallest,
-            "ratio": (largest / smallest) if smallest else float("inf"),
-            "warning": smallest == 0 or largest / smallest >= IMBALANCE_WARNING_RATIO,
-        },
+        "duplicates": _duplicate_groups(by_hash),
+        "imbalance": _imbalance(counts["train"]),
         "sizes": _size_stats(sizes, image_size),
         "image_size": image_size,
         "ignored": _ignored_files(root),
     }
 
 
-def format_report(report: dict, max_listed: int = 20) -> str:
-    """The report as text for the terminal."""
-    names = report["class_names"]
-    splits = list(report["counts"])
-    width = max(12, *(len(n) for n in names))
+# ----------------------------------------------------------------------------- text
+# Each section of the printed report is one function returning its lines; `format_report`
+# joins them in reading order.
+
+
+def _capped(lines: list[str], max_listed: int) -> list[str]:
+    """The first `max_listed` lines, then how many more were left out (long lists stay short)."""
+    shown = lines[:max_listed]
+    if len(lines) > max_listed:
+        shown.append(f"  ... and {len(lines) - max_listed} more")
+    return shown
+
+
+def _header_lines(report: dict) -> list[str]:
     lines = [f"Data: {report['data']}"]
     carved = report.get("carved")
     if carved:
@@ -138,17 +164,23 @@ def format_report(report: dict, max_listed: int = 20) -> str:
             + (f", test {test}%" if test else ", no test (--test_percent=15 holds one out)")
             + "; adding images never moves old ones."
         )
-    lines.append("")
-    lines.append(f"  {'class':{width}s}" + "".join(f"{s:>8s}" for s in splits))
-    for name in names:
-        lines.append(
-            f"  {name:{width}s}" + "".join(f"{report['counts'][s][name]:8d}" for s in splits)
-        )
-    totals = "".join(f"{sum(report['counts'][s].values()):8d}" for s in splits)
-    lines.append(f"  {'total':{width}s}{totals}")
+    return lines
 
-    imb = report["imbalance"]
-    lines.append("")
+
+def _count_lines(report: dict) -> list[str]:
+    """A table: one row per class, one column per split, then the totals."""
+    names, counts = report["class_names"], report["counts"]
+    splits = list(counts)
+    width = max(12, *(len(n) for n in names))
+    lines = ["", f"  {'class':{width}s}" + "".join(f"{s:>8s}" for s in splits)]
+    for name in names:
+        lines.append(f"  {name:{width}s}" + "".join(f"{counts[s][name]:8d}" for s in splits))
+    totals = "".join(f"{sum(counts[s].values()):8d}" for s in splits)
+    lines.append(f"  {'total':{width}s}{totals}")
+    return lines
+
+
+def _balance_lines(imb: dict) -> list[str]:
     ratio = "inf" if imb["ratio"] == float("inf") else f"{imb['ratio']:.1f}"
     note = (
         f"  WARNING: imbalanced (>= {IMBALANCE_WARNING_RATIO:g}); accuracy mostly reflects the "
@@ -156,59 +188,86 @@ def format_report(report: dict, max_listed: int = 20) -> str:
         if imb["warning"]
         else ""
     )
-    lines.append(
+    return [
+        "",
         f"Class balance (train): largest {imb['largest']}, smallest {imb['smallest']}, "
-        f"ratio {ratio}.{note}"
+        f"ratio {ratio}.{note}",
+    ]
+
+
+def _unreadable_lines(unreadable: list[dict], max_listed: int) -> list[str]:
+    listed = [f"  {u['file']}: {u['reason']}" for u in unreadable]
+    return ["", f"Unreadable files (skipped by training): {len(unreadable)}"] + _capped(
+        listed, max_listed
     )
 
-    unreadable = report["unreadable"]
-    lines += ["", f"Unreadable files (skipped by training): {len(unreadable)}"]
-    lines += [f"  {u['file']}: {u['reason']}" for u in unreadable[:max_listed]]
-    if len(unreadable) > max_listed:
-        lines.append(f"  ... and {len(unreadable) - max_listed} more")
 
-    dups = report["duplicates"]
+def _duplicate_line(group: dict) -> str:
+    """The files of one group joined by '=', tagged with what makes the group harmful."""
+    tags = ", ".join(
+        t
+        for t, on in (
+            (f"LEAK {'/'.join(group['splits'])}", group["leak"]),
+            ("CONFLICTING LABELS " + "/".join(group["classes"]), group["conflicting_labels"]),
+        )
+        if on
+    )
+    return f"  {' = '.join(group['files'])}" + (f"  [{tags}]" if tags else "")
+
+
+def _duplicate_lines(dups: list[dict], max_listed: int) -> list[str]:
     leaks = [d for d in dups if d["leak"]]
     conflicts = [d for d in dups if d["conflicting_labels"]]
-    lines += [
-        "",
+    summary = (
         f"Exact duplicates: {len(dups)} group(s); {len(leaks)} across splits (leakage: "
-        f"inflates val/test numbers), {len(conflicts)} with different labels.",
-    ]
-    for d in dups[:max_listed]:
-        tags = ", ".join(
-            t
-            for t, on in (
-                (f"LEAK {'/'.join(d['splits'])}", d["leak"]),
-                ("CONFLICTING LABELS " + "/".join(d["classes"]), d["conflicting_labels"]),
-            )
-            if on
-        )
-        lines.append(f"  {' = '.join(d['files'])}" + (f"  [{tags}]" if tags else ""))
-    if len(dups) > max_listed:
-        lines.append(f"  ... and {len(dups) - max_listed} more")
+        f"inflates val/test numbers), {len(conflicts)} with different labels."
+    )
+    return ["", summary] + _capped([_duplicate_line(d) for d in dups], max_listed)
 
+
+def _size_lines(report: dict) -> list[str]:
     sizes = report["sizes"]
-    if sizes:
-        w, h = sizes["width"], sizes["height"]
-        lines += [
-            "",
-            f"Image sizes ({sizes['images']} images, from headers): width {w['min']}-{w['max']} "
-            f"(median {w['median']:g}), height {h['min']}-{h['max']} (median {h['median']:g}); "
-            f"{sizes['non_square']} not square; {sizes['smaller_than_image_size']} smaller than "
-            f"--image_size={report['image_size']} (upscaled).",
-        ]
-    ignored = report["ignored"]
-    lines += [
+    if not sizes:
+        return []  # no file had a readable header
+    w, h = sizes["width"], sizes["height"]
+    return [
+        "",
+        f"Image sizes ({sizes['images']} images, from headers): width {w['min']}-{w['max']} "
+        f"(median {w['median']:g}), height {h['min']}-{h['max']} (median {h['median']:g}); "
+        f"{sizes['non_square']} not square; {sizes['smaller_than_image_size']} smaller than "
+        f"--image_size={report['image_size']} (upscaled).",
+    ]
+
+
+def _ignored_lines(ignored: dict[str, list[str]]) -> list[str]:
+    not_images = ignored["not an image extension"]
+    return [
         "",
         f"Ignored: {len(ignored['hidden'])} hidden file(s), "
-        f"{len(ignored['not an image extension'])} without an image extension "
+        f"{len(not_images)} without an image extension "
         f"({', '.join(data.IMAGE_EXTENSIONS)}, any case)"
-        + (
-            f", e.g. {ignored['not an image extension'][0]}"
-            if ignored["not an image extension"]
-            else ""
-        )
+        + (f", e.g. {not_images[0]}" if not_images else "")
         + ".",
     ]
+
+
+def format_report(report: dict, max_listed: int = 20) -> str:
+    """The report as text for the terminal.
+
+    Args:
+      report: what `check_folder` returned.
+      max_listed: at most this many unreadable files and duplicate groups are listed each.
+
+    Returns:
+      The text, sections separated by blank lines, without a final newline.
+    """
+    lines = (
+        _header_lines(report)
+        + _count_lines(report)
+        + _balance_lines(report["imbalance"])
+        + _unreadable_lines(report["unreadable"], max_listed)
+        + _duplicate_lines(report["duplicates"], max_listed)
+        + _size_lines(report)
+        + _ignored_lines(report["ignored"])
+    )
     return "\n".join(lines)

@@ -113,56 +113,86 @@ def classification_report(
     Raises:
       ValueError: on no examples, mismatched shapes, labels out of range or non-finite scores.
     """
-    class_names = [str(n) for n in class_names]
-    if len(set(class_names)) != len(class_names):
-        raise ValueError(f"class names are not unique: {class_names}")
-    p = _check_probabilities(probabilities, class_names)
-    num_classes = len(class_names)
-    y = _as_labels(y_true, num_classes)
-    if y.shape[0] != p.shape[0]:
-        raise ValueError(f"{y.shape[0]} labels but {p.shape[0]} rows of probabilities")
-    n = y.shape[0]
-    if n == 0:
-        raise ValueError("no examples to evaluate")
-
+    class_names, y, p = _checked_inputs(y_true, probabilities, class_names)
+    n, num_classes = y.shape[0], len(class_names)
     ranking = _ranking(p)
-    y_pred = ranking[:, 0]
-    matrix = confusion_matrix(y, y_pred, num_classes)
-    true_positives = np.diag(matrix).astype(np.float64)
-    support = matrix.sum(axis=1)
-    predicted = matrix.sum(axis=0)
-    precision = _safe_divide(true_positives, predicted)
-    recall = _safe_divide(true_positives, support)
-    f1 = _safe_divide(2 * precision * recall, precision + recall)
-
+    matrix = confusion_matrix(y, ranking[:, 0], num_classes)
     report = {
         "num_examples": int(n),
         "num_classes": num_classes,
         "class_names": class_names,
-        "accuracy": float(true_positives.sum() / n),
+        "accuracy": float(np.trace(matrix) / n),
     }
-    # Position of the true class in each row's ranking.
-    true_rank = np.argmax(ranking == y[:, None], axis=1)
-    for k in sorted(set(int(k) for k in top_k)):
-        if 1 <= k < num_classes:
-            report[f"top{k}_accuracy"] = float(np.mean(true_rank < k))
-    report["per_class"] = {
-        name: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(class_names)
-    }
-    report["macro_precision"] = float(precision.mean())
-    report["macro_recall"] = float(recall.mean())
-    report["macro_f1"] = float(f1.mean())
-    report["weighted_precision"] = float(np.sum(precision * support) / n)
-    report["weighted_recall"] = float(np.sum(recall * support) / n)  # equals accuracy
-    report["weighted_f1"] = float(np.sum(f1 * support) / n)
+    report.update(_top_k_accuracies(ranking, y, top_k))
+    report.update(_class_scores(class_names, *_per_class_scores(matrix)))
     report["confusion_matrix"] = matrix.tolist()
     return report
+
+
+def _checked_inputs(
+    y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(class names as str, int64 labels [n], float64 probabilities [n, C]), or ValueError."""
+    class_names = [str(n) for n in class_names]
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names are not unique: {class_names}")
+    p = _check_probabilities(probabilities, class_names)
+    y = _as_labels(y_true, len(class_names))
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"{y.shape[0]} labels but {p.shape[0]} rows of probabilities")
+    if y.shape[0] == 0:
+        raise ValueError("no examples to evaluate")
+    return class_names, y, p
+
+
+def _per_class_scores(matrix: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(precision, recall, f1, support) per class from a confusion matrix; 0 where undefined."""
+    true_positives = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    precision = _safe_divide(true_positives, matrix.sum(axis=0))
+    recall = _safe_divide(true_positives, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+    return precision, recall, f1, support
+
+
+def _class_scores(
+    class_names: Sequence[str],
+    precision: np.ndarray,
+    recall: np.ndarray,
+    f1: np.ndarray,
+    support: np.ndarray,
+) -> dict:
+    """The report's per_class entry, then macro (plain mean) and weighted (by support) averages."""
+    n = support.sum()
+    return {
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "weighted_precision": float(np.sum(precision * support) / n),
+        "weighted_recall": float(np.sum(recall * support) / n),  # equals accuracy
+        "weighted_f1": float(np.sum(f1 * support) / n),
+    }
+
+
+def _top_k_accuracies(ranking: np.ndarray, y: np.ndarray, top_k: Sequence[int]) -> dict:
+    """{"top{k}_accuracy": ...} for each distinct k in [1, C), k ascending."""
+    num_classes = ranking.shape[1]
+    # Position of the true class in each row's ranking.
+    true_rank = np.argmax(ranking == y[:, None], axis=1)
+    return {
+        f"top{k}_accuracy": float(np.mean(true_rank < k))
+        for k in sorted(set(int(k) for k in top_k))
+        if 1 <= k < num_classes
+    }
 
 
 # ----------------------------------------------------------------------------- text
@@ -208,68 +238,114 @@ def format_report(report: dict, class_names: Sequence[str]) -> str:
     and weighted averages, then the confusion matrix (rows = true, columns = predicted).
     Long names are cut ('~' marks a cut); when cut names would collide, or the matrix has more
     than MAX_NAMED_COLUMNS classes, rows carry the class index and the columns are numbered.
+
+    Args:
+      report: what `classification_report` returned.
+      class_names: the names, in label order (the keys of `report["per_class"]`).
+
+    Returns:
+      The text, without a final newline.
     """
     names = [str(n) for n in class_names]
-    digits = len(str(len(names) - 1))
-    top_keys = sorted(
-        (k for k in report if k.startswith("top") and k.endswith("_accuracy")),
-        key=lambda k: int(k[3 : -len("_accuracy")]),
-    )
+    top_keys = _top_k_keys(report)
+    # Row labels: the names, cut short while that keeps them distinct, else index + name.
+    numbered = _numbered_names(names)
+    labels = _short_names(names, min(_longest(names), NAME_WIDTH)) or numbered
     summary_labels = ["accuracy", "macro avg", "weighted avg"] + [
         k.replace("_", " ") for k in top_keys
     ]
-    longest = max(len(n) for n in names)
-    numbered = [_truncate(f"{i:>{digits}d} {n}", NAME_WIDTH) for i, n in enumerate(names)]
-    labels = _short_names(names, min(longest, NAME_WIDTH)) or numbered  # indices disambiguate
     width = max(max(len(label) for label in labels), *(len(s) for s in summary_labels))
+    return "\n".join(
+        _score_lines(report, names, labels, width)
+        + _summary_lines(report, len(names), top_keys, width)
+        + _matrix_lines(report["confusion_matrix"], names, labels)
+    )
 
-    def line(label, *cells):
-        return f"{label:<{width}s}  " + " ".join(cells)
 
-    def num(value):
-        return f"{value:9.4f}"
+def _top_k_keys(report: dict) -> list[str]:
+    """The report's "top{k}_accuracy" keys, k ascending (as numbers: top10 after top5)."""
+    return sorted(
+        (k for k in report if k.startswith("top") and k.endswith("_accuracy")),
+        key=lambda k: int(k[3 : -len("_accuracy")]),
+    )
 
-    blank = " " * 9
-    lines = [line("class", f"{'precision':>9s}", f"{'recall':>9s}", f"{'f1':>9s}", "support")]
+
+def _longest(names: Sequence[str]) -> int:
+    return max(len(n) for n in names)
+
+
+def _index_digits(names: Sequence[str]) -> int:
+    """Characters of the largest class index, so numbered labels line up."""
+    return len(str(len(names) - 1))
+
+
+def _numbered_names(names: Sequence[str]) -> list[str]:
+    """Labels "<index> <name>" cut to NAME_WIDTH: distinct however the names collide."""
+    digits = _index_digits(names)
+    return [_truncate(f"{i:>{digits}d} {n}", NAME_WIDTH) for i, n in enumerate(names)]
+
+
+_BLANK_SCORE = " " * 9  # a missing score keeps its column
+
+
+def _score(value: float) -> str:
+    return f"{value:9.4f}"
+
+
+def _row(label: str, width: int, *cells: str) -> str:
+    return f"{label:<{width}s}  " + " ".join(cells)
+
+
+def _score_lines(
+    report: dict, names: Sequence[str], labels: Sequence[str], width: int
+) -> list[str]:
+    """The header and one precision/recall/F1/support row per class."""
+    lines = [
+        _row("class", width, f"{'precision':>9s}", f"{'recall':>9s}", f"{'f1':>9s}", "support")
+    ]
     for name, label in zip(names, labels):
         row = report["per_class"][name]
-        lines.append(
-            line(label, num(row["precision"]), num(row["recall"]), num(row["f1"]),
-                 f"{row['support']:7d}")
-        )  # fmt: skip
-    n = report["num_examples"]
-    correct = sum(report["confusion_matrix"][i][i] for i in range(len(names)))
-    lines.append("")
-    lines.append(line("accuracy", num(report["accuracy"]), f" ({correct}/{n} correct)"))
-    for key in top_keys:
-        lines.append(line(key.replace("_", " "), num(report[key])))
-    for kind in ("macro", "weighted"):
-        lines.append(
-            line(
-                f"{kind} avg",
-                num(report[f"{kind}_precision"]) if f"{kind}_precision" in report else blank,
-                num(report[f"{kind}_recall"]) if f"{kind}_recall" in report else blank,
-                num(report[f"{kind}_f1"]),
-                f"{n:7d}",
-            )
-        )
+        scores = [_score(row[k]) for k in ("precision", "recall", "f1")]
+        lines.append(_row(label, width, *scores, f"{row['support']:7d}"))
+    return lines
 
-    matrix = report["confusion_matrix"]
+
+def _summary_lines(report: dict, num_classes: int, top_keys: list[str], width: int) -> list[str]:
+    """Accuracy with the counts behind it, top-k, then the macro and weighted averages."""
+    n = report["num_examples"]
+    correct = sum(report["confusion_matrix"][i][i] for i in range(num_classes))
+    lines = ["", _row("accuracy", width, _score(report["accuracy"]), f" ({correct}/{n} correct)")]
+    for key in top_keys:
+        lines.append(_row(key.replace("_", " "), width, _score(report[key])))
+    for kind in ("macro", "weighted"):
+        optional = [f"{kind}_precision", f"{kind}_recall"]  # a report may carry only F1
+        cells = [_score(report[k]) if k in report else _BLANK_SCORE for k in optional]
+        lines.append(_row(f"{kind} avg", width, *cells, _score(report[f"{kind}_f1"]), f"{n:7d}"))
+    return lines
+
+
+def _matrix_lines(
+    matrix: list[list[int]], names: Sequence[str], labels: Sequence[str]
+) -> list[str]:
+    """The confusion matrix, rows = true class, columns = predicted class.
+
+    Columns are headed by short names, or by class indices when short names would collide or
+    there are more than MAX_NAMED_COLUMNS classes (the rows then carry the index too).
+    """
     biggest = max((c for row in matrix for c in row), default=0)
-    column = max(len(str(biggest)), min(longest, COLUMN_NAME_WIDTH))
+    column = max(len(str(biggest)), min(_longest(names), COLUMN_NAME_WIDTH))
     headers = _short_names(names, column) if len(names) <= MAX_NAMED_COLUMNS else None
     row_labels = labels
     if headers is None:
         headers = [str(i) for i in range(len(names))]
-        column = max(len(str(biggest)), digits)
-        row_labels = numbered
+        column = max(len(str(biggest)), _index_digits(names))
+        row_labels = _numbered_names(names)
     row_width = max(len(label) for label in row_labels)
-    lines.append("")
-    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    lines = ["", "confusion matrix (rows: true class, columns: predicted class)"]
     lines.append(f"{'':<{row_width}s}  " + " ".join(f"{h:>{column}s}" for h in headers))
     for label, row in zip(row_labels, matrix):
         lines.append(f"{label:<{row_width}s}  " + " ".join(f"{c:>{column}d}" for c in row))
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -334,9 +410,10 @@ def predict_dataset(
 
     Args:
       model: a Keras model mapping float32 pixels [b, h, w, 3] (0-255) to probabilities [b, C]
-        (run with `predict_on_batch`), or any callable doing so; a dict result is read at
-        "probabilities", so `lambda x: loaded.signatures["predict_images"](images=x)` evaluates
-        an exported SavedModel.
+        (run as one compiled forward pass per batch), or any callable doing so; a dict result
+        is read at "probabilities", so
+        `lambda x: loaded.signatures["predict_images"](images=x)` evaluates an exported
+        SavedModel.
       dataset: batched `(pixels, labels)` (extra elements, e.g. sample weights, are ignored),
         labels one-hot [b, C] or integer [b] -- what `data.make_pipeline(training=False)` yields.
       max_images: misclassified images to keep (those with the highest predicted-class
@@ -347,58 +424,71 @@ def predict_dataset(
       is 0). MistakeImages is empty when nothing was misclassified.
     """
     labels, probs = [], []
-    kept_images = kept_index = kept_conf = None
-    offset = 0
-    text = False
+    worst = _WorstMistakes(max_images)
+    offset = 0  # position of the batch's first example in the returned arrays
     for element in dataset:
-        x, y = element[0], element[1]
-        text = _is_text(np.asarray(x))
+        x = element[0]
         batch_probs = _probabilities(model, x)
-        y = np.asarray(y)
-        if batch_probs.ndim != 2 or batch_probs.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"model output shape {batch_probs.shape} does not match a batch of {y.shape[0]}"
-            )
-        batch_labels = np.argmax(y, axis=1) if y.ndim == 2 else y.astype(np.int64)
-        labels.append(batch_labels.astype(np.int64))
+        batch_labels = _batch_labels(element[1], batch_probs)
+        labels.append(batch_labels)
         probs.append(batch_probs)
         if max_images > 0:
-            predicted = _ranking(batch_probs)[:, 0]
-            wrong = np.nonzero(predicted != batch_labels)[0]
-            conf = batch_probs[wrong, predicted[wrong]]
-            full = kept_conf is not None and len(kept_conf) >= max_images
-            if wrong.size and not (full and conf.max() < kept_conf.min()):
-                pixels = _keep(np.asarray(x)[wrong])
-                if kept_images is None:
-                    kept_images, kept_index, kept_conf = pixels, wrong + offset, conf
-                else:
-                    kept_images = np.concatenate([kept_images, pixels])
-                    kept_index = np.concatenate([kept_index, wrong + offset])
-                    kept_conf = np.concatenate([kept_conf, conf])
-                # Most confident first; among equals, dataset order.
-                order = np.lexsort((kept_index, -kept_conf))[:max_images]
-                kept_images, kept_index, kept_conf = (
-                    kept_images[order],
-                    kept_index[order],
-                    kept_conf[order],
-                )
-        offset += y.shape[0]
+            worst.add(x, batch_labels, batch_probs, offset)
+        offset += batch_labels.shape[0]
 
     if probs:
-        y_true = np.concatenate(labels)
-        probabilities = np.concatenate(probs)
+        y_true, probabilities = np.concatenate(labels), np.concatenate(probs)
     else:
-        y_true = np.zeros((0,), np.int64)
-        probabilities = np.zeros((0, 0), np.float32)
-    if max_images <= 0:
-        return y_true, probabilities, None
-    if kept_images is None:
-        return (
-            y_true,
-            probabilities,
-            MistakeImages(np.zeros((0,), np.int64), np.zeros((0,), object if text else np.uint8)),
+        y_true, probabilities = np.zeros((0,), np.int64), np.zeros((0, 0), np.float32)
+    return y_true, probabilities, (worst.result() if max_images > 0 else None)
+
+
+def _batch_labels(y, batch_probs: np.ndarray) -> np.ndarray:
+    """A batch's labels (one-hot or integer) as int64 [b], checked against the model's output."""
+    y = np.asarray(y)
+    if batch_probs.ndim != 2 or batch_probs.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"model output shape {batch_probs.shape} does not match a batch of {y.shape[0]}"
         )
-    return y_true, probabilities, MistakeImages(kept_index, kept_images)
+    return (np.argmax(y, axis=1) if y.ndim == 2 else y).astype(np.int64)
+
+
+class _WorstMistakes:
+    """The `limit` most confident mistakes seen so far, batch by batch.
+
+    Memory stays bounded by `limit` + one batch: after each batch only the `limit` most
+    confident mistakes are kept (ties: dataset order), so the dataset never has to fit.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.inputs = self.indices = self.confidence = None
+        self.text = False  # whether the last batch held texts (for the empty result's dtype)
+
+    def add(self, x, labels: np.ndarray, probabilities: np.ndarray, offset: int) -> None:
+        """Considers one batch; `offset` is the position of its first example."""
+        self.text = _is_text(np.asarray(x))
+        wrong, confidence = _mistakes(labels, probabilities)
+        full = self.confidence is not None and len(self.confidence) >= self.limit
+        if not wrong.size or (full and confidence.max() < self.confidence.min()):
+            return  # nothing in this batch beats the mistakes kept (skips copying its inputs)
+        inputs = _keep(np.asarray(x)[wrong])
+        if self.inputs is None:
+            self.inputs, self.indices, self.confidence = inputs, wrong + offset, confidence
+        else:
+            self.inputs = np.concatenate([self.inputs, inputs])
+            self.indices = np.concatenate([self.indices, wrong + offset])
+            self.confidence = np.concatenate([self.confidence, confidence])
+        order = _most_confident_first(self.indices, self.confidence)[: self.limit]
+        self.inputs = self.inputs[order]
+        self.indices = self.indices[order]
+        self.confidence = self.confidence[order]
+
+    def result(self) -> MistakeImages:
+        if self.inputs is None:
+            empty = np.zeros((0,), object if self.text else np.uint8)
+            return MistakeImages(np.zeros((0,), np.int64), empty)
+        return MistakeImages(self.indices, self.inputs)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -574,13 +664,22 @@ def most_confident_mistakes(
     Equal confidences keep their order in the data. At most `limit` indices (None: all).
     """
     probs = np.asarray(probabilities, dtype=np.float64)
-    y = np.asarray(y_true)
     if probs.shape[0] == 0:
         return np.zeros((0,), np.int64)
-    predicted = _ranking(probs)[:, 0]
+    wrong, confidence = _mistakes(np.asarray(y_true), probs)
+    return wrong[_most_confident_first(wrong, confidence)][:limit]
+
+
+def _mistakes(y: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the misclassified rows, their predicted-class probability)."""
+    predicted = _ranking(probabilities)[:, 0]
     wrong = np.nonzero(predicted != y)[0]
-    confidence = probs[wrong, predicted[wrong]]
-    return wrong[np.lexsort((wrong, -confidence))][:limit]
+    return wrong, probabilities[wrong, predicted[wrong]]
+
+
+def _most_confident_first(indices: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """The order putting the highest confidence first; equal ones by index (dataset order)."""
+    return np.lexsort((indices, -confidence))
 
 
 def plot_mistakes(
@@ -602,8 +701,6 @@ def plot_mistakes(
       total_mistakes: the number of mistakes in the whole split, for the title, when the arrays
         hold only a subset (as `predict_dataset` keeps). Default: the mistakes in the arrays.
     """
-    from matplotlib.figure import Figure
-
     names = [str(n) for n in class_names]
     probs = np.asarray(probabilities, dtype=np.float64)
     y = _as_labels(y_true, len(names))
@@ -613,40 +710,47 @@ def plot_mistakes(
     predicted = _ranking(probs)[:, 0] if n else np.zeros((0,), np.int64)
     order = most_confident_mistakes(y, probs, max_images)
     total = int(np.sum(predicted != y)) if total_mistakes is None else total_mistakes
-
     if len(order) == 0:
-        fig = Figure(figsize=(5, 2.5))
-        ax = fig.subplots()
-        ax.axis("off")
         message = "No misclassified images" if total == 0 else "No misclassified images kept"
-        ax.text(
-            0.5,
-            0.5,
-            f"{message}\n({n} examples)",
-            ha="center",
-            va="center",
-            fontsize=14,
-            transform=ax.transAxes,
-        )
-        return _save_figure(fig, out_png)
+        return _save_figure(_message_figure(f"{message}\n({n} examples)"), out_png)
 
-    cols = math.ceil(math.sqrt(len(order)))
-    rows = math.ceil(len(order) / cols)
+    titles = [
+        f"true: {_truncate(names[y[i]], 14)}\npred: {_truncate(names[predicted[i]], 14)} "
+        f"({probs[i, predicted[i]]:.2f})"
+        for i in order
+    ]
+    fig = _image_grid([images[i] for i in order], titles)
+    fig.suptitle(f"Most confident mistakes: {len(order)} shown of {total}")
+    fig.tight_layout()
+    return _save_figure(fig, out_png)
+
+
+def _message_figure(message: str):
+    """A small figure holding only `message`, centred (a plot with nothing to show)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 2.5))
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=14, transform=ax.transAxes)
+    return fig
+
+
+def _image_grid(images: Sequence[np.ndarray], titles: Sequence[str]):
+    """A near-square grid of `images`, each with its title; spare cells stay blank."""
+    from matplotlib.figure import Figure
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
     fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.5))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, i in zip(axes, order):
-        image, cmap = _display_image(images[i])
-        ax.imshow(image, cmap=cmap, interpolation="nearest")
-        ax.set_title(
-            f"true: {_truncate(names[y[i]], 14)}\npred: {_truncate(names[predicted[i]], 14)} "
-            f"({probs[i, predicted[i]]:.2f})",
-            fontsize=8,
-        )
-    fig.suptitle(f"Most confident mistakes: {len(order)} shown of {total}")
-    fig.tight_layout()
-    return _save_figure(fig, out_png)
+    for ax, image, title in zip(axes, images, titles):
+        pixels, cmap = _display_image(image)
+        ax.imshow(pixels, cmap=cmap, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    return fig
 
 
 def write_text_mistakes(
