@@ -211,11 +211,6 @@ def test_backbones_does_not_import_tensorflow():
     assert _imports_after(["backbones"]) == "0 []"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.resolve imports backbones and hub_model (keras, tensorflow) before it "
-    "validates; the lead moves resolve out of config.py",
-)
 def test_bad_flags_are_answered_before_tensorflow_is_imported():
     assert _imports_after(["train", "--epochs=0"]) == "2 []"
 

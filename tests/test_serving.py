@@ -27,11 +27,11 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from tests.fake_tf_serving import FakeGrpcServer, FakeModelStore, FakeRestServer
 from tf_finetune import serving
+from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 from tf_finetune.serving import (
     GrpcPredictor,
     LocalPredictor,
-    PredictArgs,
     Prediction,
     RestPredictor,
     collect_inputs,
@@ -416,15 +416,20 @@ def test_fake_rest_speaks_tf_serving_json(rest_server, images):
 # --------------------------------------------------------------------------- predict_main / output
 
 
-def _run(args: PredictArgs) -> tuple[int, str, str]:
+def _args(inputs=(), **options) -> tuple[Config, list[str]]:
+    """The predict command's Config (its predict flags) and inputs."""
+    return Config(**options), list(inputs)
+
+
+def _run(args: tuple[Config, list[str]]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = predict_main(args, out=out, err=err)
+    code = predict_main(*args, out=out, err=err)
     return code, out.getvalue(), err.getvalue()
 
 
 def test_predict_main_json_output(export, images):
     code, out, err = _run(
-        PredictArgs(model=str(export["base"]), inputs=[str(images)], top_k=2, json=True)
+        _args(model=str(export["base"]), inputs=[str(images)], top_k=2, json=True)
     )
     data = json.loads(out)
     assert code == 1 and "2 of 9 inputs failed" in err
@@ -442,21 +447,21 @@ def test_predict_main_json_output(export, images):
 def test_predict_main_table_rest_and_grpc(rest_server, grpc_server, images):
     good = [str(images / "red.jpg"), str(images / "sub")]
     for args in (
-        PredictArgs(server=rest_server.url, model_name=MODEL_NAME, inputs=good, top_k=2),
-        PredictArgs(grpc=grpc_server.target, model_name=MODEL_NAME, inputs=good, batch_size=1),
+        _args(server=rest_server.url, model_name=MODEL_NAME, inputs=good, top_k=2),
+        _args(grpc=grpc_server.target, model_name=MODEL_NAME, inputs=good, batch_size=1),
     ):
         code, out, err = _run(args)
         assert code == 0, err
         assert out.splitlines()[0].split() == ["file", "rank", "label", "score"]
         assert "red.jpg" in out and "UPPER.JPEG" in out
         assert len([line for line in out.splitlines()[1:] if line.strip()]) == 2 * min(
-            args.top_k, K
+            args[0].top_k, K
         )
 
 
 def test_top_k_larger_than_exported_is_capped_with_a_note(export, images):
     code, out, err = _run(
-        PredictArgs(model=str(export["base"]), inputs=[str(images / "red.jpg")], top_k=10)
+        _args(model=str(export["base"]), inputs=[str(images / "red.jpg")], top_k=10)
     )
     assert code == 0 and "exports its top 3 classes only" in err
     assert len([line for line in out.splitlines()[1:] if line.strip()]) == 3
@@ -468,26 +473,24 @@ def test_top_k_larger_than_exported_is_capped_with_a_note(export, images):
         ({"model": "m", "inputs": []}, "no inputs given"),
         ({"inputs": ["x.jpg"]}, "exactly one of --model"),
         ({"model": "m", "server": "http://h:1", "inputs": ["x.jpg"]}, "got --model and --server"),
-        ({"model": "m", "inputs": ["x.jpg"], "top_k": 0}, "--top_k"),
-        ({"model": "m", "inputs": ["x.jpg"], "batch_size": 0}, "--batch_size"),
         ({"server": "ftp://h", "inputs": ["x.jpg"]}, "not an http"),
         ({"grpc": "http://h:8500", "inputs": ["x.jpg"]}, "without a scheme"),
     ],
 )
 def test_predict_main_validation(kwargs, message):
     with pytest.raises(UserError, match=message):
-        _run(PredictArgs(**kwargs))
+        _run(_args(**kwargs))
 
 
 def test_predict_main_empty_directory(export, tmp_path):
     (tmp_path / "readme.md").write_text("no images here")
     with pytest.raises(UserError, match="no image .* files found"):
-        _run(PredictArgs(model=str(export["base"]), inputs=[str(tmp_path)]))
+        _run(_args(model=str(export["base"]), inputs=[str(tmp_path)]))
 
 
 def test_predict_main_refused_server(images):
     with pytest.raises(UserError, match="is TF Serving running"):
-        _run(PredictArgs(server=f"http://127.0.0.1:{_free_port()}", inputs=[str(images)]))
+        _run(_args(server=f"http://127.0.0.1:{_free_port()}", inputs=[str(images)]))
 
 
 def test_format_table_and_json_shapes():
@@ -548,7 +551,7 @@ def test_text_model_local_and_rest(text_export, tmp_path):
     expected = predict_files(local, files)
     with FakeRestServer(FakeModelStore("reviews", text_export)) as server:
         code, out, _ = _run(
-            PredictArgs(server=server.url, model_name="reviews", inputs=[str(tmp_path)], json=True)
+            _args(server=server.url, model_name="reviews", inputs=[str(tmp_path)], json=True)
         )
     assert code == 0
     got = json.loads(out)

@@ -109,7 +109,11 @@ def _imbalance(train_counts: dict[str, int]) -> dict:
 
 
 def check_folder(
-    root: str, validation_percent: int, image_size: int, test_percent: int = 0
+    root: str,
+    validation_percent: int,
+    image_size: int,
+    test_percent: int = 0,
+    max_image_pixels: int = data.MAX_IMAGE_PIXELS,
 ) -> dict:
     """The report as a dict (see `format_report` for what each part means).
 
@@ -121,7 +125,7 @@ def check_folder(
     listing = data.list_image_folder(root, validation_percent, test_percent)
     carved = not os.path.isdir(os.path.join(root, "train"))
     all_paths = [p for paths, _ in listing.splits.values() for p in paths]
-    unreadable = list(listing.unusable) + data.find_unreadable(all_paths)
+    unreadable = list(listing.unusable) + data.find_unreadable(all_paths, max_image_pixels)
     counts, sizes, by_hash = _scan_splits(listing, {p for p, _ in unreadable})
     return {
         "data": root,

@@ -116,7 +116,11 @@ def cmd_check_data(config: config_lib.Config) -> int:
     if config.is_offline_default:
         raise UserError("check-data needs --data=FOLDER (the folder you would train on).")
     report = check_data.check_folder(
-        config.data, config.validation_percent, config.image_size, config.test_percent
+        config.data,
+        config.validation_percent,
+        config.image_size,
+        config.test_percent,
+        config.max_image_pixels,
     )
     print(check_data.format_report(report))
     return 0
@@ -144,18 +148,7 @@ def cmd_export(config: config_lib.Config) -> int:
 def cmd_predict(config: config_lib.Config, inputs: list[str]) -> int:
     from tf_finetune import serving
 
-    args = serving.PredictArgs(
-        model=config.model or None,
-        server=config.server or None,
-        grpc=config.grpc or None,
-        model_name=config.model_name,
-        inputs=tuple(inputs),
-        top_k=config.top_k,
-        json=config.json,
-        batch_size=config.batch_size,
-        version=config.model_version or None,
-    )
-    return serving.predict_main(args)
+    return serving.predict_main(config, inputs)
 
 
 def cmd_backbones() -> int:

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from tf_finetune import headers
+from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "InputRejected",
     "LocalPredictor",
     "Prediction",
-    "PredictArgs",
     "Predictor",
     "RestPredictor",
     "TFLitePredictor",
@@ -834,32 +834,15 @@ def format_table(results: Sequence[Prediction]) -> str:
 # --------------------------------------------------------------------------- CLI entry
 
 
-@dataclasses.dataclass(frozen=True)
-class PredictArgs:
-    """Arguments of the ``predict`` command. Exactly one of model / server / grpc."""
-
-    model: str | None = None  # local export dir (base, version or run dir) or a .tflite file
-    server: str | None = None  # TF Serving REST URL, e.g. http://localhost:8501
-    grpc: str | None = None  # TF Serving gRPC host:port, e.g. localhost:8500
-    model_name: str = "model"  # name TF Serving serves the model as (docker's MODEL_NAME)
-    inputs: Sequence[str] = ()  # files and/or directories
-    top_k: int = 5
-    json: bool = False
-    batch_size: int = 32
-    version: int | str | None = None  # TF Serving version number or label; None = latest
-    timeout: float = DEFAULT_TIMEOUT  # seconds per request (REST/gRPC)
-    # Client-side header check for a server's model (a local model's card says its own).
-    max_image_pixels: int | None = None
-
-
-def make_predictor(args: PredictArgs) -> Predictor:
-    """The backend chosen by ``args`` (validates that exactly one is given)."""
+def make_predictor(config: Config) -> Predictor:
+    """The backend --model, --server or --grpc names (exactly one of them)."""
+    version = config.model_version or None
     chosen = [
         flag
         for flag, value in (
-            ("--model", args.model),
-            ("--server", args.server),
-            ("--grpc", args.grpc),
+            ("--model", config.model),
+            ("--server", config.server),
+            ("--grpc", config.grpc),
         )
         if value
     ]
@@ -869,42 +852,36 @@ def make_predictor(args: PredictArgs) -> Predictor:
             f"pass exactly one of --model (local export dir), --server (TF Serving REST URL) "
             f"or --grpc (TF Serving host:port); got {got}"
         )
-    if args.model:
-        if args.version is not None:
+    if config.model:
+        if version is not None:
             raise UserError(
                 "--model_version works with --server/--grpc; for --model pass the version dir"
             )
-        if str(args.model).lower().endswith(".tflite"):
-            return TFLitePredictor(args.model)
-        return LocalPredictor(args.model)
-    if args.server:
-        return RestPredictor(args.server, args.model_name, args.version, args.timeout)
-    return GrpcPredictor(args.grpc, args.model_name, args.version, args.timeout)
+        if config.model.lower().endswith(".tflite"):
+            return TFLitePredictor(config.model)
+        return LocalPredictor(config.model)
+    if config.server:
+        return RestPredictor(config.server, config.model_name, version, DEFAULT_TIMEOUT)
+    return GrpcPredictor(config.grpc, config.model_name, version, DEFAULT_TIMEOUT)
 
 
-def predict_main(args: PredictArgs, out=None, err=None) -> int:
-    """Run the ``predict`` command. Returns 0 if every input was predicted, 1 if some failed.
+def predict_main(config: Config, inputs: Sequence[str], out=None, err=None) -> int:
+    """Run the ``predict`` command on `inputs` (files and folders). Returns 0 if every input
+    was predicted, 1 if some failed.
 
-    Results are printed to ``out`` (stdout) as a table, or as JSON with ``args.json``; failed
+    The options are the predict flags of `config` (validated with the rest of it) and
+    --batch_size (inputs per request). Results are printed to ``out`` (stdout) as a table, or
+    as JSON with --json; failed
     inputs are part of the output (``error`` set) and counted on ``err`` (stderr). Bad
     arguments, an unusable model or an unreachable server raise :class:`UserError`.
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    if not args.inputs:
+    if not inputs:
         raise UserError("no inputs given; pass image files or directories to predict")
-    if args.top_k < 1:
-        raise UserError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.timeout <= 0:
-        raise UserError(f"--timeout must be positive, got {args.timeout}")
-
-    with make_predictor(args) as predictor:
+    with make_predictor(config) as predictor:
         text_model = predictor.input_key == TEXT_INPUT
-        files, errors = collect_inputs(
-            args.inputs, TEXT_EXTENSIONS if text_model else IMAGE_EXTENSIONS
-        )
+        files, errors = collect_inputs(inputs, TEXT_EXTENSIONS if text_model else IMAGE_EXTENSIONS)
         if not files and not errors:
             kinds = (
                 "text (.txt)"
@@ -912,20 +889,20 @@ def predict_main(args: PredictArgs, out=None, err=None) -> int:
                 else "image (" + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
             )
             raise UserError(
-                f"no {kinds} files found in {', '.join(args.inputs)}; pass files or directories holding them"
+                f"no {kinds} files found in {', '.join(inputs)}; pass files or directories holding them"
             )
         results = predict_files(
             predictor,
             files,
-            top_k=args.top_k,
-            batch_size=args.batch_size,
-            max_image_pixels=args.max_image_pixels,
+            top_k=config.top_k,
+            batch_size=config.batch_size,
+            max_image_pixels=config.max_image_pixels,
         )
     results += [Prediction(path, error=reason) for path, reason in errors]
 
-    print(format_json(results) if args.json else format_table(results), file=out)
+    print(format_json(results) if config.json else format_table(results), file=out)
     shown = [len(r.top_k) for r in results if r.error is None]
-    if shown and max(shown) < args.top_k:
+    if shown and max(shown) < config.top_k:
         print(
             f"note: the model exports its top {max(shown)} classes only; showing {max(shown)}",
             file=err,
