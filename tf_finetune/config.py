@@ -123,7 +123,7 @@ class Config:
         "grpc://HOST:PORT of a tf.data service dispatcher: its workers read, decode and batch "
         "the training images (each example once per epoch), for input pipelines that outgrow "
         "this machine. The workers must see --data at the same path. Empty: local input.",
-        "data",
+        "distribution",
     )
 
     # --- model ---
