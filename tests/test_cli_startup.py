@@ -117,23 +117,34 @@ def test_bad_backbone_prints_exactly_one_line(log_env):
     ], proc.stderr
 
 
-def test_verbosity_shows_the_startup_lines():
-    proc = _run([_script(), "train", "--backbone=resnet5", "--verbosity=1"])
+def test_an_error_after_tensorflow_started_is_one_line_too(tmp_path):
+    # evaluate imports TensorFlow before it finds that the run has no checkpoint.
+    proc = _run([_script(), "evaluate", f"--model_dir={tmp_path}"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"tf-finetune: error: no checkpoint at {tmp_path}/checkpoints/best.weights.h5: train "
+        "first, or point --model_dir at a run."
+    ], proc.stderr
+
+
+def test_verbosity_shows_the_startup_lines(tmp_path):
+    proc = _run([_script(), "evaluate", f"--model_dir={tmp_path}", "--verbosity=1"])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert _startup_lines(proc.stderr), proc.stderr  # TF 2.21 prints them on every machine
-    assert lines[-1].startswith("tf-finetune: error: unknown --backbone='resnet5'.")
+    assert lines[-1].startswith("tf-finetune: error: no checkpoint at")
 
 
-def test_lines_written_during_start_up_pass_unchanged_and_in_order():
+def test_lines_written_during_start_up_pass_unchanged_and_in_order(tmp_path):
     # -X importtime: Python writes one line per import to fd 2 while TensorFlow is imported.
-    proc = _run([sys.executable, "-X", "importtime", _script(), "train", "--backbone=resnet5"])
+    argv = [sys.executable, "-X", "importtime", _script(), "evaluate", f"--model_dir={tmp_path}"]
+    proc = _run(argv)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert not _startup_lines(proc.stderr), proc.stderr
     assert any(re.fullmatch(r"import time:.*\|\s+tensorflow", ln) for ln in lines), lines[-5:]
     assert all(ln.startswith("import time:") for ln in lines[:-1]), lines[:-1][-5:]
-    assert lines[-1].startswith("tf-finetune: error: unknown --backbone='resnet5'.")
+    assert lines[-1].startswith("tf-finetune: error: no checkpoint at")
 
 
 _WINDOW = """
