@@ -1,6 +1,8 @@
 """Feature caching: the head trains on features computed once; the full model is what's trained."""
 
+import dataclasses
 import os
+import re
 
 import numpy as np
 import pytest
@@ -75,12 +77,26 @@ def test_memory_and_disk_features_match_and_disk_is_reused(folder, tmp_path):
     )
 
 
-def test_cache_key_changes_when_a_photo_or_the_weights_change(folder, tmp_path):
+def test_cache_key_changes_with_everything_that_changes_a_feature(folder, tmp_path):
     config = frozen(folder, tmp_path)
     split = data.load_image_folder(str(folder), 16, 20).train
     key = feature_fit.cache_key(config, split, "train")
     assert feature_fit.cache_key(config, split, "train") == key
-    assert feature_fit.cache_key(frozen(folder, tmp_path, image_size=48), split, "train") != key
+    assert re.fullmatch(r"train_[0-9a-f]{16}", key)  # a hash: safe for URLs and paths
+    for changed in (
+        {"image_size": 48},
+        {"precision": "mixed_bfloat16"},
+        {"backbone": "mobilenet_v2", "image_size": 32},  # other layers and preprocessing
+    ):
+        assert feature_fit.cache_key(dataclasses.replace(config, **changed), split, "train") != key
+    # A weights file: a new file at the same path (new mtime or size) is another key.
+    weights = tmp_path / "w.weights.h5"
+    model_lib.build_model(config, 3).save_weights(weights)
+    with_file = dataclasses.replace(config, weights=str(weights))
+    file_key = feature_fit.cache_key(with_file, split, "train")
+    assert file_key != key
+    os.utime(weights, ns=(1, 1))
+    assert feature_fit.cache_key(with_file, split, "train") != file_key
     photo = next(p for p in split.source.map(lambda k, _: k).as_numpy_iterator()).decode()
     with open(photo, "ab") as f:
         f.write(b"\0")  # still decodes: JPEG/PNG readers ignore trailing bytes
@@ -114,3 +130,14 @@ def test_cache_modes_follow_the_backbone_and_size(folder, tmp_path):
     assert mode(frozen(folder, tmp_path, cache="none"), 1280, 10) == "none"
     with pytest.raises(UserError, match="needs a frozen backbone"):
         frozen(folder, tmp_path, cache="memory", unfreeze="3")
+
+
+def test_cache_key_follows_a_hub_modules_files(folder, tmp_path):
+    from tests import hub_fixtures
+
+    module = hub_fixtures.save_feature_vector_module(tmp_path / "module", image_size=16)
+    config = resolve(Config(data=str(folder), backbone=module, model_dir=str(tmp_path / "run")))
+    split = data.load_image_folder(str(folder), 16, 20).train
+    key = feature_fit.cache_key(config, split, "train")
+    os.utime(os.path.join(module, "saved_model.pb"), ns=(1, 1))  # the module was replaced
+    assert feature_fit.cache_key(config, split, "train") != key

@@ -13,7 +13,16 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import atomic, backbones, data, distribute, features, phases, rundir
+from tf_finetune import (
+    atomic,
+    backbone_table,
+    backbones,
+    data,
+    distribute,
+    features,
+    phases,
+    rundir,
+)
 from tf_finetune import config as config_lib
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
@@ -21,9 +30,13 @@ from tf_finetune.timings import Timings
 
 # Features above this size go to disk with --cache=auto.
 MEMORY_CACHE_BYTES = 2 * 1024**3
-# Bump when what a cached feature means changes (2: float32 pixels after the resize; 1 rounded
-# them to uint8), so older caches are recomputed rather than reused.
-CACHE_FORMAT = 2
+# Bump when what a cached feature means changes, so older caches are recomputed rather than
+# reused. 3: the key covers precision, preprocessing, decoding and module files; 2: float32
+# pixels after the resize (1 rounded them to uint8).
+CACHE_FORMAT = 3
+# How an image becomes pixels (data.decode_and_resize); part of the key, so a change of the
+# decode shared by training and the export invalidates the cache.
+DECODE_MODE = "decode_and_resize:bilinear:float32"
 
 
 def cache_mode(config: Config, feature_dim: int, count: int, phase: phases.Phase) -> str:
@@ -37,23 +50,48 @@ def cache_mode(config: Config, feature_dim: int, count: int, phase: phases.Phase
     return config.cache
 
 
-def cache_key(config: Config, split: data.Split, name: str) -> str:
-    """The disk cache's folder name for `split`: every fact that changes a feature."""
+def _file_stamp(path: str) -> str:
+    """A file's identity without reading it: path, size and modification time."""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _module_files(handle: str) -> list[str]:
+    """Stamps of a hub module's graph and variables (resolved from the local cache)."""
+    from tf_finetune import hub
+
+    root = hub.resolve_handle(handle)
+    names = ("saved_model.pb", os.path.join("variables", "variables.index"))
+    return [
+        _file_stamp(os.path.join(root, n)) for n in names if os.path.exists(os.path.join(root, n))
+    ]
+
+
+def _backbone_facts(config: Config) -> dict:
+    """What decides the backbone's function: its weights and preprocessing, or module files."""
+    if backbone_table.is_hub_backbone(config.backbone):
+        modules = [config.backbone] + ([config.preprocessor] if config.preprocessor else [])
+        return {"module_files": [f for m in modules for f in _module_files(m)]}
     weights = config.weights
     if os.path.isfile(weights):
-        stat = os.stat(weights)
-        weights = f"{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
+        weights = _file_stamp(weights)
+    spec = backbone_table.get_spec(config.backbone)
+    return {"alpha": config.backbone_alpha, "weights": weights, "preprocessing": spec.preprocessing}
+
+
+def cache_key(config: Config, split: data.Split, name: str) -> str:
+    """The disk cache's folder name for `split`: a hash of every fact that changes a feature
+    (safe for any backbone string: URLs, paths), and of every input file."""
     parts = {
         "backbone": config.backbone,
-        "alpha": config.backbone_alpha,
-        "weights": weights,
+        **_backbone_facts(config),
         "image_size": config.image_size,
+        "precision": config.precision,
+        "decode": DECODE_MODE,
         "split": name,
         "format": CACHE_FORMAT,
     }
-    return f"{config.backbone}_{config.image_size}_{name}_" + features.fingerprint(
-        parts, split.source.map(lambda key, _: key)
-    )
+    return f"{name}_" + features.fingerprint(parts, split.source.map(lambda key, _: key))
 
 
 def _cache_dir(mode: str) -> str | None:
