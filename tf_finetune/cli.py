@@ -209,19 +209,28 @@ COMMANDS: dict[str, Command] = {
 
 def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
     rows = [("model", "accuracy", "loss")]
+    comparison = metrics.get("offline_comparison")
     for prefix, label in (
         ("", "fine-tuned " + config.backbone),
         ("scratch_", "same net from scratch"),
     ):
         for split in ("val", "test"):
             acc = metrics.get(f"{prefix}{split}_accuracy")
-            if acc is not None:
-                rows.append(
-                    (f"{label} [{split}]", f"{acc:.3f}", f"{metrics[f'{prefix}{split}_loss']:.3f}")
-                )
+            if acc is None:
+                continue
+            loss = f"{metrics[f'{prefix}{split}_loss']:.3f}"
+            if comparison:  # mean +- sd over the comparison's seeds
+                side = comparison["scratch" if prefix else "fine_tuned"]
+                acc, sd = side[f"{split}_accuracy"]["mean"], side[f"{split}_accuracy"]["sd"]
+                loss = f"{side[f'{split}_loss']['mean']:.3f}"
+                rows.append((f"{label} [{split}]", f"{acc:.3f} ± {sd:.3f}", loss))
+            else:
+                rows.append((f"{label} [{split}]", f"{acc:.3f}", loss))
+    if comparison:
+        rows.append((f"(mean ± sd over seeds {', '.join(map(str, comparison['seeds']))})", "", ""))
     print()
     for row in rows:
-        print(f"  {row[0]:42s} {row[1]:>9s} {row[2]:>8s}")
+        print(f"  {row[0]:42s} {row[1]:>13s} {row[2]:>8s}")
     print(
         f"\n{len(metrics['class_names'])} classes, {metrics['train_images']} train / "
         f"{metrics['val_images']} val / {metrics['test_images']} test {_data_kind(config)}, "

@@ -128,14 +128,99 @@ def data_folder(config) -> str | None:
     return write_target_folder(data_dir()) if config.is_offline_default else None
 
 
-def scratch_baseline(
-    config, pipelines: dict, num_classes: int, strategy: tf.distribute.Strategy
-) -> dict[str, float]:
-    """The same network trained from random init on the same data, epochs and seed."""
-    scratch = dataclasses.replace(config, weights="none", unfreeze="all", warmup_epochs=0)
-    keras.utils.set_random_seed(config.seed)
-    with strategy.scope():
-        model = model_lib.build_model(scratch, num_classes)
-    model.fit(pipelines["train"], epochs=config.epochs, verbose=0, shuffle=False)
+# Seeds of the comparison with training from scratch: the run's own, then the next ones.
+COMPARISON_SEEDS = 3
+SCRATCH_BATCHNORM_MOMENTUM = 0.9
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Restores the weights of the epoch with the lowest val_loss when fit ends: the rule the
+    run's own best checkpoint follows, so both sides of the comparison are selected alike."""
+
+    def on_train_begin(self, logs=None):
+        self.best, self.weights = np.inf, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs["val_loss"] < self.best:
+            self.best, self.weights = logs["val_loss"], self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+def scratch_model(config, num_classes: int) -> keras.Model:
+    """The same network from random init, every layer trained, BatchNormalization included
+    and in training mode while fitting: from scratch there are no statistics worth keeping
+    frozen (the fine-tuned model keeps its pretrained ones, see model.build_classifier)."""
+    spec = backbones.get_spec(config.backbone)
+    inputs = keras.Input((config.image_size, config.image_size, 3), name="pixels")
+    x = backbones.Preprocessing(spec.preprocessing, name="preprocessing")(inputs)
+    backbone = backbones.build_backbone(spec, config.image_size, None, config.backbone_alpha)
+    backbone.trainable = True
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            # Keras' 0.99 leaves the moving statistics mostly at their initial values after
+            # the few hundred steps a small data set gives; 0.9 lets them reach the data's.
+            layer.momentum = SCRATCH_BATCHNORM_MOMENTUM
+    outputs = head.add_head(backbone(x), num_classes, config.dropout)
+    model = keras.Model(inputs, outputs, name="scratch_classifier")
+    model_lib.compile_model(model, config, num_classes)
+    return model
+
+
+def _fit_and_score(model: keras.Model, config, pipelines: dict) -> dict[str, float]:
+    model.fit(
+        pipelines["train"],
+        validation_data=pipelines["val"],
+        epochs=config.epochs,
+        callbacks=[KeepBest()],
+        verbose=0,
+        shuffle=False,
+    )
     evaluated = {k: v for k, v in pipelines.items() if k != "train"}
-    return {f"scratch_{k}": v for k, v in scoring.evaluate_splits(model, evaluated).items()}
+    return scoring.evaluate_splits(model, evaluated)
+
+
+def _summary(runs: list[dict[str, float]]) -> dict:
+    return {
+        key: {
+            "runs": [round(r[key], 4) for r in runs],
+            "mean": float(np.mean([r[key] for r in runs])),
+            "sd": float(np.std([r[key] for r in runs], ddof=1)) if len(runs) > 1 else 0.0,
+        }
+        for key in runs[0]
+    }
+
+
+def compare_with_scratch(
+    config, pipelines: dict, num_classes: int, strategy: tf.distribute.Strategy, run: dict
+) -> dict:
+    """Fine-tuned vs from scratch over COMPARISON_SEEDS seeds, each side with the same data,
+    epochs and checkpoint selection (lowest val_loss).
+
+    Args:
+      run: this run's own val/test metrics (the fine-tuned side's first seed).
+
+    Returns:
+      metrics.json entries: `offline_comparison` (per seed, mean and sd of each side) and
+      `scratch_<metric>` (the scratch side's means).
+    """
+    seeds = [config.seed + i for i in range(COMPARISON_SEEDS)]
+    keys = [k for k in run if k.split("_", 1)[0] in ("val", "test")]
+    fine_tuned, scratch = [{k: run[k] for k in keys}], []
+    for seed in seeds:
+        seeded = dataclasses.replace(config, seed=seed)
+        if seed != config.seed:
+            keras.utils.set_random_seed(seed)
+            with strategy.scope():
+                model = model_lib.build_model(seeded, num_classes)
+            fine_tuned.append(_fit_and_score(model, seeded, pipelines))
+        keras.utils.set_random_seed(seed)
+        with strategy.scope():
+            model = scratch_model(seeded, num_classes)
+        scratch.append(_fit_and_score(model, seeded, pipelines))
+    fine_tuned = [{k: r[k] for k in scratch[0]} for r in fine_tuned]
+    comparison = {"seeds": seeds, "fine_tuned": _summary(fine_tuned), "scratch": _summary(scratch)}
+    means = {f"scratch_{k}": v["mean"] for k, v in comparison["scratch"].items()}
+    return {"offline_comparison": comparison, **means}

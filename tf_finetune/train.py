@@ -115,9 +115,10 @@ def _run(
         if candidates:
             metrics.update(candidates=candidates, exported_weights=chosen)
         if config.is_offline_default and not hub_model.is_hub_backbone(config.backbone):
-            metrics.update(
-                offline_default.scratch_baseline(config, pipelines, dataset.num_classes, strategy)
+            comparison = offline_default.compare_with_scratch(
+                config, pipelines, dataset.num_classes, strategy, metrics
             )
+            metrics.update(comparison)
     if not _passes_gate(metrics, config):
         metrics["export_path"] = None  # train_and_evaluate raises BelowMinAccuracy
         return metrics
