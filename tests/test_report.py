@@ -254,8 +254,27 @@ def test_optional_parts_render_when_present_and_names_are_escaped(enriched):
     assert body["instances"] == [{"text": "a <b>bold</b> review"}]
 
 
-def test_absent_parts_are_left_out(run):
+def test_a_real_run_reports_its_stage_timings(run):
     _, tree = _parse(run["dir"] / "report.html")
+    ids = {e.get("id") for e in tree.iter()}
+    assert "timings" in ids  # train writes metrics.json["timings"]
+    metrics = _json(run["dir"] / "metrics.json")
+    assert ("images-per-second" in ids) == ("feature_images_per_second" in metrics["timings"])
+
+
+def test_absent_parts_are_left_out(run, tmp_path):
+    copy = tmp_path / "bare"
+    shutil.copytree(run["dir"], copy)
+    metrics = _json(copy / "metrics.json")
+    metrics.pop("timings")
+    export = copy / "export" / os.path.basename(metrics["export_path"])
+    metrics["export_path"] = str(export)
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    card = _json(export / "model_card.json")
+    assert card.pop("non_core_ops") == []  # every export says; an older card may not
+    (export / "model_card.json").write_text(json.dumps(card))
+    report.write_report(str(copy))
+    _, tree = _parse(copy / "report.html")
     ids = {e.get("id") for e in tree.iter()}
     assert not ids & {"timings", "images-per-second", "label-issues", "tflite", "non-core-ops"}
 

@@ -67,9 +67,9 @@ def cmd_train(config: config_lib.Config) -> int:
         print(f"Worker done: {metrics['epochs']} epochs on {metrics['replicas']} replicas.")
         return 0
     _print_train_summary(config, metrics)
-    from tf_finetune import report  # the page a person opens: report.html in the run dir
-
-    print(f"Report:        {report.write_report(config.model_dir)}")
+    page = os.path.join(config.model_dir, "report.html")
+    if os.path.exists(page):  # the page a person opens (train writes it last)
+        print(f"Report:        {page}")
     return 0
 
 
@@ -79,9 +79,7 @@ def cmd_evaluate(config: config_lib.Config) -> int:
     report = evaluate_run.evaluate_run(config, config.split)
     print(report["text"])
     print(f"\nReport and plots: {', '.join(report['files'])}")
-    from tf_finetune import report as report_page
-
-    print(f"Report: {report_page.write_report(config.model_dir)}")
+    print(f"Report: {report['page']}")
     return 0
 
 

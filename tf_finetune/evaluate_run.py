@@ -15,6 +15,7 @@ from tf_finetune import (
     splits,
 )
 from tf_finetune import model as model_lib
+from tf_finetune import report as report_page
 from tf_finetune.config import Config
 
 
@@ -40,4 +41,5 @@ def evaluate_run(config: Config, split: str = "auto") -> dict:
     report["text"] = evaluate.format_report(report, dataset.class_names)
     if note:
         report["text"] = f"{note}\n{report['text']}"
+    report["page"] = report_page.write_report(config.model_dir)
     return report

@@ -27,7 +27,6 @@ of too many frames fails as a whole with InvalidArgument naming the image and th
 """
 
 import datetime
-import json
 import os
 import re
 import shutil
@@ -36,8 +35,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tf_finetune import atomic, faults, hub
 from tf_finetune import data as data_lib
-from tf_finetune import faults, hub
 from tf_finetune.config import Config
 from tf_finetune.data import MAX_IMAGE_PIXELS, decode_images, resize
 from tf_finetune.errors import UserError
@@ -253,12 +252,46 @@ def record_non_core_ops(saved_model_dir: str) -> list[str]:
     return ops
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_version(
+    folder: str,
+    model: keras.Model,
+    class_names: list[str],
+    image_size: int,
+    max_image_pixels: int,
+    card: dict | None,
+    version: int,
+) -> None:
+    """The whole version into `folder`: the SavedModel, labels, warm-up requests, card."""
+    text = is_text_model(model)
+    if text:
+        build_text_archive(model, class_names).write_out(folder, verbose=False)
+    else:
+        archive = build_archive(model, class_names, image_size, max_image_pixels=max_image_pixels)
+        archive.write_out(folder, verbose=False)
+    os.makedirs(os.path.join(folder, "assets"), exist_ok=True)
+    atomic.write_text(os.path.join(folder, "assets", LABELS_FILE), "\n".join(class_names) + "\n")
+    if text:
+        write_warmup_requests(folder, b"a warm-up sentence", "text")
+        signatures = {"serving_default": "text: tf.string [batch]"}
+    else:
+        write_warmup_requests(folder, warmup_image(image_size))
+        signatures = {
+            "serving_default": "image_bytes: tf.string [batch] (encoded JPEG/PNG/GIF/BMP/WebP)",
+            "predict_images": "images: float32 [batch, h, w, 3], 0-255 pixels",
+        }
+    signatures["outputs"] = "probabilities, top_k_indices, top_k_names, top_k_scores"
+    card = {
+        **(card or model_card(class_names, image_size)),
+        "version": version,
+        "signatures": signatures,
+        "non_core_ops": record_non_core_ops(folder),
+    }
+    if text:
+        card.pop("max_image_pixels", None)
+    else:  # the limit the graph enforces
+        card["max_image_pixels"] = max_image_pixels
+        card["max_animation_frames"] = data_lib.MAX_ANIMATION_FRAMES
+    atomic.write_json(os.path.join(folder, MODEL_CARD), card)
 
 
 def export_saved_model(
@@ -300,43 +333,12 @@ def export_saved_model(
     if max_image_pixels is None:
         max_image_pixels = (card or {}).get("max_image_pixels") or MAX_IMAGE_PIXELS
     try:
-        text = is_text_model(model)
-        if text:
-            build_text_archive(model, class_names).write_out(tmp, verbose=False)
-        else:
-            build_archive(
-                model, class_names, image_size, max_image_pixels=max_image_pixels
-            ).write_out(tmp, verbose=False)
-        os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
-        with open(os.path.join(tmp, "assets", LABELS_FILE), "w", encoding="utf-8") as f:
-            f.write("\n".join(class_names) + "\n")
-        if text:
-            write_warmup_requests(tmp, b"a warm-up sentence", "text")
-            signatures = {"serving_default": "text: tf.string [batch]"}
-        else:
-            write_warmup_requests(tmp, warmup_image(image_size))
-            signatures = {
-                "serving_default": "image_bytes: tf.string [batch] (encoded JPEG/PNG/GIF/BMP/WebP)",
-                "predict_images": "images: float32 [batch, h, w, 3], 0-255 pixels",
-            }
-        signatures["outputs"] = "probabilities, top_k_indices, top_k_names, top_k_scores"
-        card = {
-            **(card or model_card(class_names, image_size)),
-            "version": version,
-            "signatures": signatures,
-            "non_core_ops": record_non_core_ops(tmp),
-        }
-        if text:
-            card.pop("max_image_pixels", None)
-        else:  # the limit the graph enforces
-            card["max_image_pixels"] = max_image_pixels
-            card["max_animation_frames"] = data_lib.MAX_ANIMATION_FRAMES
-        write_json_atomically(os.path.join(tmp, MODEL_CARD), card)
+        _write_version(tmp, model, class_names, image_size, max_image_pixels, card, version)
         faults.fault_point("export")
         os.rename(tmp, final)
     except Exception as e:
-        if faults.is_disk_full(e):
-            raise faults.disk_full_error("export", final) from None
+        if atomic.is_disk_full(e):
+            raise atomic.disk_full_error("export", final) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import data, export, input_pipeline, offline_default, rundir
+from tf_finetune import atomic, data, export, input_pipeline, offline_default, rundir
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
@@ -149,7 +149,7 @@ def _side_files(folder: str, class_names: list[str], card: dict, entry: dict | N
             files = json.load(f).get("files", {})
     if entry:
         files[entry["file"]] = entry
-    export.write_json_atomically(path, {**card, "files": files})
+    atomic.write_json(path, {**card, "files": files})
     return path
 
 

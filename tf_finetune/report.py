@@ -365,9 +365,9 @@ def _find_export(export_path: str | None, flags: list[str], model_dir: str) -> s
     return export_path
 
 
-def collect(model_dir: str) -> dict:
-    """Everything the page shows, read from the run dir (missing pieces are None or empty)."""
-    model_dir = os.path.abspath(model_dir)
+def _run_files(model_dir: str) -> tuple[dict, bool, list, dict, dict]:
+    """metrics (or a compare variant's row), whether metrics.json exists, flags, the export's
+    model card and the per-split reports."""
     metrics = _read_json(os.path.join(model_dir, "metrics.json")) or {}
     has_metrics = bool(metrics)
     if not metrics:  # a compare variant: its row (val scores, parameters, epoch seconds)
@@ -378,40 +378,47 @@ def collect(model_dir: str) -> dict:
     card = {}
     if export_path:
         card = _read_json(os.path.join(export_path, "model_card.json")) or {}
+    card["_path"] = export_path
     reports = {}
     for split in SPLITS:
         rep = _read_json(os.path.join(model_dir, f"report_{split}.json"))
         if isinstance(rep, dict):
             reports[split] = rep
-    data = _flag_value(flags, "data") or ""
-    serving_input = str((card.get("signatures") or {}).get("serving_default", ""))
-    is_text = (
-        serving_input.startswith("text")
-        or config_lib.is_table_file(data)
-        or any(os.path.exists(os.path.join(model_dir, f"mistakes_{s}.txt")) for s in SPLITS)
-    )
-    headline_split = "test" if metrics.get("test_accuracy") is not None else "val"
-    headline = {
-        "split": headline_split,
-        "optimistic": headline_split == "val",
-        "accuracy": metrics.get(f"{headline_split}_accuracy"),
-        "macro_f1": metrics.get(f"{headline_split}_macro_f1"),
-        "map": metrics.get(f"{headline_split}_map"),
-        "loss": metrics.get(f"{headline_split}_loss"),
+    return metrics, has_metrics, flags, card, reports
+
+
+def _headline(metrics: dict) -> dict:
+    """Test numbers when there is a test split, else val's (marked optimistic)."""
+    split = "test" if metrics.get("test_accuracy") is not None else "val"
+    return {
+        "split": split,
+        "optimistic": split == "val",
+        "accuracy": metrics.get(f"{split}_accuracy"),
+        "macro_f1": metrics.get(f"{split}_macro_f1"),
+        "map": metrics.get(f"{split}_map"),
+        "loss": metrics.get(f"{split}_loss"),
     }
+
+
+def _baselines(metrics: dict, split: str) -> list[dict]:
     baselines = []
     for prefix, label in (("scratch_", "same net from scratch"), ("recipe_", "recipe baseline")):
-        acc = metrics.get(f"{prefix}{headline_split}_accuracy")
+        acc = metrics.get(f"{prefix}{split}_accuracy")
         if acc is not None:
             baselines.append(
                 {
-                    "key": f"{prefix}{headline_split}_accuracy",
+                    "key": f"{prefix}{split}_accuracy",
                     "label": label,
                     "accuracy": acc,
-                    "loss": metrics.get(f"{prefix}{headline_split}_loss"),
+                    "loss": metrics.get(f"{prefix}{split}_loss"),
                 }
             )
-    # Class counts per split: the evaluated splits' supports; totals from metrics.json.
+    return baselines
+
+
+def _class_counts(metrics: dict, card: dict, reports: dict) -> tuple[list[dict], list[str]]:
+    """Per class and split: the evaluated splits' supports, and metrics' `class_counts`
+    ({split: {class: n}}) when a producer adds it."""
     class_names = metrics.get("class_names") or card.get("class_names") or []
     counts = []
     for name in class_names:
@@ -419,40 +426,72 @@ def collect(model_dir: str) -> dict:
         for split, rep in reports.items():
             row[split] = (rep.get("per_class") or {}).get(name, {}).get("support")
         counts.append(row)
-    class_counts = metrics.get("class_counts")  # {split: {class: n}} when a producer adds it
+    class_counts = metrics.get("class_counts")
     if isinstance(class_counts, dict):
         for row in counts:
             for split, per in class_counts.items():
                 if isinstance(per, dict) and row["name"] in per:
                     row[split] = per[row["name"]]
-    count_splits = [
-        s for s in ("train", "val", "test") if any(r.get(s) is not None for r in counts)
-    ]
-    split_order = [headline_split] + [s for s in SPLITS if s != headline_split]
+    splits = [s for s in ("train", "val", "test") if any(r.get(s) is not None for r in counts)]
+    return counts, splits
+
+
+def _export_section(model_dir, card, is_text, flags, text_mistakes) -> dict | None:
+    export_path = card.get("_path")
+    if not export_path:
+        return None
+    exists = os.path.exists(export_path)
+    return {
+        "path": export_path,
+        "version": card.get("version", os.path.basename(os.path.normpath(export_path))),
+        "exists": exists,
+        "size": human_size(_folder_size(export_path)) if exists else None,
+        "size_bytes": _folder_size(export_path) if exists else None,
+        "signatures": _signatures(card),
+        "outputs": (card.get("signatures") or {}).get("outputs"),
+        "non_core_ops": card.get("non_core_ops"),
+        "tflite": _tflite_rows(model_dir, card),
+        "created": card.get("created"),
+        "versions": (card.get("tensorflow_version"), card.get("keras_version")),
+        "curl": serving_example(is_text, flags, export_path, text_mistakes),
+    }
+
+
+def _is_text(model_dir: str, card: dict, data: str) -> bool:
+    serving_input = str((card.get("signatures") or {}).get("serving_default", ""))
+    return (
+        serving_input.startswith("text")
+        or config_lib.is_table_file(data)
+        or any(os.path.exists(os.path.join(model_dir, f"mistakes_{s}.txt")) for s in SPLITS)
+    )
+
+
+def _timings(metrics: dict) -> tuple[dict | None, float | None]:
+    """Seconds per stage, and the feature pass's images/s (kept apart: not seconds)."""
+    timings = metrics.get("timings") if isinstance(metrics.get("timings"), dict) else None
+    rate = metrics.get("feature_images_per_second")
+    if timings and "feature_images_per_second" in timings:
+        timings = dict(timings)
+        rate = timings.pop("feature_images_per_second")
+    return timings, rate
+
+
+def collect(model_dir: str) -> dict:
+    """Everything the page shows, read from the run dir (missing pieces are None or empty)."""
+    model_dir = os.path.abspath(model_dir)
+    metrics, has_metrics, flags, card, reports = _run_files(model_dir)
+    data = _flag_value(flags, "data") or ""
+    is_text = _is_text(model_dir, card, data)
+    headline = _headline(metrics)
+    counts, count_splits = _class_counts(metrics, card, reports)
+    split_order = [headline["split"]] + [s for s in SPLITS if s != headline["split"]]
     sections = [
         _split_section(model_dir, s, reports[s], is_text) for s in split_order if s in reports
     ]
     text_mistakes = next((s["text_mistakes"] for s in sections if s["text_mistakes"]), None)
-    export = None
-    if export_path:
-        exists = os.path.exists(export_path)
-        export = {
-            "path": export_path,
-            "version": card.get("version", os.path.basename(os.path.normpath(export_path))),
-            "exists": exists,
-            "size": human_size(_folder_size(export_path)) if exists else None,
-            "size_bytes": _folder_size(export_path) if exists else None,
-            "signatures": _signatures(card),
-            "outputs": (card.get("signatures") or {}).get("outputs"),
-            "non_core_ops": card.get("non_core_ops"),
-            "tflite": _tflite_rows(model_dir, card),
-            "created": card.get("created"),
-            "versions": (card.get("tensorflow_version"), card.get("keras_version")),
-            "curl": serving_example(is_text, flags, export_path, text_mistakes),
-        }
-    timings = metrics.get("timings") if isinstance(metrics.get("timings"), dict) else None
+    timings, rate = _timings(metrics)
     history = read_history(os.path.join(model_dir, "history.csv"))
-    history_keys = [k for k in (history[0].keys() if history else []) if k != "epoch"]
+    rerun = f"tf-finetune train --flagfile={os.path.join(model_dir, 'flags.cfg')}"
     return {
         "title": f"tf-finetune report: {os.path.basename(model_dir)}",
         "model_dir": model_dir,
@@ -463,24 +502,22 @@ def collect(model_dir: str) -> dict:
         "data": card.get("data") or data or None,
         "backbone": metrics.get("backbone") or _flag_value(flags, "backbone"),
         "flags_changed": flags_differing_from_defaults(flags),
-        "rerun": f"tf-finetune train --flagfile={os.path.join(model_dir, 'flags.cfg')}"
-        if flags
-        else None,
+        "rerun": rerun if flags else None,
         "headline": headline,
-        "baselines": baselines,
+        "baselines": _baselines(metrics, headline["split"]),
         "counts": counts,
         "count_splits": count_splits,
         "skipped": metrics.get("skipped_files") or [],
         "curves_png": _data_uri(os.path.join(model_dir, "curves.png")),
         "phase_boundary": metrics.get("phase_boundary_epoch"),
         "timings": timings,
-        "images_per_second": metrics.get("feature_images_per_second"),
+        "images_per_second": rate,
         "epoch_seconds": metrics.get("epoch_seconds") or {},
         "history": history,
-        "history_keys": history_keys,
+        "history_keys": [k for k in (history[0].keys() if history else []) if k != "epoch"],
         "sections": sections,
         "label_issues": _label_issues(model_dir),
-        "export": export,
+        "export": _export_section(model_dir, card, is_text, flags, text_mistakes),
     }
 
 

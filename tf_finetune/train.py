@@ -32,6 +32,7 @@ from tf_finetune import (
     input_pipeline,
     offline_default,
     phases,
+    report,
     rundir,
     scoring,
     selection,
@@ -69,6 +70,7 @@ def train_and_evaluate(
         # This call's own time (the timings' total also counts the process start-up).
         metrics["wall_time_seconds"] = round(timings.elapsed(), 1)
         rundir.write_metrics(config.model_dir, metrics)
+        write_report_page(config.model_dir)
         phases.remove_backups(config.model_dir)  # only now: everything the run owes is written
     if config.strategy == "multi_worker" and not mw.is_chief():
         shutil.rmtree(config.model_dir, ignore_errors=True)
@@ -230,6 +232,15 @@ def _check_gate(metrics: dict, config: Config) -> None:
             f"{gate['split']} accuracy {gate['accuracy']:.4f} is below --min_accuracy="
             f"{gate['bar']}: not exported; the run is kept in {config.model_dir}."
         )
+
+
+def write_report_page(model_dir: str) -> str | None:
+    """report.html from the run dir's files; a failure is logged, never fails a finished run."""
+    try:
+        return report.write_report(model_dir)
+    except Exception as e:  # noqa: BLE001 - the export and metrics are written already
+        logging.warning("Could not write %s/report.html: %s", model_dir, e)
+        return None
 
 
 def _fit_verbosity() -> int:
