@@ -758,13 +758,28 @@ def predict_files(
     file. When a batch is rejected (one undecodable image fails the whole batch), its files
     are retried one by one so only the bad ones are reported.
     """
-    results: dict[int, Prediction] = {}
-    readable: list[tuple[str, bytes]] = []
-    index: dict[int, int] = {}  # position in readable -> position in files
     images = predictor.input_key == IMAGE_INPUT
     limit = (
         getattr(predictor, "max_image_pixels", None) or max_image_pixels or headers.MAX_IMAGE_PIXELS
     )
+    results, readable, index = _read_inputs(files, limit if images else None)
+    position = 0
+    for batch in _batches(readable, batch_size, max_batch_bytes):
+        for (path, _), out in zip(batch, _predict_or_retry(predictor, batch), strict=True):
+            if isinstance(out, InputRejected):
+                results[index[position]] = Prediction(path, error=str(out))
+            else:
+                results[index[position]] = Prediction(path, top_k=tuple(out[:top_k]))
+            position += 1
+    return [results[i] for i in range(len(files))]
+
+
+def _read_inputs(files: Sequence[str], limit: int | None):
+    """(results so far: unreadable or too-large files by position, the readable (path, bytes),
+    position in readable -> position in files). `limit`: the image pixel limit, None for text."""
+    results: dict[int, Prediction] = {}
+    readable: list[tuple[str, bytes]] = []
+    index: dict[int, int] = {}
     for i, path in enumerate(files):
         try:
             with open(path, "rb") as fh:
@@ -774,34 +789,30 @@ def predict_files(
             continue
         # A decompression bomb is named here, from its header, and never sent; the export
         # refuses it too (it would fail its whole batch).
-        too_big = headers.problem(headers.parse(data), limit) if images else None
+        too_big = headers.problem(headers.parse(data), limit) if limit else None
         if too_big:
             results[i] = Prediction(path, error=too_big)
             continue
         index[len(readable)] = i
         readable.append((path, data))
+    return results, readable, index
 
-    position = 0
-    for batch in _batches(readable, batch_size, max_batch_bytes):
+
+def _predict_or_retry(predictor: Predictor, batch: list[tuple[str, bytes]]) -> list:
+    """The batch's outputs; when the model rejects the batch, each file alone, so only the bad
+    ones fail (an InputRejected in their place)."""
+    try:
+        return predictor.predict_batch([data for _, data in batch])
+    except InputRejected as err:
+        if len(batch) == 1:
+            return [err]
+    outputs = []
+    for _, data in batch:
         try:
-            outputs = predictor.predict_batch([data for _, data in batch])
-        except InputRejected as err:
-            if len(batch) == 1:
-                outputs = [err]
-            else:
-                outputs = []
-                for _, data in batch:
-                    try:
-                        outputs.append(predictor.predict_batch([data])[0])
-                    except InputRejected as single:
-                        outputs.append(single)
-        for (path, _), out in zip(batch, outputs, strict=True):
-            if isinstance(out, InputRejected):
-                results[index[position]] = Prediction(path, error=str(out))
-            else:
-                results[index[position]] = Prediction(path, top_k=tuple(out[:top_k]))
-            position += 1
-    return [results[i] for i in range(len(files))]
+            outputs.append(predictor.predict_batch([data])[0])
+        except InputRejected as single:
+            outputs.append(single)
+    return outputs
 
 
 # --------------------------------------------------------------------------- output
