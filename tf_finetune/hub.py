@@ -371,7 +371,9 @@ def _core_op_names() -> frozenset:
     return frozenset(op for op in core if op_provider(op) is None)
 
 
-def _read_saved_model(path: str):
+def read_saved_model(path: str):
+    """The SavedModel proto of `path`, parsed from saved_model.pb without loading anything
+    (TensorFlow's devices stay uninitialised)."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
@@ -391,7 +393,7 @@ def saved_model_ops(path: str) -> set[str]:
     not ops and are left out.
     """
     ops, functions = set(), set()
-    for graph in _read_saved_model(os.fspath(path)).meta_graphs:
+    for graph in read_saved_model(os.fspath(path)).meta_graphs:
         ops.update(node.op for node in graph.graph_def.node)
         for function in graph.graph_def.library.function:
             functions.add(function.signature.name)

@@ -19,7 +19,6 @@ of top layers means nothing and is refused.
 """
 
 import dataclasses
-import os
 
 import keras
 import tensorflow as tf
@@ -68,19 +67,11 @@ def read_signature(path: str) -> ModuleSignature:
     Parsing saved_model.pb leaves TensorFlow's devices uninitialised, so `--cpu_replicas` can
     still split the CPU afterwards (loading the module would fix the device list for good).
     """
-    from tensorflow.core.protobuf import saved_model_pb2
-
     # tensorflow.python: decoding a saved signature without loading the module has no public
     # API (tf.saved_model.load would initialise the devices, see above).
     from tensorflow.python.saved_model import nested_structure_coder
 
-    saved = saved_model_pb2.SavedModel()
-    pb = os.path.join(path, "saved_model.pb")
-    try:
-        with open(pb, "rb") as f:
-            saved.ParseFromString(f.read())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {pb} ({e}); download the module again.") from None
+    saved = hub.read_saved_model(path)
     graph = saved.meta_graphs[0].object_graph_def
     children = {c.local_name: c.node_id for c in graph.nodes[0].children}
     node = graph.nodes[children["__call__"]] if "__call__" in children else None
@@ -135,11 +126,7 @@ def unseeded_random_ops(path: str) -> list[str]:
 
     TensorFlow refuses to run them under op determinism ("random ops must have a seed").
     """
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        saved.ParseFromString(f.read())
+    saved = hub.read_saved_model(path)
     found = []
     for graph in saved.meta_graphs:
         for function in graph.graph_def.library.function:
