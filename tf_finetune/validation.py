@@ -10,8 +10,8 @@ import dataclasses
 import os
 from collections.abc import Callable
 
+from tf_finetune import backbone_table, splits
 from tf_finetune import config as config_lib
-from tf_finetune import splits
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
@@ -221,9 +221,9 @@ def text_takes_no_augmentation(config: Config) -> None:
 
 
 def data_matches_backbone(config: Config, text_data: bool) -> None:
-    """Text data needs a text module and images an image backbone (resolved: a text module
-    has no image size)."""
-    text_model = config.image_size == 0
+    """Text data needs a text module and images an image backbone (a resolved hub text
+    module has no image size; a Keras Applications backbone always takes images)."""
+    text_model = config.image_size == 0 and backbone_table.is_hub_backbone(config.backbone)
     if text_data and not text_model:
         raise UserError(
             f"--data={config.data} is text; pass a TF Hub text module as --backbone "
