@@ -62,10 +62,11 @@ class Solution:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities [n, num_classes] for raw features `x` [n, d]."""
-        return np.exp(_log_softmax(self.logits(x)))
+        return np.exp(log_softmax(self.logits(x)))
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of logits [n, k], exact for any magnitude."""
     # Subtracting the row max keeps exp() from overflowing; the result is exact.
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -112,7 +113,7 @@ class _Problem:
         # The two big products run in the features' dtype (float32 BLAS is ~2x float64); the
         # softmax and the sums over examples are float64, so the objective stays accurate.
         logits = (self.z @ kernel.astype(self.z.dtype)).astype(np.float64) + bias
-        log_p = _log_softmax(logits)
+        log_p = log_softmax(logits)
         data = -float(np.sum(self.w * self.t * log_p))
         # d(CE)/d(logits) = p * sum(t) - t; sum(t) = 1 for every target used here.
         g_logits = self.w * (np.exp(log_p) - self.t)
@@ -169,7 +170,7 @@ def _blas_threads(count: int | None):
 
 
 def _val_scores(logits: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> tuple[float, float]:
-    nll = -_log_softmax(logits)[np.arange(len(y)), y]
+    nll = -log_softmax(logits)[np.arange(len(y)), y]
     correct = (logits.argmax(axis=1) == y).astype(np.float64)
     return float(np.average(nll, weights=w)), float(np.average(correct, weights=w))
 
