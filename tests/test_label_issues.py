@@ -41,6 +41,9 @@ def test_flipped_labels_are_the_top_suspects(seed):
     assert margins == sorted(margins, reverse=True)
     by_confidence = li.find_label_issues(x, noisy, 4, rank_by="self_confidence")
     assert len({s.index for s in by_confidence[:10]} & set(flipped.tolist())) >= 5
+    assert {s.index for s in by_confidence} == {s.index for s in suspects}
+    p_given = [s.p_given for s in by_confidence]
+    assert p_given == sorted(p_given)
 
 
 def test_clean_data_has_few_suspects():
@@ -59,18 +62,27 @@ def test_deterministic_given_the_seed():
 
 
 def test_confident_learning_thresholds():
-    # Thresholds: class 0 mean(0.9, 0.55, 0.8) = 0.75, class 1 mean(0.4, 0.35) = 0.375.
-    probs = np.array([[0.9, 0.1], [0.55, 0.45], [0.6, 0.4], [0.65, 0.35], [0.8, 0.2]])
-    y = np.array([0, 0, 1, 1, 0])
+    probs = np.array(
+        [
+            [0.90, 0.05, 0.05],
+            [0.50, 0.45, 0.05],  # no class confident, given at 0.5 (> t0 / 2): borderline, kept
+            [0.80, 0.10, 0.10],
+            [0.05, 0.90, 0.05],
+            [0.30, 0.60, 0.10],  # given below t1 but above t1 / 2: kept
+            [0.15, 0.75, 0.10],  # class 1 reaches t1 = 0.75: suspect (strict rule)
+            [0.10, 0.10, 0.80],
+            [0.55, 0.20, 0.25],  # no class confident, given under t2 / 2: the argmax
+        ]
+    )
+    y = np.array([0, 0, 0, 1, 1, 0, 2, 2])
+    # Thresholds: t0 = mean(.9, .5, .8, .15) = .5875, t1 = mean(.9, .6) = .75, t2 = .525.
     suspects = li.confident_suspects(probs, y)
-    # #1: only class 1 is confident (0.45 >= 0.375), although class 0 is more probable.
-    # #2: its given class 1 is confident (0.4): kept. #3: no class is confident: the argmax.
-    assert [(s.index, s.given, s.suggested) for s in suspects] == [(3, 1, 0), (1, 0, 1)]
-    assert suspects[1].confidence == pytest.approx(0.45)
-    assert suspects[1].p_given == pytest.approx(0.55)
-    assert suspects[0].margin == pytest.approx(0.3)
-    ranked = li.confident_suspects(probs, y, rank_by="self_confidence")
-    assert [s.index for s in ranked] == [3, 1]
+    assert [(s.index, s.given, s.suggested) for s in suspects] == [(5, 0, 1), (7, 2, 0)]
+    assert suspects[0].confidence == pytest.approx(0.75)
+    assert suspects[0].p_given == pytest.approx(0.15)
+    assert suspects[1].margin == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="rank_by"):
+        li.confident_suspects(probs, y, rank_by="loss")
 
 
 def test_plot_and_json_are_written(tmp_path):
