@@ -1,11 +1,17 @@
 """Suspected label errors: flipped labels are found, clean data is left alone, the outputs."""
 
+import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
 
+from tests.images import write_class_folders
+from tf_finetune import evaluate_run, input_pipeline, report, train
 from tf_finetune import label_issues as li
+from tf_finetune.config import Config
+from tf_finetune.resolve import resolve
 
 CLASSES = ("daisy", "rose", "tulip", "sunflower")
 
@@ -107,3 +113,50 @@ def test_plot_and_json_are_written(tmp_path):
     first = written["suspects"][0]
     assert first["file"] == f"/photos/{suspects[0].index}.jpg"
     assert first["given"] == CLASSES[suspects[0].given] and first["rank"] == 1
+
+
+# ----------------------------------------------------------------------------- evaluate --label_issues
+def test_evaluate_finds_images_moved_to_the_wrong_class_folder(tmp_path):
+    folder = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
+    moved = {}  # new path -> the class it really is
+    for label in range(3):
+        for j in (2, 5):
+            source = folder / f"class_{label}" / f"img_{j:03d}.{('jpg', 'png')[j % 2]}"
+            target = folder / f"class_{(label + 1) % 3}" / f"flip_{label}_{j}{source.suffix}"
+            source.rename(target)
+            moved[str(target)] = f"class_{label}"
+    config = resolve(
+        Config(
+            data=str(folder),
+            backbone="digits_cnn",
+            weights="none",
+            image_size=16,
+            epochs=2,
+            batch_size=8,
+            head_solver="lbfgs",
+            model_dir=str(tmp_path / "run"),
+        )
+    )
+    train.train_and_evaluate(config)
+    dataset = input_pipeline.load_data(config, None)
+    in_train = {
+        k.decode() for k in dataset.train.source.map(lambda k, _: k).as_numpy_iterator()
+    } & set(moved)
+    assert in_train  # 6 moved files, each in train with p = 0.8
+
+    result = evaluate_run.evaluate_run(dataclasses.replace(config, label_issues=True), "val")
+    written = json.loads((tmp_path / "run" / "label_issues.json").read_text())
+    found = {row["file"]: row for row in written["suspects"]}
+    assert set(found) == in_train  # every flip in train, nothing else (solid colours)
+    for path, row in found.items():
+        assert row["given"] == os.path.basename(os.path.dirname(path))
+        assert row["suggested"] == moved[path] and row["confidence"] > 0.5
+    assert "Suspected label errors" in result["text"] and "suggested" in result["text"]
+    first = written["suspects"][0]["file"]
+    assert os.path.relpath(first, folder) in result["text"]  # relative to the data folder
+    png = tmp_path / "run" / "label_issues.png"
+    assert str(png) in result["files"] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".tmp-")]
+    # The report page lists them (its table reads label_issues.json's keys).
+    page = open(report.write_report(str(tmp_path / "run")), encoding="utf-8").read()
+    assert 'id="label-issues"' in page and os.path.basename(next(iter(found))) in page

@@ -329,6 +329,13 @@ class Config:
     )
 
     # --- output ---
+    label_issues: bool = _field(
+        False,
+        "tf-finetune evaluate: also list training images whose given label looks wrong "
+        "(out-of-fold linear probes on the run's backbone features, confident learning) in "
+        "<model_dir>/label_issues.json and label_issues.png.",
+        "output",
+    )
     model_dir: str = _field(
         "runs/default",
         "Run directory: flags.cfg, checkpoints, backup (a rerun resumes), logs, metrics.json.",
