@@ -35,6 +35,11 @@ from tf_finetune.timings import Timings
 
 # Features above this size go to disk with --cache=auto.
 MEMORY_CACHE_BYTES = 2 * 1024**3
+# The L-BFGS head's tolerance and grid patience (linear_probe.solve_head). Measured on the flower
+# photos' MobileNetV2-0.35 features (3,021 train / 648 val, 2 busy cores): 1e-5 and 1 point past
+# the minimum choose the same l2 at the same test accuracy as 1e-6 and 2 points, in 1.6 s
+# instead of 3.8 s (123 L-BFGS iterations instead of 352); the val loss differs by 1e-4.
+LBFGS_TOL, LBFGS_PATIENCE = 1e-5, 1
 # Bump when what a cached feature means changes (2: float32 pixels after the resize; 1 rounded
 # them to uint8), so older caches are recomputed rather than reused.
 CACHE_FORMAT = 2
@@ -222,6 +227,8 @@ def _solve(cached: dict[str, features.Features], config: Config, num_classes: in
         num_classes,
         label_smoothing=config.label_smoothing,
         sample_weight=weight,
+        tol=LBFGS_TOL,
+        patience=LBFGS_PATIENCE,
     )
 
 
