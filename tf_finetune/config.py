@@ -240,6 +240,15 @@ class Config:
         "training",
         ("auto", "memory", "disk", "none"),
     )
+    head_solver: str = _field(
+        "fit",
+        "How a head-only phase on cached features (--unfreeze=0, or the --warmup_epochs phase) "
+        "trains the head. fit: Keras fit for the phase's epochs; lbfgs: the linear-probe "
+        "protocol, one L2-regularised softmax regression solved to optimum by L-BFGS with the "
+        "L2 strength chosen on val_loss (replaces the phase's epochs; needs the feature cache).",
+        "training",
+        ("fit", "lbfgs"),
+    )
     smoke: bool = _field(
         False,
         "Shrink every size so the run finishes in seconds: at most 16 training and 8 val/test "
@@ -320,6 +329,13 @@ class Config:
     )
 
     # --- output ---
+    label_issues: bool = _field(
+        False,
+        "tf-finetune evaluate: also list training images whose given label looks wrong "
+        "(out-of-fold linear probes on the run's backbone features, confident learning) in "
+        "<model_dir>/label_issues.json and label_issues.png.",
+        "output",
+    )
     model_dir: str = _field(
         "runs/default",
         "Run directory: flags.cfg, checkpoints, backup (a rerun resumes), logs, metrics.json.",

@@ -113,7 +113,9 @@ def save_state(model_dir: str, state: State) -> None:
 
 
 def save_phase_end(model, model_dir: str, phase: int) -> None:
-    """The model's weights at the end of `phase`, written atomically."""
+    """The model's weights at the end of `phase`, written atomically (backup/ is made here
+    when the phase had no backup of its own: an L-BFGS head phase runs no fit)."""
+    os.makedirs(backup_dir(model_dir), exist_ok=True)
     atomic.save_weights(model, phase_end_weights(model_dir, phase))
 
 

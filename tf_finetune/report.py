@@ -34,6 +34,8 @@ TEMPLATE = "report.html"
 SPLITS = ("test", "val")
 MAX_INLINE_EXAMPLE = 3000  # bytes of an example image the curl line carries in full
 MAX_TEXT_MISTAKES = 50
+# Rows of the suspected label errors table (label_issues.json keeps them all).
+MAX_LABEL_ISSUES = 25
 # The flags that always differ between runs and say nothing about the recipe.
 NOT_A_RECIPE_FLAG = ("model_dir", "export_dir")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -344,12 +346,14 @@ def _split_section(model_dir: str, split: str, report: dict, is_text: bool) -> d
 
 
 def _label_issues(model_dir: str) -> list[dict] | None:
+    """The first suspects of label_issues.json (`evaluate --label_issues` writes them under
+    "suspects"; a plain list is read too), or None without the file."""
     issues = _read_json(os.path.join(model_dir, "label_issues.json"))
     if isinstance(issues, dict):
-        issues = issues.get("issues")
+        issues = issues.get("suspects", issues.get("issues"))
     if not isinstance(issues, list):
         return None
-    return [i for i in issues if isinstance(i, dict)]
+    return [i for i in issues if isinstance(i, dict)][:MAX_LABEL_ISSUES]
 
 
 def _find_export(export_path: str | None, flags: list[str], model_dir: str) -> str | None:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import shutil
 import sys
+import time
 
 import keras
 import numpy as np
@@ -40,7 +41,7 @@ from tf_finetune import (
 from tf_finetune import model as model_lib
 from tf_finetune import multiworker as mw
 from tf_finetune.config import Config
-from tf_finetune.errors import BelowMinAccuracy
+from tf_finetune.errors import BelowMinAccuracy, UserError
 from tf_finetune.timings import Timings
 
 
@@ -207,6 +208,7 @@ def run_metrics(model, config, dataset, pipelines, fit, strategy) -> dict:
         "test_images": dataset.test.count if dataset.test else 0,
         "skipped_files": [{"file": p, "reason": r} for p, r in dataset.skipped_files],
         "epochs": fit.epochs,
+        **({"head_solver": fit.head_solver} if fit.head_solver else {}),
         "phase_boundary_epoch": boundary,
         "backbone": config.backbone,
         "replicas": strategy.num_replicas_in_sync,
@@ -258,6 +260,7 @@ class Fit:
     histories: list[keras.callbacks.History]
     epoch_seconds: dict[int, float]
     epochs_before: int = 0
+    head_solver: dict | None = None  # --head_solver=lbfgs: the solve's facts (this call's)
 
     @property
     def epochs(self) -> int:
@@ -281,6 +284,7 @@ class _FitContext:
     timings: Timings
     class_weight: dict | None
     timer: callbacks.EpochTimer
+    head_solver: dict | None = None
 
 
 def fit_phases(
@@ -340,7 +344,7 @@ def fit_phases(
     if not keep_backups:
         phases.remove_backups(config.model_dir)
     before = epochs_done if state.resumed and state.phase == plan[-1].index else 0
-    return Fit(model, histories, ctx.timer.seconds, before)
+    return Fit(model, histories, ctx.timer.seconds, before, ctx.head_solver)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,6 +402,8 @@ def _fit_phase(
     if mode != "none" and ctx.fit_inputs is not None:
         logging.info("--cache=%s is not used with multi_worker / --data_service.", mode)
         mode = "none"
+    if config.head_solver == "lbfgs" and phase.unfreeze == 0:
+        return _solve_phase(ctx, model, phase, mode)
     phase_callbacks = callbacks.make_callbacks(
         config,
         phase,
@@ -425,6 +431,28 @@ def _fit_phase(
             history = _fit_on_pixels(ctx, model, phase, every)
     best = callbacks.best_checkpoint(phase_callbacks).best
     return history, float(best) if best is not None and np.isfinite(best) else best_val_loss
+
+
+def _solve_phase(
+    ctx: _FitContext, model: keras.Model, phase: phases.Phase, mode: str
+) -> tuple[keras.callbacks.History, float]:
+    """A head-only phase with --head_solver=lbfgs: one solve on cached features (validation
+    refuses every flag that would keep the features from being cached)."""
+    if mode == "none":
+        raise UserError("--head_solver=lbfgs needs the feature cache; use --head_solver=fit.")
+    start = time.perf_counter()
+    history, val_loss, ctx.head_solver = feature_fit.solve_head(
+        model,
+        ctx.config,
+        ctx.dataset,
+        ctx.strategy,
+        mode,
+        phase=phase,
+        verbose=ctx.verbose,
+        timings=ctx.timings,
+    )
+    ctx.timer.seconds[phase.initial_epoch] = round(time.perf_counter() - start, 2)
+    return history, val_loss
 
 
 def _fit_on_pixels(ctx: _FitContext, model, phase: phases.Phase, every: list):

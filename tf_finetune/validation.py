@@ -45,6 +45,46 @@ def cache_needs_frozen_features(config: Config) -> None:
         )
 
 
+# --head_solver=lbfgs solves the head once on cached features of a frozen backbone: anything
+# that changes the images, needs the whole model at every step, or trains the backbone is out.
+_LBFGS = "--head_solver=lbfgs solves the head once on cached features of a frozen backbone"
+
+
+def lbfgs_keeps_the_backbone_frozen(config: Config) -> None:
+    if config.head_solver != "lbfgs":
+        return
+    if backbone_table.is_hub_backbone(config.backbone) and config.unfreeze == "all":
+        raise UserError(
+            f"{_LBFGS}; --unfreeze=all trains the hub module (e.g. a text encoder): use "
+            "--unfreeze=0 with it, or --head_solver=fit."
+        )
+    unfreezes = any(config_lib.parse_unfreeze(v) != 0 for v in config.unfreeze.split(","))
+    if unfreezes and not config.warmup_epochs:
+        raise UserError(
+            f"{_LBFGS}; --unfreeze={config.unfreeze} trains the backbone in the only phase: "
+            "use --unfreeze=0, add --warmup_epochs (lbfgs then solves the head phase), or "
+            "--head_solver=fit."
+        )
+
+
+def lbfgs_needs_the_feature_cache(config: Config) -> None:
+    if config.head_solver != "lbfgs":
+        return
+    conflicts = (
+        ("--ema", config.ema, "averages the weights of every training step"),
+        ("--average_checkpoints", config.average_checkpoints, "averages the weights of epochs"),
+        ("--mixup", config.mixup, "changes the training images every step"),
+        ("--cutmix", config.cutmix, "changes the training images every step"),
+        (f"--augment={config.augment}", config.augment != "none", "changes the images every step"),
+        ("--cache=none", config.cache == "none", "turns the feature cache off"),
+        ("--strategy=multi_worker", config.strategy == "multi_worker", "trains on pixels"),
+        ("--data_service", config.data_service, "trains on pixels"),
+    )
+    for flag, value, reason in conflicts:
+        if value:
+            raise UserError(f"{_LBFGS}; {flag} {reason}: drop it, or use --head_solver=fit.")
+
+
 def weight_decay_needs_adamw(config: Config) -> None:
     if config.weight_decay != Config.weight_decay and config.optimizer != "adamw":
         raise UserError(
@@ -160,6 +200,8 @@ RULES: tuple[Callable[[Config], None], ...] = (
     unfreeze_values,
     warmup_leaves_fine_tuning,
     cache_needs_frozen_features,
+    lbfgs_keeps_the_backbone_frozen,
+    lbfgs_needs_the_feature_cache,
     weight_decay_needs_adamw,
     schedule_or_plateau,
     cpu_replicas_need_mirrored,
