@@ -7,7 +7,7 @@ import math
 import keras
 from absl import logging
 
-from tf_finetune import backbones, head, hub_model, phases, rundir, schedules
+from tf_finetune import backbones, head, hub_model, keras_hub_model, phases, rundir, schedules
 from tf_finetune.config import Config
 
 
@@ -185,7 +185,9 @@ def build_model(
     if config.precision != "float32":
         keras.mixed_precision.set_global_policy(config.precision)
     try:
-        if hub_model.is_hub_backbone(config.backbone):
+        if keras_hub_model.is_keras_hub_backbone(config.backbone):
+            model = keras_hub_model.build_classifier(config, num_classes)
+        elif hub_model.is_hub_backbone(config.backbone):
             model = hub_model.build_classifier(config, num_classes)
         else:
             model = build_classifier(
