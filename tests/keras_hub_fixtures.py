@@ -98,6 +98,55 @@ def save_text_preset(path, seq_length: int = SEQ_LENGTH) -> str:
     return str(path)
 
 
+def save_family_preset(path, family: str) -> str:
+    """A tiny preset of each other family tf-finetune lists (tf-finetune backbones)."""
+    keras_hub = _keras_hub()
+    if family == "efficientnet":  # B0's "v1" blocks
+        backbone = keras_hub.models.EfficientNetBackbone(
+            stackwise_width_coefficients=[1.0] * 2,
+            stackwise_depth_coefficients=[1.0] * 2,
+            stackwise_kernel_sizes=[3, 3],
+            stackwise_num_repeats=[1, 1],
+            stackwise_input_filters=[8, 8],
+            stackwise_output_filters=[8, 16],
+            stackwise_expansion_ratios=[1, 2],
+            stackwise_squeeze_and_excite_ratios=[0.25, 0.25],
+            stackwise_strides=[1, 2],
+            stackwise_block_types=["v1", "v1"],
+        )
+        extra = keras_hub.layers.EfficientNetImageConverter(image_size=(32, 32), scale=1 / 255)
+    elif family == "resnet_v2":
+        backbone = keras_hub.models.ResNetBackbone(
+            input_conv_filters=[64],
+            input_conv_kernel_sizes=[3],
+            stackwise_num_filters=[64, 16],
+            stackwise_num_blocks=[1, 1],
+            stackwise_num_strides=[1, 2],
+            block_type="basic_block",
+            use_pre_activation=True,
+            image_shape=(None, None, 3),
+        )
+        extra = keras_hub.layers.ResNetImageConverter(image_size=(32, 32), scale=1 / 255)
+    elif family == "vit":
+        return save_vit_preset(path)
+    else:  # distil_bert
+        tokenizer = keras_hub.models.DistilBertTokenizer(vocabulary=VOCABULARY, lowercase=True)
+        extra = keras_hub.models.DistilBertTextClassifierPreprocessor(
+            tokenizer, sequence_length=SEQ_LENGTH
+        )
+        backbone = keras_hub.models.DistilBertBackbone(
+            vocabulary_size=len(VOCABULARY),
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=8,
+            intermediate_dim=16,
+            max_sequence_length=SEQ_LENGTH,
+        )
+    backbone.save_to_preset(str(path))
+    extra.save_to_preset(str(path))
+    return str(path)
+
+
 def place_in_kaggle_cache(cache, handle: str, preset: str) -> pathlib.Path:
     """Copies `preset` where kagglehub keeps a downloaded model: KAGGLEHUB_CACHE/models/OWNER/
     MODEL/FRAMEWORK/VARIATION/N/ plus the `N.complete` marker it writes once complete."""

@@ -98,6 +98,40 @@ def test_keras_hub_values_are_not_hub_modules(presets):
     assert {p.kind for p in PRESETS.values()} == {"image", "text"}
 
 
+def test_the_static_table_matches_keras_hub_and_is_listed(capsys):
+    keras_hub = keras_hub_model.import_keras_hub()
+    # keras_hub.src: the name -> handle registry (as keras_hub_model reads it).
+    from keras_hub.src.utils.preset_utils import BUILTIN_PRESETS
+
+    for name, preset in PRESETS.items():
+        assert BUILTIN_PRESETS[name]["kaggle_handle"] == f"kaggle://{preset.kaggle_handle}"
+        task = keras_hub.models.ImageClassifier if preset.kind == "image" else None
+        task = task or keras_hub.models.TextClassifier
+        assert name in task.presets, name
+    assert cli.main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "keras_hub:NAME" in out and "vit_base_patch16_224_imagenet" in out
+    assert "224 only" in out and "bert_base_en_uncased" in out
+
+
+@pytest.mark.parametrize("family", ["efficientnet", "resnet_v2", "vit", "distil_bert"])
+def test_every_listed_family_builds_unfreezes_and_predicts(family, tmp_path):
+    preset = fx.save_family_preset(tmp_path / family, family)
+    text = family == "distil_bert"
+    config = Config(
+        backbone=f"keras_hub:{preset}", image_size=0 if text else 32, model_dir=str(tmp_path)
+    )
+    model = keras_hub_model.build_classifier(config, 3)
+    assert model_lib.unfreeze(model, None)
+    backbone = model_lib.get_backbone(model)
+    assert not {w.path for w in model.trainable_weights} & {
+        w.path for layer in _batchnorm_layers(backbone) for w in backbone.get_layer(layer).weights
+    }
+    inputs = tf.constant(["the cat sat", "a dog"]) if text else np.full((2, 32, 32, 3), 128.0)
+    probabilities = model.predict(inputs, verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
 def test_image_size_comes_from_the_converter(presets, folder, tmp_path):
     image = f"keras_hub:{presets['image']}"
     config = config_for(tmp_path, backbone=image, data=str(folder))
@@ -205,6 +239,28 @@ def test_finetuned_preset_moves_all_but_batchnorm(presets, folder, tmp_path):
         dataclasses.replace(config, format="tflite", export_dir=str(tmp_path / "tfl"))
     )
     assert result["rows"][0][0] == "float32" and result["rows"][0][1] > 0
+
+
+class _Block(keras.layers.Layer):
+    """A composite layer holding BatchNorm, as keras-hub's EfficientNetV2 MBConv blocks do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(4, 3, padding="same")
+        self.bn = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(self.conv(x), training=training)
+
+
+def test_unfreeze_keeps_batchnorm_inside_composite_layers_frozen():
+    pixels = keras.Input((8, 8, 3))
+    backbone = keras.Model(pixels, _Block(name="block")(pixels), name="backbone")
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(backbone(inputs)))
+    assert model_lib.unfreeze(model, None) == ["block"]
+    trainable = {w.path for w in model.trainable_weights}
+    assert trainable and not any("batch_normalization" in path for path in trainable)
 
 
 @pytest.mark.slow

@@ -82,8 +82,19 @@ def unfreeze(model: keras.Model, top_layers: int | float | None) -> list[str]:
         )
         layer.trainable = trainable
         if trainable:
+            _freeze_nested_batchnorm(layer)
             chosen.append(layer.name)
     return chosen[::-1]
+
+
+def _freeze_nested_batchnorm(layer: keras.layers.Layer) -> None:
+    """The BatchNorm rule inside composite layers too (keras-hub's MBConv blocks hold BN):
+    setting `trainable` on a layer sets it on every sublayer."""
+    # Private: Keras 3 has no public recursive list of sublayers; the `trainable` setter walks
+    # this same one.
+    for sub in layer._flatten_layers(include_self=False):
+        if isinstance(sub, keras.layers.BatchNormalization):
+            sub.trainable = False
 
 
 # ----------------------------------------------------------------------------- configured
