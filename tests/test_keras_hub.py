@@ -153,6 +153,8 @@ def test_text_preset_resolves_to_a_text_model(presets, table, folder, tmp_path):
         config_for(tmp_path, backbone=text, data=str(folder))
     with pytest.raises(UserError, match="--format=tflite: .* use saved_model"):
         config_for(tmp_path, backbone=text, data=str(table), format="tflite")
+    with pytest.raises(UserError, match="--format=keras: .* use saved_model"):
+        config_for(tmp_path, backbone=text, data=str(table), format="keras")
 
 
 @pytest.mark.parametrize(

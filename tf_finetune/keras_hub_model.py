@@ -208,11 +208,7 @@ def resolve(config):
     if info.kind == "text":
         if config.image_size:
             raise UserError("--image_size does not apply to a text backbone; drop it.")
-        if config.format == "tflite":
-            raise UserError(
-                f"--format=tflite: {config.backbone} is a text model whose tokenizer needs "
-                "TF Text ops and string inputs TFLite has no kernels for; use saved_model."
-            )
+        _check_text_format(config)
         return dataclasses.replace(config, image_size=0)
     size = config.image_size or info.image_size or info.fixed_size or DEFAULT_IMAGE_SIZE
     if info.fixed_size and size != info.fixed_size:
@@ -224,12 +220,28 @@ def resolve(config):
     return dataclasses.replace(config, image_size=size)
 
 
+def _check_text_format(config) -> None:
+    if config.format == "tflite":
+        raise UserError(
+            f"--format=tflite: {config.backbone} is a text model whose tokenizer needs "
+            "TF Text ops and string inputs TFLite has no kernels for; use saved_model."
+        )
+    if config.format == "keras":
+        # Loading a .keras file builds the functional model before the tokenizer's vocabulary
+        # asset is restored, so keras-hub's tokenizer fails ("No vocabulary has been set").
+        raise UserError(
+            f"--format=keras: a .keras file of {config.backbone} does not load again (keras-hub "
+            "restores the tokenizer's vocabulary too late); use saved_model."
+        )
+
+
 def is_text_model(config) -> bool:
     """Whether a resolved config describes a keras-hub text classifier (strings in)."""
     return is_keras_hub_backbone(config.backbone) and config.image_size == 0
 
 
 # ----------------------------------------------------------------------------- model
+@keras.saving.register_keras_serializable(package="tf_finetune")
 class FirstToken(keras.layers.Layer):
     """[batch, tokens, dim] -> [batch, dim]: the first ([CLS]) token's vector."""
 
@@ -251,15 +263,14 @@ def _text_features(outputs):
 def build_classifier(config, num_classes: int) -> keras.Model:
     """The classifier for a resolved config; call inside `strategy.scope()`.
 
-    Pretrained weights (--weights=imagenet) come from the preset, whose files are then kept
-    in the run dir; --weights=none (random, or a checkpoint loaded next) reads that copy.
+    Pretrained weights (--weights=imagenet) come from the preset; its other files are kept in
+    the run dir, and --weights=none (random, or a checkpoint loaded next) reads that copy.
     Returns softmax probabilities (float32); the backbone starts frozen.
     """
     keras_hub = import_keras_hub()
     pretrained = config.weights != "none"
     folder = preset_folder(config, need_weights=pretrained)
-    if pretrained:
-        keep_in_run_dir(folder, config)
+    keep_in_run_dir(folder, config)  # a no-op when `folder` is the run's copy
     backbone = keras_hub.models.Backbone.from_preset(folder, load_weights=pretrained)
     backbone.trainable = False
     if config.image_size:
