@@ -184,9 +184,17 @@ def test_a_preset_name_resolves_offline_from_the_kagglehub_cache(
     with pytest.raises(UserError, match="cannot download Kaggle model.*KAGGLEHUB_CACHE"):
         _offline(monkeypatch)
         config_for(tmp_path, backbone=f"keras_hub:{name}", data=str(folder))
-    fx.place_in_kaggle_cache(tmp_path / "kaggle", PRESETS[name].kaggle_handle, presets["image"])
+    cached = fx.place_in_kaggle_cache(
+        tmp_path / "kaggle", PRESETS[name].kaggle_handle, presets["image"]
+    )
     config = config_for(tmp_path / "run", backbone=f"keras_hub:{name}", data=str(folder))
     assert config.image_size == fx.IMAGE_SIZE
+    # A finished run reads its own copy once the cache is gone: no download for evaluate.
+    keras_hub_model.keep_in_run_dir(str(cached), config)
+    assert not (tmp_path / "run" / "keras_hub_preset" / "model.weights.h5").exists()
+    shutil.rmtree(tmp_path / "kaggle")
+    again = config_for(tmp_path / "run", backbone=f"keras_hub:{name}", data=str(folder))
+    assert again.image_size == fx.IMAGE_SIZE
 
 
 def _offline(monkeypatch):
@@ -338,6 +346,7 @@ def _cli(*args, env=None):
     )
 
 
+@pytest.mark.slow
 def test_cli_fine_tunes_a_text_preset_and_the_run_outlives_it(presets, table, tmp_path):
     preset = own(presets["text"], tmp_path)
     run = tmp_path / "run"
@@ -350,11 +359,13 @@ def test_cli_fine_tunes_a_text_preset_and_the_run_outlives_it(presets, table, tm
         "--batch_size=8",
         "--learning_rate=0.01",
         "--dropout=0",
+        "--cpu_replicas=2",  # strings through the preprocessor on 2 replicas
         f"--model_dir={run}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["class_names"] == ["cat", "dog"] and metrics["val_accuracy"] >= 0.75
+    assert metrics["replicas"] == 2
     card = json.loads((pathlib.Path(metrics["export_path"]) / "model_card.json").read_text())
     assert card["non_core_ops"]  # WordPiece: TF Text ops, listed for TF Serving
     expected = fx.preset_layer_weights(preset)
@@ -369,6 +380,10 @@ def test_cli_fine_tunes_a_text_preset_and_the_run_outlives_it(presets, table, tm
     evaluated = _cli("evaluate", f"--model_dir={run}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "Traceback" not in evaluated.stderr
+    (tmp_path / "review.txt").write_text("the cat sat on the mat")
+    predicted = _cli("predict", f"--model={run}", str(tmp_path / "review.txt"))
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert "cat" in predicted.stdout
 
 
 def test_cli_missing_preset_is_one_line(tmp_path, capsys):

@@ -176,7 +176,8 @@ def read_info(folder: str) -> PresetInfo:
             folder,
             "image",
             _square(converter.get("image_size")),
-            _square(backbone.get("image_shape")),
+            # image_shape (ViT, ResNet), input_shape (EfficientNet): None when any size goes.
+            _square(backbone.get("image_shape") or backbone.get("input_shape")),
         )
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return PresetInfo(folder, "text", None, None)
@@ -200,11 +201,20 @@ def check_options(config) -> None:
         raise UserError("--backbone_alpha only applies to Keras MobileNet backbones.")
 
 
+def _folder_to_read(config) -> str:
+    """A local preset folder as it is now; else the run's copy (no download for a finished
+    run whose preset left the cache); else the preset, downloaded if needed."""
+    local = os.path.expanduser(preset_of(config.backbone))
+    if os.path.isdir(local):
+        return source_folder(config.backbone)
+    return _copy_of(config) or source_folder(config.backbone)
+
+
 def resolve(config):
     """Reads the preset (downloading a named one once) and fills the image size; returns the
     resolved config (image_size 0 for a text preset)."""
     check_options(config)
-    info = read_info(_copy_of(config) or source_folder(config.backbone))
+    info = read_info(_folder_to_read(config))
     if info.kind == "text":
         if config.image_size:
             raise UserError("--image_size does not apply to a text backbone; drop it.")
