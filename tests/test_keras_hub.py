@@ -283,6 +283,7 @@ def test_two_phase_run_resumes_with_the_preset(presets, folder, tmp_path):
         unfreeze="2",
         warmup_epochs=1,
         epochs=3,
+        layer_lr_decay=0.8,
     )
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, extra_callbacks=(_Crash(),))
