@@ -3,8 +3,9 @@
 Each source is made reachable where a user's machine would keep it: Keras Applications weights
 under their cache names in a fresh KERAS_HOME (random weights of the right shapes: no real file
 exists here), TF Hub modules in TFHUB_CACHE_DIR at the handle's cache folder (modules built by
-tests/hub_fixtures.py from the same kinds of ops as the real ones), TFDS via mock_data (in
-tests/smoke_driver.py). The presets on ../shared use its real photos and weights.
+tests/hub_fixtures.py from the same kinds of ops as the real ones), keras-hub presets in
+KAGGLEHUB_CACHE at their handle's folder (tiny keras-hub models of tests/keras_hub_fixtures.py),
+TFDS via mock_data (in tests/smoke_driver.py). The presets on ../shared use its real photos and weights.
 """
 
 import hashlib
@@ -16,7 +17,7 @@ import sys
 
 import pytest
 
-from tests import hub_fixtures
+from tests import hub_fixtures, keras_hub_fixtures
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.cfg"))
@@ -69,9 +70,22 @@ def _place_hub_module(cache: pathlib.Path, handle: str, kind: str) -> None:
         hub_fixtures.save_bert_encoder(folder)
 
 
+def _place_keras_hub_preset(cache: pathlib.Path, backbone: str, scratch: pathlib.Path) -> None:
+    """A tiny stand-in of the named preset where kagglehub caches the real one."""
+    from tf_finetune.keras_hub_table import PRESETS, preset_of
+
+    preset = PRESETS[preset_of(backbone)]
+    folder = scratch / preset.name
+    if preset.kind == "image":  # at the real converter's size, as --image_size defaults to it
+        keras_hub_fixtures.save_image_preset(folder, image_size=preset.image_size)
+    else:
+        keras_hub_fixtures.save_text_preset(folder)
+    keras_hub_fixtures.place_in_kaggle_cache(cache, preset.kaggle_handle, folder)
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """A KERAS_HOME and a TFHUB_CACHE_DIR holding what the presets need."""
+    """A KERAS_HOME, a TFHUB_CACHE_DIR and a KAGGLEHUB_CACHE holding what the presets need."""
     root = tmp_path_factory.mktemp("sources")
     _place_keras_weights(root / "keras")
     cache = root / "tfhub"
@@ -84,6 +98,8 @@ def sources(tmp_path_factory):
             _place_hub_module(cache, backbone, kind)
         if flags.get("preprocessor"):
             _place_hub_module(cache, flags["preprocessor"], "preprocessor")
+        if backbone.startswith("keras_hub:"):
+            _place_keras_hub_preset(root / "kaggle", backbone, root / "keras_hub")
     return root
 
 
@@ -96,6 +112,7 @@ def test_every_preset_runs_with_smoke(config, sources, tmp_path, request):
         **os.environ,
         "KERAS_HOME": str(sources / "keras"),
         "TFHUB_CACHE_DIR": str(sources / "tfhub"),
+        "KAGGLEHUB_CACHE": str(sources / "kaggle"),
         "PYTHONPATH": str(REPO),
     }
     run = tmp_path / "run"

@@ -9,6 +9,7 @@ import difflib
 import os
 
 from tf_finetune.errors import UserError
+from tf_finetune.keras_hub_table import is_keras_hub_backbone
 
 # How `keras.applications.<family>.preprocess_input` scales raw 0-255 RGB pixels.
 #   tf:    x / 127.5 - 1                       (MobileNet, Inception, Xception, NASNet, ResNetV2)
@@ -120,7 +121,10 @@ _HUB_PREFIXES = ("gs://", "http://", "https://", "/", ".", "~")
 
 def is_hub_backbone(backbone: str) -> bool:
     """True when `--backbone` names a TF Hub module (a URL, a gs:// path, or a folder holding a
-    SavedModel) rather than a Keras Applications model: those names never contain a `/`."""
+    SavedModel) rather than a Keras Applications model: those names never contain a `/`.
+    A `keras_hub:` preset is neither (keras_hub_model.py), even when it names a folder."""
+    if is_keras_hub_backbone(backbone):
+        return False
     return (
         backbone.startswith(_HUB_PREFIXES)
         or os.sep in backbone

@@ -155,7 +155,21 @@ def cmd_backbones() -> int:
     print(f"{'name':24s} {'default size':>12s}  preprocessing")
     for spec in BACKBONES.values():
         print(f"{spec.name:24s} {spec.default_size:>12d}  {spec.preprocessing}")
+    _print_keras_hub_presets()
     return 0
+
+
+def _print_keras_hub_presets() -> None:
+    from tf_finetune.keras_hub_table import PREFIX, PRESETS  # static: no keras_hub import
+
+    print(
+        f"\nkeras-hub presets (--backbone={PREFIX}NAME; downloaded once into KAGGLEHUB_CACHE;"
+        f" any other keras-hub preset name or a {PREFIX}/path/to/preset folder works too):"
+    )
+    print(f"{'name':32s} {'kind':5s} {'default size':>12s}  parameters")
+    for p in PRESETS.values():
+        size = "-" if p.kind == "text" else f"{p.image_size}{' only' if p.fixed_size else ''}"
+        print(f"{p.name:32s} {p.kind:5s} {size:>12s}  {p.parameters}")
 
 
 @dataclasses.dataclass(frozen=True)

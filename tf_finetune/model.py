@@ -7,7 +7,7 @@ import math
 import keras
 from absl import logging
 
-from tf_finetune import backbones, head, hub_model, phases, rundir, schedules
+from tf_finetune import backbones, head, hub_model, keras_hub_model, phases, rundir, schedules
 from tf_finetune.config import Config
 
 
@@ -82,8 +82,19 @@ def unfreeze(model: keras.Model, top_layers: int | float | None) -> list[str]:
         )
         layer.trainable = trainable
         if trainable:
+            _freeze_nested_batchnorm(layer)
             chosen.append(layer.name)
     return chosen[::-1]
+
+
+def _freeze_nested_batchnorm(layer: keras.layers.Layer) -> None:
+    """The BatchNorm rule inside composite layers too (keras-hub's MBConv blocks hold BN):
+    setting `trainable` on a layer sets it on every sublayer."""
+    # Private: Keras 3 has no public recursive list of sublayers; the `trainable` setter walks
+    # this same one.
+    for sub in layer._flatten_layers(include_self=False):
+        if isinstance(sub, keras.layers.BatchNormalization):
+            sub.trainable = False
 
 
 # ----------------------------------------------------------------------------- configured
@@ -185,7 +196,9 @@ def build_model(
     if config.precision != "float32":
         keras.mixed_precision.set_global_policy(config.precision)
     try:
-        if hub_model.is_hub_backbone(config.backbone):
+        if keras_hub_model.is_keras_hub_backbone(config.backbone):
+            model = keras_hub_model.build_classifier(config, num_classes)
+        elif hub_model.is_hub_backbone(config.backbone):
             model = hub_model.build_classifier(config, num_classes)
         else:
             model = build_classifier(

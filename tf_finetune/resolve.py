@@ -8,7 +8,7 @@ This is where handles are resolved and modules downloaded, never in config.py.
 
 import dataclasses
 
-from tf_finetune import backbone_table, validation
+from tf_finetune import backbone_table, keras_hub_table, validation
 from tf_finetune.config import OFFLINE_DEFAULT_PRESET, Config
 from tf_finetune.errors import UserError
 
@@ -61,10 +61,18 @@ def check_resolved(config: Config) -> None:
     validation.validate(config)
     if backbone_table.is_hub_backbone(config.backbone):
         validation.hub_backbone_options(config)
+    if keras_hub_table.is_keras_hub_backbone(config.backbone):
+        from tf_finetune import keras_hub_model
+
+        keras_hub_model.check_options(config)
     _check_data_and_backbone(config)
 
 
 def _resolve_backbone(config: Config) -> Config:
+    if keras_hub_table.is_keras_hub_backbone(config.backbone):
+        from tf_finetune import keras_hub_model  # TensorFlow: only once a preset is named
+
+        return keras_hub_model.resolve(config)
     if backbone_table.is_hub_backbone(config.backbone):
         validation.hub_backbone_options(config)
         from tf_finetune import hub_model  # TensorFlow: only once a hub module is named
