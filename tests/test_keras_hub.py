@@ -391,3 +391,15 @@ def test_cli_missing_preset_is_one_line(tmp_path, capsys):
     code = cli.main(["train", "--backbone=keras_hub:/no/such/preset", f"--model_dir={tmp_path}"])
     _, err = capsys.readouterr()
     assert code == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_disk_cache_key_follows_the_preset_files(presets, folder, tmp_path):
+    from tf_finetune import feature_fit
+
+    preset = own(presets["image"], tmp_path)
+    config = config_for(tmp_path / "run", backbone=f"keras_hub:{preset}", data=str(folder))
+    split = data.load_image_folder(str(folder), config.image_size, 20).train
+    key = feature_fit.cache_key(config, split, "train")
+    assert feature_fit.cache_key(config, split, "train") == key
+    os.utime(os.path.join(preset, "config.json"), ns=(1, 1))  # the preset was replaced
+    assert feature_fit.cache_key(config, split, "train") != key

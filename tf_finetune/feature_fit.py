@@ -25,6 +25,7 @@ from tf_finetune import (
     data,
     distribute,
     features,
+    keras_hub_table,
     linear_probe,
     phases,
     rundir,
@@ -78,8 +79,18 @@ def _module_files(handle: str) -> list[str]:
     ]
 
 
+def _preset_files(backbone: str) -> list[str]:
+    """Stamps of a keras-hub preset's files (config, converter, weights)."""
+    from tf_finetune import keras_hub_model
+
+    root = keras_hub_model.source_folder(backbone)
+    return [_file_stamp(os.path.join(root, n)) for n in sorted(os.listdir(root))]
+
+
 def _backbone_facts(config: Config) -> dict:
     """What decides the backbone's function: its weights and preprocessing, or module files."""
+    if keras_hub_table.is_keras_hub_backbone(config.backbone):
+        return {"preset_files": _preset_files(config.backbone)}
     if backbone_table.is_hub_backbone(config.backbone):
         modules = [config.backbone] + ([config.preprocessor] if config.preprocessor else [])
         return {"module_files": [f for m in modules for f in _module_files(m)]}
