@@ -228,8 +228,6 @@ def solve_head(
     if len(val_y) == 0 and len(grid) > 1:
         raise ValueError("choosing the L2 strength needs validation examples")
     val_x = np.asarray(val_x, np.float64)
-    losses, accuracies = np.full(len(grid), np.nan), np.full(len(grid), np.nan)
-    best, iterations = None, 0
     path = regularization_path(
         train_x,
         train_y,
@@ -243,15 +241,9 @@ def solve_head(
         dtype=dtype,
         blas_threads=blas_threads,
     )
-    for i, (kernel, bias, nit) in enumerate(path):
-        iterations += nit
-        if len(val_y):
-            logits = val_x @ kernel + bias
-            losses[i], accuracies[i] = _val_scores(logits, val_y, val_sample_weight)
-        if best is None or losses[i] < losses[best[0]]:
-            best = (i, kernel, bias)
-        elif patience is not None and i - best[0] >= patience:
-            break
+    best, losses, accuracies, iterations = _walk_grid(
+        path, len(grid), val_x, val_y, val_sample_weight, patience
+    )
     index, kernel, bias = best
     return Solution(
         kernel=kernel.astype(np.float32),
@@ -265,6 +257,23 @@ def solve_head(
         iterations=iterations,
         seconds=time.perf_counter() - start,
     )
+
+
+def _walk_grid(path, size: int, val_x, val_y, val_sample_weight, patience: int | None):
+    """Scores each solution of the path on validation, stopping `patience` points past the
+    minimum; returns (best index, kernel, bias), the val losses and accuracies, iterations."""
+    losses, accuracies = np.full(size, np.nan), np.full(size, np.nan)
+    best, iterations = None, 0
+    for i, (kernel, bias, nit) in enumerate(path):
+        iterations += nit
+        if len(val_y):
+            logits = val_x @ kernel + bias
+            losses[i], accuracies[i] = _val_scores(logits, val_y, val_sample_weight)
+        if best is None or losses[i] < losses[best[0]]:
+            best = (i, kernel, bias)
+        elif patience is not None and i - best[0] >= patience:
+            break
+    return best, losses, accuracies, iterations
 
 
 def regularization_path(
