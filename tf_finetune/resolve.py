@@ -59,13 +59,17 @@ def check_resolved(config: Config) -> None:
     """Every rule again for a config derived from a resolved one (a compare variant, a tune
     trial): the flags, and what its backbone and data take."""
     validation.validate(config)
-    if backbone_table.is_hub_backbone(config.backbone):
+    if backbone_table.is_hub_backbone(config.backbone, config.model_dir):
         validation.hub_backbone_options(config)
     _check_data_and_backbone(config)
 
 
 def _resolve_backbone(config: Config) -> Config:
-    if backbone_table.is_hub_backbone(config.backbone):
+    if backbone_table.backbone_kind(config.backbone, config.model_dir) in backbone_table.OWN_KINDS:
+        from tf_finetune import own_model  # TensorFlow: only once such a source is named
+
+        return own_model.resolve(config)
+    if backbone_table.is_hub_backbone(config.backbone, config.model_dir):
         validation.hub_backbone_options(config)
         from tf_finetune import hub_model  # TensorFlow: only once a hub module is named
 

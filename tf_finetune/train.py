@@ -31,6 +31,7 @@ from tf_finetune import (
     hub_model,
     input_pipeline,
     offline_default,
+    own_model,
     phases,
     rundir,
     scoring,
@@ -91,6 +92,7 @@ def _run(
         prepare_run_dir(config)
     with timings.stage("data"):
         dataset, pipelines, fit_inputs = prepare_inputs(config, strategy)
+    own_model.keep_source(config, dataset.class_names)  # a run dir / .keras / export: a copy
     fit = fit_phases(
         config,
         dataset,
@@ -114,7 +116,9 @@ def _run(
         metrics = run_metrics(model, config, dataset, pipelines, fit, strategy)
         if candidates:
             metrics.update(candidates=candidates, exported_weights=chosen)
-        if config.is_offline_default and not hub_model.is_hub_backbone(config.backbone):
+        if config.is_offline_default and not hub_model.is_hub_backbone(
+            config.backbone, config.model_dir
+        ):
             metrics.update(
                 offline_default.scratch_baseline(config, pipelines, dataset.num_classes, strategy)
             )
