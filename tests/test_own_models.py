@@ -122,6 +122,7 @@ def test_run_dir_other_classes_starts_from_the_fine_tuned_backbone(run_a, data_b
     shutil.rmtree(source)  # later commands read the run's copy
     assert cli.main(["evaluate", f"--model_dir={run_b}"]) == 0
     assert cli.main(["export", f"--model_dir={run_b}"]) == 0
+    assert cli.main(["train", f"--flagfile={run_b / 'flags.cfg'}"]) == 0  # flags.cfg reruns it
     capsys.readouterr()
     a, b = _restored(run_a), _restored(run_b)
     assert _same(_backbone_weights(a), _backbone_weights(b))  # frozen: A's weights
@@ -241,6 +242,11 @@ def test_keras_export_trains_frozen_and_fine_tuned_with_adam(
     assert cli.main(["evaluate", f"--model_dir={run}"]) == 0
     assert cli.main(["export", f"--model_dir={run}"]) == 0
     capsys.readouterr()
+    # The export is self-contained: it serves with the run's copy of the source gone too.
+    shutil.rmtree(run / backbone_table.SOURCE_DIR)
+    served = tf.saved_model.load(str(run / "export" / "2"))
+    outputs = served.signatures["predict_images"](images=tf.zeros([2, 20, 24, 3]))
+    assert outputs["probabilities"].shape == (2, 4)
 
 
 def test_keras_export_probabilities_get_a_note(keras_export, data_b, tmp_path, caplog):

@@ -6,6 +6,7 @@ costs seconds); `tf_finetune.backbones` builds the models and re-exports everyth
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 
@@ -190,10 +191,18 @@ def is_hub_backbone(backbone: str, model_dir: str = "") -> bool:
     return backbone_kind(backbone, model_dir) == HUB
 
 
-def saved_model_root_children(pb_path: str) -> set[str]:
+def saved_model_root_children(pb_path: str) -> frozenset[str]:
     """The names of the root object's children in a saved_model.pb (`__call__`, `serve`,
     `signatures`, ...), read from the protobuf wire format: TensorFlow's own parser would
     import TensorFlow (seconds), and this runs before it is needed."""
+    stat = os.stat(pb_path)
+    return _root_children(pb_path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _root_children(pb_path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    """`saved_model_root_children`, read once per version of the file."""
+    del mtime_ns, size  # the cache key: a rewritten file is read again
     with open(pb_path, "rb") as f:
         data = f.read()
     meta_graph = _field(data, 2)  # SavedModel.meta_graphs[0]
@@ -205,7 +214,7 @@ def saved_model_root_children(pb_path: str) -> set[str]:
             name = _field(child, 2)
             if name is not None:
                 names.add(name.decode("utf-8", "replace"))
-    return names
+    return frozenset(names)
 
 
 def _field(data: bytes, wanted: int) -> bytes | None:

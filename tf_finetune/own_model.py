@@ -259,7 +259,14 @@ def _from_keras_file(config: Config, num_classes: int) -> keras.Model:
     path = local_path(config)
     from tf_finetune import backbones  # noqa: F401 - registers tf-finetune's layers for loading
 
-    loaded = keras.saving.load_model(path, compile=False)
+    try:
+        loaded = keras.saving.load_model(path, compile=False)
+    except (TypeError, ValueError, OSError) as e:  # e.g. a custom layer Keras cannot find
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load --backbone={config.backbone} ({first}); a model with custom layers "
+            "needs them registered (keras.saving.register_keras_serializable)."
+        ) from None
     layers = [(layer.name, type(layer).__name__) for layer in loaded.layers]
     cut = cut_layer(layers, config.backbone_layer, config.backbone)
     if cut == "pooler" and "predictions" in dict(layers):  # a tf-finetune classifier

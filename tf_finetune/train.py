@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (
+    backbone_table,
     callbacks,
     data,
     distribute,
@@ -116,9 +117,8 @@ def _run(
         metrics = run_metrics(model, config, dataset, pipelines, fit, strategy)
         if candidates:
             metrics.update(candidates=candidates, exported_weights=chosen)
-        if config.is_offline_default and not hub_model.is_hub_backbone(
-            config.backbone, config.model_dir
-        ):
+        kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
+        if config.is_offline_default and kind == backbone_table.APPLICATIONS:
             metrics.update(
                 offline_default.scratch_baseline(config, pipelines, dataset.num_classes, strategy)
             )
