@@ -254,3 +254,35 @@ def test_keras_export_probabilities_get_a_note(keras_export, data_b, tmp_path, c
     assert config.image_size == 16
     model_lib.build_model(config, 4)
     assert "a classifier's probabilities" in caplog.text
+
+
+def test_a_run_on_a_keras_export_is_itself_a_backbone(
+    keras_export, data_a, data_b, tmp_path, capsys
+):
+    source = tmp_path / "source"
+    shutil.copytree(keras_export[0], source)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _train(capsys, f"--data={data_a}", f"--backbone={source}", f"--model_dir={first}") == 0
+    flags = [f"--data={data_b}", f"--backbone={first}", "--unfreeze=all"]
+    assert _train(capsys, *flags, f"--model_dir={second}") == 0
+    shutil.rmtree(source)
+    shutil.rmtree(first)  # the second run keeps both: the first run and its export
+    assert cli.main(["evaluate", f"--model_dir={second}"]) == 0
+    capsys.readouterr()
+    kernel = next(v for k, v in _export_backbone(second).items() if "conv" in k and "kernel" in k)
+    assert not np.array_equal(kernel, keras_export[1]["conv/kernel"])  # fine-tuned whole
+    lineage = _card(second)["lineage"]
+    assert lineage["kind"] == "run" and lineage["parent"]["kind"] == "keras_export"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--backbone=mobilenet_v2", "--backbone_layer=pool"], "is not one: drop --backbone_layer"),
+        (["--backbone=/nowhere/model.keras"], "no such .keras file"),
+    ],
+)
+def test_own_model_flags_are_refused_in_one_line(data_b, tmp_path, capsys, flags, message):
+    assert cli.main(["train", f"--data={data_b}", *flags, f"--model_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
