@@ -6,6 +6,8 @@ costs seconds); `tf_finetune.backbones` builds the models and re-exports everyth
 
 import dataclasses
 import difflib
+import functools
+import json
 import os
 
 from tf_finetune.errors import UserError
@@ -118,18 +120,138 @@ BACKBONES: dict[str, BackboneSpec] = _table()
 
 _HUB_PREFIXES = ("gs://", "http://", "https://", "/", ".", "~")
 
+# What a --backbone value names (`backbone_kind`).
+KERAS_HUB = "keras_hub"  # keras_hub:PRESET, or a keras-hub preset folder
+RUN = "run"  # a previous tf-finetune run dir: its trained weights are the start
+HUB = "hub"  # a TF Hub module: a SavedModel with __call__, a URL or a handle
+KERAS_EXPORT = "keras_export"  # a Keras 3 model.export() / ExportArchive SavedModel (`serve`)
+KERAS_FILE = "keras_file"  # a Keras 3 .keras model file
+APPLICATIONS = "applications"  # a keras.applications name from the table (or auto)
+# Kinds that carry their own trained weights (own_model.py builds them; --weights is refused).
+OWN_KINDS = (RUN, KERAS_EXPORT, KERAS_FILE)
+# Where a run keeps its copy of an own source, so later commands do not need the original
+# (written by own_model.keep_source; see rundir.py for the other files of a run dir).
+SOURCE_DIR = "backbone_source"
+SOURCE_RECORD = "source.json"
 
-def is_hub_backbone(backbone: str) -> bool:
-    """True when `--backbone` names a TF Hub module (a URL, a gs:// path, or a folder holding a
-    SavedModel) rather than a Keras Applications model: those names never contain a `/`.
-    A `keras_hub:` preset is neither (keras_hub_model.py), even when it names a folder."""
-    if is_keras_hub_backbone(backbone):
-        return False
-    return (
-        backbone.startswith(_HUB_PREFIXES)
-        or os.sep in backbone
-        or os.path.isfile(os.path.join(os.path.expanduser(backbone), "saved_model.pb"))
-    )
+
+def backbone_kind(value: str, model_dir: str = "") -> str:
+    """What `--backbone=value` names, in this order: `keras_hub:` prefix; a tf-finetune run dir
+    (flags.cfg + checkpoints/); a keras-hub preset folder (config.json + metadata.json); a
+    SavedModel with `__call__` (TF Hub); a SavedModel with `serve` (Keras export); a `.keras`
+    file; a URL or handle; a keras.applications name. File checks only (no TensorFlow).
+
+    Args:
+      value: the flag's value.
+      model_dir: the run's dir: when it holds a copy of `value` (own_model.keep_source), the
+        copy is what is looked at, so a run outlives its source.
+    """
+    path = os.path.expanduser(source_path(value, model_dir))
+    if is_keras_hub_backbone(value):
+        return KERAS_HUB
+    if os.path.isdir(path):
+        files = set(os.listdir(path))
+        if "flags.cfg" in files and "checkpoints" in files:
+            return RUN
+        if {"config.json", "metadata.json"} <= files:
+            return KERAS_HUB
+        if "saved_model.pb" in files:
+            children = saved_model_root_children(os.path.join(path, "saved_model.pb"))
+            if "__call__" in children or "serve" not in children:
+                return HUB  # hub_model refuses the ones without __call__ in one line
+            return KERAS_EXPORT
+    if value.endswith(".keras") and os.path.isfile(path):
+        return KERAS_FILE
+    if value.endswith(".keras"):
+        raise UserError(f"--backbone={value}: no such .keras file.")
+    if value.startswith(_HUB_PREFIXES) or os.sep in value:
+        return HUB
+    return APPLICATIONS
+
+
+def source_record(model_dir: str) -> dict:
+    """The run's backbone_source/source.json ({} when it keeps no copy of a source)."""
+    try:
+        with open(os.path.join(model_dir, SOURCE_DIR, SOURCE_RECORD), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def source_path(value: str, model_dir: str = "") -> str:
+    """The run's copy of `value` when `model_dir` keeps one of it, else `value` itself."""
+    saved = source_record(model_dir) if model_dir else {}
+    if saved.get("backbone") != value or not saved.get("copy"):
+        return value
+    return os.path.join(model_dir, SOURCE_DIR, saved["copy"])
+
+
+def is_hub_backbone(backbone: str, model_dir: str = "") -> bool:
+    """True when `--backbone` names a TF Hub module (a URL, a gs:// path, a handle, or a folder
+    holding a SavedModel with `__call__`); see `backbone_kind`."""
+    return backbone_kind(backbone, model_dir) == HUB
+
+
+def saved_model_root_children(pb_path: str) -> frozenset[str]:
+    """The names of the root object's children in a saved_model.pb (`__call__`, `serve`,
+    `signatures`, ...), read from the protobuf wire format: TensorFlow's own parser would
+    import TensorFlow (seconds), and this runs before it is needed."""
+    stat = os.stat(pb_path)
+    return _root_children(pb_path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _root_children(pb_path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    """`saved_model_root_children`, read once per version of the file."""
+    del mtime_ns, size  # the cache key: a rewritten file is read again
+    with open(pb_path, "rb") as f:
+        data = f.read()
+    meta_graph = _field(data, 2)  # SavedModel.meta_graphs[0]
+    graph = _field(meta_graph, 7) if meta_graph else None  # MetaGraphDef.object_graph_def
+    root = _field(graph, 1) if graph else None  # SavedObjectGraph.nodes[0]
+    names = set()
+    for number, child in _fields(root or b""):
+        if number == 1:  # SavedObject.children: ObjectReference (node_id=1, local_name=2)
+            name = _field(child, 2)
+            if name is not None:
+                names.add(name.decode("utf-8", "replace"))
+    return frozenset(names)
+
+
+def _field(data: bytes, wanted: int) -> bytes | None:
+    """The first length-delimited field numbered `wanted` in a protobuf message."""
+    return next((value for number, value in _fields(data) if number == wanted), None)
+
+
+def _fields(data: bytes):
+    """(field number, bytes) of each length-delimited field of a message; others skipped."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            yield number, data[pos : pos + size]
+            pos += size
+        else:
+            return  # groups: not in a SavedModel
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return result, pos
 
 
 def get_spec(name: str) -> BackboneSpec:

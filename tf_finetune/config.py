@@ -132,7 +132,16 @@ class Config:
         "A Keras Applications name (mobilenet_v2, efficientnet_b0, resnet50, ...; "
         "'tf-finetune backbones' lists them), or a TF Hub module: a https://tfhub.dev/... or "
         "https://www.kaggle.com/models/... URL, a gs:// path or a local SavedModel folder "
-        "(image or text). auto: digits_cnn for the offline default, mobilenet_v2 otherwise.",
+        "(image or text). Or your own model: a previous tf-finetune run dir (its trained "
+        "weights are the start; same classes keep its head), a Keras 3 .keras file, or a "
+        "Keras model.export() folder. Or keras_hub:PRESET: a keras-hub preset name or folder. "
+        "auto: digits_cnn for the offline default, mobilenet_v2 otherwise.",
+        "model",
+    )
+    backbone_layer: str = _field(
+        "",
+        "For a .keras --backbone: the layer whose output is the features (the cut point). "
+        "Empty: its last pooling/feature layer.",
         "model",
     )
     backbone_alpha: float = _field(

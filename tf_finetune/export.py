@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import atomic, faults, hub
+from tf_finetune import atomic, backbone_table, faults, hub
 from tf_finetune import data as data_lib
 from tf_finetune.config import Config
 from tf_finetune.data import MAX_IMAGE_PIXELS, decode_images, resize
@@ -229,9 +229,19 @@ def run_card(config: Config, class_names: list[str], metrics: dict) -> dict:
         config.to_flagfile(),
         max_image_pixels=getattr(config, "max_image_pixels", MAX_IMAGE_PIXELS),
         backbone=config.backbone,
+        lineage=backbone_lineage(config),
         data=config.data or "offline default (scikit-learn digits 5-9)",
         metrics=card_metrics(metrics),
     )
+
+
+def backbone_lineage(config: Config) -> dict:
+    """Where the model started: the parent run / .keras file / export the run copied (its
+    data, classes and metrics; see own_model.keep_source), else the backbone's name or handle."""
+    record = backbone_table.source_record(config.model_dir)
+    if record.get("backbone") == config.backbone and record.get("lineage"):
+        return record["lineage"]
+    return {"kind": backbone_table.backbone_kind(config.backbone), "source": config.backbone}
 
 
 def record_non_core_ops(saved_model_dir: str) -> list[str]:

@@ -25,7 +25,6 @@ from tf_finetune import (
     data,
     distribute,
     features,
-    keras_hub_table,
     linear_probe,
     phases,
     rundir,
@@ -87,11 +86,28 @@ def _preset_files(backbone: str) -> list[str]:
     return [_file_stamp(os.path.join(root, n)) for n in sorted(os.listdir(root))]
 
 
+def _own_source_files(config: Config) -> list[str]:
+    """Stamps of a run dir's trained weights and flags, a .keras file, or an export's graph
+    and variables (own_model.py's sources)."""
+    path = backbone_table.source_path(config.backbone, config.model_dir)
+    kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
+    if kind == backbone_table.RUN:
+        files = [rundir.trained_weights(path), os.path.join(path, rundir.FLAGS_FILE)]
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        files = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
+    return [_file_stamp(f) for f in sorted(files)]
+
+
 def _backbone_facts(config: Config) -> dict:
-    """What decides the backbone's function: its weights and preprocessing, or module files."""
-    if keras_hub_table.is_keras_hub_backbone(config.backbone):
+    """What decides the backbone's function: its weights and preprocessing, or its files."""
+    kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
+    if kind == backbone_table.KERAS_HUB:
         return {"preset_files": _preset_files(config.backbone)}
-    if backbone_table.is_hub_backbone(config.backbone):
+    if kind in backbone_table.OWN_KINDS:
+        return {"source_files": _own_source_files(config)}
+    if kind == backbone_table.HUB:
         modules = [config.backbone] + ([config.preprocessor] if config.preprocessor else [])
         return {"module_files": [f for m in modules for f in _module_files(m)]}
     weights = config.weights

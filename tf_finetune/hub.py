@@ -718,7 +718,15 @@ def _as_module(obj):
     return obj
 
 
-def _call_function(module, signature=None):
+def _call_function(module, signature=None, endpoint=None):
+    if endpoint is not None:
+        function = getattr(module, endpoint, None)
+        if not callable(function):
+            raise UserError(
+                f"the SavedModel has no {endpoint!r} endpoint (a Keras 3 model.export() "
+                "folder has 'serve'); export the model with model.export(path)"
+            )
+        return function
     if signature is not None:
         signatures = getattr(module, "signatures", {}) or {}
         if signature not in signatures:
@@ -774,10 +782,10 @@ def _signature_input_names(func) -> list[str]:
     return sorted(fns[0].structured_input_signature[1])
 
 
-def module_input_spec(module, signature=None) -> tf.TensorSpec | None:
+def module_input_spec(module, signature=None, endpoint=None) -> tf.TensorSpec | None:
     """TensorSpec (with batch dim) of the module's input, or None if it has several/none."""
     module = _as_module(module)
-    fns = _concrete_functions(_call_function(module, signature))
+    fns = _concrete_functions(_call_function(module, signature, endpoint))
     for fn in fns:
         args, kwargs = fn.structured_input_signature
         specs = [a for a in args if isinstance(a, tf.TensorSpec)]
@@ -787,14 +795,14 @@ def module_input_spec(module, signature=None) -> tf.TensorSpec | None:
     return None
 
 
-def module_image_size(module, signature=None) -> int | None:
+def module_image_size(module, signature=None, endpoint=None) -> int | None:
     """Fixed square input size (e.g. 224) from the module's call signature, else None.
 
     None when the module takes any size (``[None, None, None, 3]``), is not an
     image module, or has a non-square fixed size (see :func:`module_input_spec`).
     Accepts a loaded module, a :class:`HubLayer` or a handle.
     """
-    spec = module_input_spec(module, signature)
+    spec = module_input_spec(module, signature, endpoint)
     if spec is None or spec.shape.rank != 4:
         return None
     height, width = spec.shape[1], spec.shape[2]
@@ -930,6 +938,10 @@ class HubLayer(keras.layers.Layer):
             ``input_word_ids``/``input_mask``/``input_type_ids`` for the encoder).
         signature: call this SavedModel signature (e.g. ``"serving_default"``)
             instead of ``__call__``. Signatures cannot be fine-tuned.
+        endpoint: call this function of the SavedModel instead of ``__call__``: a
+            Keras 3 ``model.export()`` / ``ExportArchive`` folder's ``serve``. Unlike a
+            signature it can be fine-tuned (its variables are the module's; it runs as it
+            was traced, i.e. in inference mode).
         arguments: extra keyword arguments for every call of the module.
         name, dtype, ...: usual Layer arguments. ``dtype`` defaults to float32
             (hub modules compute in float32, also under a mixed-precision policy).
@@ -951,6 +963,7 @@ class HubLayer(keras.layers.Layer):
         signature=None,
         arguments=None,
         name=None,
+        endpoint=None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -963,11 +976,14 @@ class HubLayer(keras.layers.Layer):
             module = handle_or_module
         self._output_key = output_key
         self._signature = signature
+        self._endpoint = endpoint
         self._arguments = dict(arguments or {})
-        self._func = _call_function(module, signature)
-        self._has_training_argument = signature is None and _has_training_argument(self._func)
+        self._func = _call_function(module, signature, endpoint)
+        self._has_training_argument = (
+            signature is None and endpoint is None and _has_training_argument(self._func)
+        )
         self._signature_inputs = _signature_input_names(self._func) if signature else []
-        input_spec = module_input_spec(module, signature)
+        input_spec = module_input_spec(module, signature, endpoint)
         self._module_input_spec = input_spec
         losses = [] if signature else list(getattr(module, "regularization_losses", None) or [])
         for loss in losses:
@@ -1103,7 +1119,7 @@ class HubLayer(keras.layers.Layer):
         if not spec.shape.is_compatible_with(inputs.shape):
             expected = tuple(spec.shape.as_list())
             hint = ""
-            size = module_image_size(self._module, self._signature)
+            size = module_image_size(self._module, self._signature, self._endpoint)
             if size is not None:
                 hint = f"; resize images to {size}x{size}"
             raise UserError(
@@ -1124,6 +1140,7 @@ class HubLayer(keras.layers.Layer):
                 "output_key": self._output_key,
                 "signature": self._signature,
                 "arguments": dict(self._arguments),
+                "endpoint": self._endpoint,
             }
         )
         return config

@@ -61,8 +61,9 @@ class ModuleSignature:
         return int(height) if height is not None and height == width else None
 
 
-def read_signature(path: str) -> ModuleSignature:
-    """Reads the `__call__` signature of the SavedModel in `path` without loading it.
+def read_signature(path: str, endpoint: str = "__call__") -> ModuleSignature:
+    """Reads the `__call__` (or `endpoint`'s) signature of the SavedModel in `path` without
+    loading it.
 
     Parsing saved_model.pb leaves TensorFlow's devices uninitialised, so `--cpu_replicas` can
     still split the CPU afterwards (loading the module would fix the device list for good).
@@ -74,15 +75,16 @@ def read_signature(path: str) -> ModuleSignature:
     saved = hub.read_saved_model(path)
     graph = saved.meta_graphs[0].object_graph_def
     children = {c.local_name: c.node_id for c in graph.nodes[0].children}
-    node = graph.nodes[children["__call__"]] if "__call__" in children else None
+    node = graph.nodes[children[endpoint]] if endpoint in children else None
     if (
         node is None
         or node.WhichOneof("kind") != "function"
         or not node.function.concrete_functions
     ):
         raise UserError(
-            f"the SavedModel in {path} has no __call__ (a TF1 Hub format module or a plain "
-            "serving export); use a TF2 module of the Reusable SavedModel API."
+            f"the SavedModel in {path} has no {endpoint} (a TF1 Hub format module or a plain "
+            "serving export); use a TF2 module of the Reusable SavedModel API, or a Keras 3 "
+            "model.export() folder."
         )
     function = graph.concrete_functions[node.function.concrete_functions[0]]
     args, kwargs = nested_structure_coder.decode_proto(function.canonicalized_input_signature)
@@ -142,7 +144,7 @@ def can_be_deterministic(config) -> bool:
     Fine-tuning runs the module with training=True, where those ops run; frozen modules run
     in inference mode and never do.
     """
-    if not is_hub_backbone(config.backbone) or config.unfreeze != "all":
+    if not is_hub_backbone(config.backbone, config.model_dir) or config.unfreeze != "all":
         return True
     found = unseeded_random_ops(hub.resolve_handle(config.backbone))
     if found:
@@ -201,7 +203,7 @@ def resolve(config):
 
 def is_text_model(config) -> bool:
     """Whether a resolved config describes a hub text classifier (strings in)."""
-    return is_hub_backbone(config.backbone) and config.image_size == 0
+    return is_hub_backbone(config.backbone, config.model_dir) and config.image_size == 0
 
 
 # ----------------------------------------------------------------------------- model

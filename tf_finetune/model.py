@@ -7,7 +7,18 @@ import math
 import keras
 from absl import logging
 
-from tf_finetune import backbones, head, hub_model, keras_hub_model, phases, rundir, schedules
+from tf_finetune import (
+    backbone_table,
+    backbones,
+    head,
+    hub,
+    hub_model,
+    keras_hub_model,
+    own_model,
+    phases,
+    rundir,
+    schedules,
+)
 from tf_finetune.config import Config
 
 
@@ -167,8 +178,11 @@ def prepare_phase(
     Recompiling after changing `trainable` is what makes the change take effect in `fit`.
     """
     trainable = []
-    if not hub_model.is_hub_backbone(config.backbone):  # a hub module is frozen or not, whole
+    module = _one_layer_backbone(model)
+    if module is None:
         trainable = unfreeze(model, phase.unfreeze)
+    else:  # a hub module or a Keras export is frozen or not, whole
+        module.trainable = phase.unfreeze is None
     if trainable:
         logging.info(
             "Phase %s: training %d backbone layers: %s ...",
@@ -185,6 +199,12 @@ def prepare_phase(
     compile_model(model, config, num_classes, rate, multipliers)
 
 
+def _one_layer_backbone(model: keras.Model) -> hub.HubLayer | None:
+    """The HubLayer that is the whole backbone (a TF Hub module, a Keras export), if any."""
+    layer = next((layer for layer in model.layers if layer.name == "backbone"), None)
+    return layer if isinstance(layer, hub.HubLayer) else None
+
+
 def build_model(
     config: Config, num_classes: int, phase: phases.Phase | None = None, steps_per_epoch: int = 1
 ) -> keras.Model:
@@ -196,10 +216,17 @@ def build_model(
     if config.precision != "float32":
         keras.mixed_precision.set_global_policy(config.precision)
     try:
-        if keras_hub_model.is_keras_hub_backbone(config.backbone):
+        kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
+        if kind == backbone_table.KERAS_HUB:
             model = keras_hub_model.build_classifier(config, num_classes)
-        elif hub_model.is_hub_backbone(config.backbone):
+        elif kind == backbone_table.HUB:
             model = hub_model.build_classifier(config, num_classes)
+        elif kind == backbone_table.RUN:  # the parent run, trained, under this run's head
+            parent = own_model.parent_run(config)
+            trained = restore_trained(parent.config, len(parent.class_names))
+            model = own_model.adapt(trained, parent.class_names, config, num_classes)
+        elif kind in backbone_table.OWN_KINDS:
+            model = own_model.build_classifier(config, num_classes)
         else:
             model = build_classifier(
                 backbones.get_spec(config.backbone),

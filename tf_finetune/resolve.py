@@ -59,7 +59,7 @@ def check_resolved(config: Config) -> None:
     """Every rule again for a config derived from a resolved one (a compare variant, a tune
     trial): the flags, and what its backbone and data take."""
     validation.validate(config)
-    if backbone_table.is_hub_backbone(config.backbone):
+    if backbone_table.is_hub_backbone(config.backbone, config.model_dir):
         validation.hub_backbone_options(config)
     if keras_hub_table.is_keras_hub_backbone(config.backbone):
         from tf_finetune import keras_hub_model
@@ -69,11 +69,21 @@ def check_resolved(config: Config) -> None:
 
 
 def _resolve_backbone(config: Config) -> Config:
-    if keras_hub_table.is_keras_hub_backbone(config.backbone):
+    kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
+    if kind == backbone_table.KERAS_HUB:
+        if not keras_hub_table.is_keras_hub_backbone(config.backbone):
+            raise UserError(
+                f"--backbone={config.backbone} is a keras-hub preset folder; pass it as "
+                f"--backbone=keras_hub:{config.backbone}."
+            )
         from tf_finetune import keras_hub_model  # TensorFlow: only once a preset is named
 
         return keras_hub_model.resolve(config)
-    if backbone_table.is_hub_backbone(config.backbone):
+    if kind in backbone_table.OWN_KINDS:
+        from tf_finetune import own_model  # TensorFlow: only once such a source is named
+
+        return own_model.resolve(config)
+    if kind == backbone_table.HUB:
         validation.hub_backbone_options(config)
         from tf_finetune import hub_model  # TensorFlow: only once a hub module is named
 

@@ -10,6 +10,8 @@ report) takes the names from here, so a file is named once.
     <model_dir>/checkpoints/final.weights.h5   the exported weights when an EMA/average won
     <model_dir>/checkpoints/top/               the best K epochs (--average_checkpoints)
     <model_dir>/backup*/                       resume points (see phases.py), removed at the end
+    <model_dir>/backbone_source/               the copy of a run / .keras / export --backbone
+                                               (named in backbone_table, see own_model.py)
 """
 
 import csv

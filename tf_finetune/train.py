@@ -23,6 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_finetune import (
+    backbone_table,
     callbacks,
     data,
     distribute,
@@ -32,6 +33,7 @@ from tf_finetune import (
     hub_model,
     input_pipeline,
     offline_default,
+    own_model,
     phases,
     report,
     rundir,
@@ -94,6 +96,7 @@ def _run(
         prepare_run_dir(config)
     with timings.stage("data"):
         dataset, pipelines, fit_inputs = prepare_inputs(config, strategy)
+    own_model.keep_source(config, dataset.class_names)  # a run dir / .keras / export: a copy
     fit = fit_phases(
         config,
         dataset,
@@ -117,7 +120,8 @@ def _run(
         metrics = run_metrics(model, config, dataset, pipelines, fit, strategy)
         if candidates:
             metrics.update(candidates=candidates, exported_weights=chosen)
-        if config.is_offline_default and not hub_model.is_hub_backbone(config.backbone):
+        kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
+        if config.is_offline_default and kind == backbone_table.APPLICATIONS:
             comparison = offline_default.compare_with_scratch(
                 config, pipelines, dataset.num_classes, strategy, metrics
             )

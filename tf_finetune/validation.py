@@ -179,6 +179,27 @@ def weights_file_exists(config: Config) -> None:
         )
 
 
+def own_source_carries_weights(config: Config) -> None:
+    """A run dir, a .keras file or a Keras export brings its trained weights: --weights has
+    nothing to load into it."""
+    kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
+    if kind in backbone_table.OWN_KINDS and config.weights != Config.weights:
+        raise UserError(
+            f"--weights={config.weights} does not apply to --backbone={config.backbone}: it "
+            "carries its own trained weights; drop --weights."
+        )
+
+
+def backbone_layer_needs_keras_file(config: Config) -> None:
+    if config.backbone_layer and (
+        backbone_table.backbone_kind(config.backbone, config.model_dir) != backbone_table.KERAS_FILE
+    ):
+        raise UserError(
+            f"--backbone_layer={config.backbone_layer} picks the cut point of a .keras "
+            f"--backbone; --backbone={config.backbone} is not one: drop --backbone_layer."
+        )
+
+
 def export_version_is_new(config: Config) -> None:
     if config.export_version and config.format == "saved_model":
         pinned = os.path.join(config.export_base, str(config.export_version))
@@ -211,7 +232,9 @@ RULES: tuple[Callable[[Config], None], ...] = (
     data_exists,
     test_percent_fits,
     folder_takes_no_tfds_splits,
+    own_source_carries_weights,
     weights_file_exists,
+    backbone_layer_needs_keras_file,
     export_version_is_new,
     tf_config_for_multi_worker,
 )
