@@ -118,3 +118,19 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "tf-finetune: error: unknown --backbone='resnet5'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_timings_print_on_one_line_with_the_feature_rate():
+    line = cli.format_timings(
+        {
+            "startup": 4.21,
+            "data": 0.5,
+            "features": 2.0,
+            "fit": 1.0,
+            "total": 9.0,
+            "feature_images_per_second": 1500.0,
+        }
+    )
+    assert line == (
+        "startup 4.2 s, data 0.5 s, features 2.0 s (1,500 images/s), fit 1.0 s, total 9.0 s"
+    )

@@ -94,7 +94,9 @@ def _batchnorm_layers(backbone) -> set[str]:
 def test_keras_hub_values_are_not_hub_modules(presets):
     for value in (f"keras_hub:{presets['image']}", "keras_hub:resnet_50_imagenet"):
         assert not backbone_table.is_hub_backbone(value)
-    assert backbone_table.is_hub_backbone(presets["image"])  # the bare folder is not a preset
+    # A bare preset folder is recognised as one too (the order: before SavedModels).
+    assert backbone_table.backbone_kind(presets["image"]) == backbone_table.KERAS_HUB
+    assert not backbone_table.is_hub_backbone(presets["image"])
     assert {p.kind for p in PRESETS.values()} == {"image", "text"}
 
 

@@ -219,6 +219,18 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def format_timings(timings: dict) -> str:
+    """metrics.json's `timings` as one line: seconds per stage, the feature pass's images/s."""
+    rate = timings.get("feature_images_per_second")
+    parts = []
+    for stage, seconds in timings.items():
+        if stage == "feature_images_per_second":
+            continue
+        extra = f" ({rate:,.0f} images/s)" if stage == "features" and rate else ""
+        parts.append(f"{stage} {seconds:.1f} s{extra}")
+    return ", ".join(parts)
+
+
 def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
     rows = [("model", "accuracy", "loss")]
     comparison = metrics.get("offline_comparison")
@@ -249,6 +261,8 @@ def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
         f"{len(metrics['skipped_files'])} unreadable file(s) skipped, "
         f"{metrics['wall_time_seconds']:.0f} s."
     )
+    if metrics.get("timings"):
+        print(f"Timings: {format_timings(metrics['timings'])}")
     if config.is_offline_default:
         how = (
             "with the backbone frozen"

@@ -71,11 +71,8 @@ def check_resolved(config: Config) -> None:
 def _resolve_backbone(config: Config) -> Config:
     kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
     if kind == backbone_table.KERAS_HUB:
-        if not keras_hub_table.is_keras_hub_backbone(config.backbone):
-            raise UserError(
-                f"--backbone={config.backbone} is a keras-hub preset folder; pass it as "
-                f"--backbone=keras_hub:{config.backbone}."
-            )
+        if not keras_hub_table.is_keras_hub_backbone(config.backbone):  # a bare preset folder
+            config = dataclasses.replace(config, backbone=f"keras_hub:{config.backbone}")
         from tf_finetune import keras_hub_model  # TensorFlow: only once a preset is named
 
         return keras_hub_model.resolve(config)

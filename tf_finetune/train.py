@@ -109,15 +109,15 @@ def _run(
         fit_inputs=fit_inputs,
         timings=timings,
     )
-    model = fit.model
+    model, replicas = fit.model, strategy.num_replicas_in_sync  # the replicas that trained
     if config.strategy == "multi_worker":
         model = _chief_model(model, config, dataset.num_classes)
         if model is None:  # the other workers have nothing more to do
-            return {"epochs": fit.epochs, "replicas": strategy.num_replicas_in_sync, "chief": False}
-        strategy = tf.distribute.get_strategy()
+            return {"epochs": fit.epochs, "replicas": replicas, "chief": False}
+        strategy = tf.distribute.get_strategy()  # evaluate alone, on a plain copy
     with timings.stage("evaluate"):
         chosen, candidates = selection.choose_weights(model, config, pipelines)
-        metrics = run_metrics(model, config, dataset, pipelines, fit, strategy)
+        metrics = run_metrics(model, config, dataset, pipelines, fit, replicas)
         if candidates:
             metrics.update(candidates=candidates, exported_weights=chosen)
         kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
@@ -200,7 +200,7 @@ def _chief_model(model: keras.Model, config: Config, num_classes: int) -> keras.
     return copy
 
 
-def run_metrics(model, config, dataset, pipelines, fit, strategy) -> dict:
+def run_metrics(model, config, dataset, pipelines, fit, replicas: int) -> dict:
     """metrics.json's content: the last epoch, val/test scores and reports, the data."""
     boundary = scoring.phase_boundary(config)
     return {
@@ -215,7 +215,7 @@ def run_metrics(model, config, dataset, pipelines, fit, strategy) -> dict:
         **({"head_solver": fit.head_solver} if fit.head_solver else {}),
         "phase_boundary_epoch": boundary,
         "backbone": config.backbone,
-        "replicas": strategy.num_replicas_in_sync,
+        "replicas": replicas,
         "trainable_parameters": count_parameters(model.trainable_weights),
         # This call's epochs only (a resumed run did not time the earlier ones).
         "epoch_seconds": {str(e): t for e, t in sorted(fit.epoch_seconds.items())},
