@@ -286,9 +286,10 @@ def text_takes_no_augmentation(config: Config) -> None:
 
 
 def data_matches_backbone(config: Config, text_data: bool) -> None:
-    """Text data needs a text module and images an image backbone (a resolved hub text
-    module has no image size; a Keras Applications backbone always takes images)."""
-    text_model = config.image_size == 0 and backbone_table.is_hub_backbone(config.backbone)
+    """Text data needs a text model and images an image backbone (a resolved text model has
+    no image size; a Keras Applications backbone always takes images)."""
+    kind = backbone_table.backbone_kind(config.backbone, config.model_dir)
+    text_model = config.image_size == 0 and kind != backbone_table.APPLICATIONS
     if text_data and not text_model:
         raise UserError(
             f"--data={config.data} is text; pass a TF Hub text module as --backbone "
