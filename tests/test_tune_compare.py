@@ -5,15 +5,9 @@ import os
 
 import pytest
 
-from tests.images import write_class_folders
 from tf_finetune import cli, tune
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=12)
 
 
 def _tiny_flags(folder, model_dir, epochs=2):
