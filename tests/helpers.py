@@ -39,6 +39,18 @@ def tiny(folder, model_dir, **overrides) -> Config:
     return resolve(Config(**values))
 
 
+def tiny_flags(folder, model_dir, *flags: str) -> list[str]:
+    """The command-line form of a tiny run (digits_cnn, random weights, 16 px), plus `flags`."""
+    return [
+        f"--data={folder}",
+        "--backbone=digits_cnn",
+        "--weights=none",
+        "--image_size=16",
+        f"--model_dir={model_dir}",
+        *flags,
+    ]
+
+
 def history_epochs(run_dir) -> list[int]:
     """The epoch column of a run's history.csv."""
     with open(os.path.join(run_dir, "history.csv")) as f:

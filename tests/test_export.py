@@ -20,11 +20,9 @@ from tensorflow.python.tools import saved_model_utils
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tests.helpers import run_python
+from tests.helpers import run_python, tiny, tiny_flags
 from tests.images import class_image, encode
 from tf_finetune import cli, data, export, export_run
-from tf_finetune.config import Config
-from tf_finetune.resolve import resolve
 
 SIZE = 16
 CLASSES = ["class_0", "class_1", "class_2"]
@@ -33,36 +31,15 @@ CLASSES = ["class_0", "class_1", "class_2"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, folder):
     run_dir = tmp_path_factory.mktemp("export_run") / "run"
-    code = cli.main(
-        [
-            "train",
-            f"--data={folder}",
-            "--backbone=digits_cnn",
-            "--weights=none",
-            f"--image_size={SIZE}",
-            "--epochs=3",
-            "--batch_size=8",
-            "--learning_rate=0.01",
-            "--unfreeze=all",
-            f"--model_dir={run_dir}",
-        ]
-    )
+    flags = ["--epochs=3", "--batch_size=8", "--learning_rate=0.01", "--unfreeze=all"]
+    code = cli.main(["train", *tiny_flags(folder, run_dir, *flags)])
     assert code == 0
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def config(run, folder):
-    return resolve(
-        Config(
-            data=str(folder),
-            backbone="digits_cnn",
-            weights="none",
-            image_size=SIZE,
-            unfreeze="all",
-            model_dir=str(run),
-        )
-    )
+    return tiny(folder, run)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import history_epochs, tiny
+from tests.helpers import history_epochs, tiny, tiny_flags
 from tf_finetune import cli, export, faults, input_pipeline, rundir, train
 from tf_finetune.errors import UserError
 
@@ -161,8 +161,7 @@ def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_
     guard.signum = signal.SIGTERM
     assert guard.stopped("").exit_code == 143
     # Outside fit (here: while loading data) the signal stops at once.
-    argv = ["train", f"--data={folder}", "--backbone=digits_cnn", "--weights=none"]
-    argv += ["--image_size=16", f"--model_dir={tmp_path}"]
+    argv = ["train", *tiny_flags(folder, tmp_path)]
     real = input_pipeline.load_data
 
     def load_then_term(config, folder=None):
@@ -228,9 +227,8 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(
     assert _backup(run)["epoch"] == 1  # the backup holds the last good epoch too
 
     # Through the CLI, with a learning rate that really diverges: exit 1, one line.
-    argv = ["train", f"--data={folder}", "--backbone=digits_cnn", "--weights=none"]
-    argv += ["--image_size=16", "--unfreeze=all", "--learning_rate=1e30", "--optimizer=sgd"]
-    code = cli.main([*argv, f"--model_dir={tmp_path / 'cli'}", "--epochs=2"])
+    flags = ["--unfreeze=all", "--learning_rate=1e30", "--optimizer=sgd", "--epochs=2"]
+    code = cli.main(["train", *tiny_flags(folder, tmp_path / "cli", *flags)])
     err = capsys.readouterr().err
     assert code == 1 and "became" in err and "Lower --learning_rate" in err, err
     assert len(err.strip().splitlines()) == 1
@@ -386,8 +384,7 @@ def _assert_consistent(run):
 def test_sigkill_and_sigterm_at_every_stage_then_rerun_finishes(folder, tmp_path):
     """One run killed six ways in turn; each rerun continues from the last saved state."""
     run = tmp_path / "run"
-    args = [f"--data={folder}", "--backbone=digits_cnn", "--weights=none", "--image_size=16"]
-    args += ["--epochs=4", "--batch_size=8", "--unfreeze=all", f"--model_dir={run}"]
+    args = tiny_flags(folder, run, "--epochs=4", "--batch_size=8", "--unfreeze=all")
 
     # 1. SIGKILL between writing the first best checkpoint and renaming it into place.
     code, _, err = _run_cli(args, "checkpoint:0=SIGKILL")

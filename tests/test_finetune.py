@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from tests.helpers import Crash, Epochs, history_epochs, tiny
+from tests.helpers import Crash, Epochs, history_epochs, tiny, tiny_flags
 from tests.images import class_image, write_class_folders
 from tf_finetune import (
     augment,
@@ -317,19 +317,9 @@ def test_mixed_precision_computes_in_bfloat16_with_a_float32_output(folder, tmp_
 # ----------------------------------------------------------------------------- gates, averages
 def test_min_accuracy_gate_exits_3_keeps_the_run_and_exports_nothing(folder, tmp_path, capsys):
     run = tmp_path / "run"
-    code = cli.main(
-        [
-            "train",
-            f"--data={folder}",
-            "--backbone=digits_cnn",
-            "--weights=none",
-            "--image_size=16",
-            "--epochs=1",
-            "--learning_rate=1e-9",  # learns nothing: chance accuracy
-            "--min_accuracy=0.99",
-            f"--model_dir={run}",
-        ]
-    )
+    # --learning_rate=1e-9 learns nothing: chance accuracy.
+    flags = ["--epochs=1", "--learning_rate=1e-9", "--min_accuracy=0.99"]
+    code = cli.main(["train", *tiny_flags(folder, run, *flags)])
     err = capsys.readouterr().err
     assert code == 3
     assert len(err.strip().splitlines()) == 1 and "below --min_accuracy=0.99" in err

@@ -9,7 +9,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from tests.helpers import free_ports, tiny
+from tests.helpers import free_ports, tiny, tiny_flags
 from tests.images import class_image, encode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +34,7 @@ def test_two_workers_train_identical_weights_and_the_chief_export_serves(folder,
                 "PYTHONPATH": REPO,
             }
             args = [sys.executable, "-m", "tf_finetune", "train", "--strategy=multi_worker"]
-            args += [f"--data={folder}", "--backbone=digits_cnn", "--weights=none"]
-            args += ["--image_size=16", "--epochs=2", "--batch_size=8", "--unfreeze=all"]
-            args += [f"--model_dir={run}"]
+            args += tiny_flags(folder, run, "--epochs=2", "--batch_size=8", "--unfreeze=all")
             # Files, not pipes: a worker blocked on a full pipe would stall the collectives.
             out, err = (open(tmp_path / f"worker{index}.{k}", "w") for k in ("out", "err"))
             logs += [out, err]

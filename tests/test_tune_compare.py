@@ -5,21 +5,14 @@ import os
 
 import pytest
 
+from tests.helpers import tiny_flags
 from tf_finetune import cli, tune
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
 
 
 def _tiny_flags(folder, model_dir, epochs=2):
-    return [
-        f"--data={folder}",
-        "--backbone=digits_cnn",
-        "--weights=none",
-        "--image_size=16",
-        f"--epochs={epochs}",
-        "--batch_size=8",
-        f"--model_dir={model_dir}",
-    ]
+    return tiny_flags(folder, model_dir, f"--epochs={epochs}", "--batch_size=8")
 
 
 @pytest.mark.slow  # two searches and a full train: ~20-40 s on 2 busy cores
