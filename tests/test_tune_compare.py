@@ -9,6 +9,7 @@ from tests.helpers import tiny_flags
 from tf_finetune import cli, tune
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
+from tf_finetune.resolve import resolve
 
 
 def _tiny_flags(folder, model_dir, epochs=2):
@@ -78,8 +79,9 @@ def test_tune_flag_errors_are_one_line(folder, tmp_path, capsys, flags, message)
 
 
 def test_search_space_lists_and_ranges():
-    config = Config(
-        tune_learning_rate="1e-4:1e-2", tune_unfreeze="0,20,all", tune_batch_size="16,32"
+    # As `tune` calls it: on the resolved config (trial values are checked against its backbone).
+    config = resolve(
+        Config(tune_learning_rate="1e-4:1e-2", tune_unfreeze="0,20,all", tune_batch_size="16,32")
     )
     dims = {d.knob.field: d for d in tune.search_space(config)}
     assert (dims["learning_rate"].low, dims["learning_rate"].high) == (1e-4, 1e-2)
