@@ -186,6 +186,7 @@ def test_without_workarounds_keras_fails(tmp_path, workarounds, message):
         assert message in text, text[-4000:]
 
 
+@pytest.mark.slow  # a fresh interpreter fitting four models: part of the multi-worker suite
 def test_workarounds_change_nothing_without_multiworker():
     proc = subprocess.run(
         [sys.executable, str(HERE / "mw_mirrored.py")],

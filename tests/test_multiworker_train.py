@@ -73,6 +73,7 @@ def test_two_workers_train_identical_weights_and_the_chief_export_serves(folder,
     assert names == ["class_0", "class_1", "class_2"]
 
 
+@pytest.mark.slow  # starts a tf.data service dispatcher and worker (servers)
 def test_data_service_feeds_training(folder, tmp_path, monkeypatch):
     """--data_service: an in-process dispatcher and worker produce the training batches."""
     from tf_finetune import input_pipeline, train

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -132,10 +133,17 @@ def test_same_seed_same_numbers(folder, tmp_path):
     assert a != c
 
 
-def test_run_dir_contents_and_flagfile_rerun(folder, tmp_path):
-    config = tiny(folder, tmp_path / "run")
-    metrics = train.train_and_evaluate(config)
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(folder, tmp_path_factory):
+    """One finished tiny run, shared: (its run dir, its metrics). Tests never change it."""
+    run = tmp_path_factory.mktemp("tiny_run")
+    return run, train.train_and_evaluate(tiny(folder, run))
+
+
+def test_run_dir_contents_and_flagfile_rerun(folder, tiny_run, tmp_path):
+    shutil.copytree(tiny_run[0], tmp_path / "run")
+    run, metrics = tmp_path / "run", tiny_run[1]
+    config = tiny(folder, run)
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     for key in ("accuracy", "loss", "val_accuracy", "val_loss", "wall_time_seconds"):
@@ -171,11 +179,11 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tmp_path):
-    metrics = train.train_and_evaluate(tiny(folder, tmp_path))
+def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tiny_run, tmp_path):
+    run, metrics = tiny_run
     export = metrics["export_path"]
-    model = model_lib.build_model(tiny(folder, tmp_path), 3)
-    model.load_weights(tmp_path / rundir.BEST_WEIGHTS)
+    model = model_lib.build_model(tiny(folder, run), 3)
+    model.load_weights(run / rundir.BEST_WEIGHTS)
 
     images = [class_image(label, (30, 22), seed=100 + label) for label in (0, 1, 2)]
     jpegs = [encode(im, "JPEG") for im in images]
