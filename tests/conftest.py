@@ -34,3 +34,44 @@ def shared_dir() -> pathlib.Path:
             pytest.fail(f"{message}; CI must provide it.")
         pytest.skip(f"{message}; it exists only on development machines and in CI.")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> pathlib.Path:
+    """An image folder a tiny run learns in seconds: 3 solid-colour classes x 16 JPEG/PNG.
+
+    Module-scoped: tests may read it and train on it, never change it.
+    """
+    from tests.images import write_class_folders
+
+    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=16)
+
+
+@pytest.fixture
+def tf_serving():
+    """Starts fake TF Serving (tests/fake_tf_serving.py, a test double) on an export base dir.
+
+    `tf_serving(name, base, protocol="rest" | "grpc", **store_options)` returns the started
+    server with `.store` (the FakeModelStore: it counts predict calls) and `.flag` (the
+    `predict` flag that reaches it: `--server=URL` or `--grpc=HOST:PORT`). Every server
+    started is stopped after the test.
+    """
+    from tests.fake_tf_serving import FakeGrpcServer, FakeModelStore, FakeRestServer
+
+    started = []
+
+    def start(name, base, protocol="rest", **store_options):
+        store = FakeModelStore(name, base, **store_options)
+        if protocol == "rest":
+            server = FakeRestServer(store)
+            server.flag = f"--server={server.url}"
+        else:
+            server = FakeGrpcServer(store)
+            server.flag = f"--grpc={server.target}"
+        server.store = store
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -20,9 +20,9 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
 )
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tests.mw_model import compiled_model  # noqa: E402
 from tf_finetune import multiworker as mw  # noqa: E402
 
 
@@ -30,21 +30,7 @@ def run(strategy):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 16, 16, 1)).astype("float32")
     y = (x.mean(axis=(1, 2, 3)) > 0).astype("int32")
-    keras.utils.set_random_seed(1)
-    with strategy.scope():
-        model = keras.Sequential(
-            [
-                keras.Input((16, 16, 1)),
-                keras.layers.Conv2D(4, 3, activation="relu"),
-                keras.layers.GlobalAveragePooling2D(),
-                keras.layers.Dense(2),
-            ]
-        )
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.1),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+    model = compiled_model(strategy, 2)
     hist = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     ev = model.evaluate(x, y, batch_size=16, verbose=0)
     pred = model.predict(x[:20], batch_size=8, verbose=0)

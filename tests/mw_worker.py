@@ -13,6 +13,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tests.mw_model import compiled_model  # noqa: E402
 from tf_finetune import multiworker as mw  # noqa: E402
 
 
@@ -47,21 +48,7 @@ def main() -> None:
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat().with_options(opts)
 
-    keras.utils.set_random_seed(1)
-    with strategy.scope():
-        model = keras.Sequential(
-            [
-                keras.Input((16, 16, 1)),
-                keras.layers.Conv2D(4, 3, activation="relu"),
-                keras.layers.GlobalAveragePooling2D(),
-                keras.layers.Dense(3),
-            ]
-        )
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.1),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+    model = compiled_model(strategy, 3)
     init = [w.numpy() for w in model.weights]
 
     seen = {}

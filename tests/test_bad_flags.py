@@ -2,13 +2,7 @@
 
 import pytest
 
-from tests.images import write_class_folders
 from tf_finetune import cli
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=2, per_class=2)
 
 
 def _error(capsys, *argv) -> str:

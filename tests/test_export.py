@@ -9,8 +9,6 @@ and gRPC paths run against tests/fake_tf_serving.py (a test double).
 import base64
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 
 import keras
@@ -24,51 +22,26 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from tests import bombs
-from tests.fake_tf_serving import FakeGrpcServer, FakeModelStore, FakeRestServer
-from tests.images import class_image, encode, write_class_folders
+from tests.helpers import run_python, tiny, tiny_flags
+from tests.images import class_image, encode
 from tf_finetune import cli, data, export, export_run
-from tf_finetune.config import Config
-from tf_finetune.resolve import resolve
 
 SIZE = 16
 CLASSES = ["class_0", "class_1", "class_2"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_run")
-    photos = write_class_folders(root / "photos", num_classes=3, per_class=16)
-    run_dir = root / "run"
-    code = cli.main(
-        [
-            "train",
-            f"--data={photos}",
-            "--backbone=digits_cnn",
-            "--weights=none",
-            f"--image_size={SIZE}",
-            "--epochs=3",
-            "--batch_size=8",
-            "--learning_rate=0.01",
-            "--unfreeze=all",
-            f"--model_dir={run_dir}",
-        ]
-    )
+def run(tmp_path_factory, folder):
+    run_dir = tmp_path_factory.mktemp("export_run") / "run"
+    flags = ["--epochs=3", "--batch_size=8", "--learning_rate=0.01", "--unfreeze=all"]
+    code = cli.main(["train", *tiny_flags(folder, run_dir, *flags)])
     assert code == 0
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def config(run):
-    return resolve(
-        Config(
-            data=str(run.parent / "photos"),
-            backbone="digits_cnn",
-            weights="none",
-            image_size=SIZE,
-            unfreeze="all",
-            model_dir=str(run),
-        )
-    )
+def config(run, folder):
+    return tiny(folder, run)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +90,12 @@ def test_signatures_as_tf_serving_reads_them(run):
     )
 
 
-def test_model_card_beside_the_saved_model(run):
+def test_model_card_beside_the_saved_model(run, folder):
     card = json.loads((run / "export" / "1" / "model_card.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert card["class_names"] == CLASSES
     assert card["image_size"] == SIZE and card["backbone"] == "digits_cnn"
-    assert card["data"] == str(run.parent / "photos")
+    assert card["data"] == str(folder)
     assert card["metrics"]["val_accuracy"] == metrics["val_accuracy"]
     assert card["metrics"]["train_images"] == metrics["train_images"]
     assert "--backbone=digits_cnn" in card["flags"] and "--epochs=3" in card["flags"]
@@ -171,7 +144,7 @@ try:
     out["bad"] = None
 except tf.errors.InvalidArgumentError as e:
     out["bad"] = e.message
-print(json.dumps(out))
+print("RESULT " + json.dumps(out))
 """
 
 
@@ -193,15 +166,7 @@ def test_fresh_process_serves_every_signature_like_keras(run, keras_model, tmp_p
     ragged[:] = pixels
     inputs = tmp_path / "inputs.npz"
     np.savez(inputs, encoded=np.array(images, dtype=object), pixels=ragged)
-    proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(run / "export" / "1"), str(inputs)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    served = run_python(RELOAD, run / "export" / "1", inputs)
 
     expected = keras_model.predict(np.stack([_decoded(b) for b in images]), verbose=0)
     assert np.max(np.abs(np.array(served["bytes"]) - expected)) < 1e-5
@@ -373,24 +338,23 @@ def test_predict_local_from_a_run_dir(run, keras_model, photos, capsys):
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
-def test_predict_against_tf_serving_test_double(run, keras_model, photos, capsys, protocol):
-    store = FakeModelStore("colours", run / "export")
-    fake = FakeRestServer(store) if protocol == "rest" else FakeGrpcServer(store)
-    where = f"--server={fake.url}" if protocol == "rest" else f"--grpc={fake.target}"
-    with fake:
-        code, out, err = _cli(
-            capsys,
-            "predict",
-            where,
-            "--model_name=colours",
-            "--json",
-            "--top_k=2",
-            str(photos),
-            str(photos / "missing.jpg"),
-        )
+def test_predict_against_tf_serving_test_double(
+    run, keras_model, photos, capsys, tf_serving, protocol
+):
+    fake = tf_serving("colours", run / "export", protocol)
+    code, out, err = _cli(
+        capsys,
+        "predict",
+        fake.flag,
+        "--model_name=colours",
+        "--json",
+        "--top_k=2",
+        str(photos),
+        str(photos / "missing.jpg"),
+    )
     assert code == 1, err
     _check_json(out, _expected_top1(keras_model, photos), photos)
-    assert store.predict_calls >= 2  # the rejected batch was retried file by file
+    assert fake.store.predict_calls >= 2  # the rejected batch was retried file by file
 
 
 def test_help_lists_export_and_predict_groups(capsys):
@@ -407,13 +371,13 @@ def test_flagfile_leaves_out_export_and_predict_knobs(config):
     assert "--quantize" not in text and "--server" not in text and "--json" not in text
 
 
-def test_readme_curl_body_is_answered_by_the_rest_test_double(run, keras_model, photos):
+def test_readme_curl_body_is_answered_by_the_rest_test_double(run, keras_model, photos, tf_serving):
     blob = (photos / "c1.jpg").read_bytes()
     body = json.dumps({"instances": [{"b64": base64.b64encode(blob).decode()}]}).encode()
-    with FakeRestServer(FakeModelStore("photos", run / "export")) as fake:
-        request = urllib.request.Request(f"{fake.url}/v1/models/photos:predict", data=body)
-        with urllib.request.urlopen(request, timeout=30) as response:
-            (prediction,) = json.loads(response.read())["predictions"]
+    fake = tf_serving("photos", run / "export")
+    request = urllib.request.Request(f"{fake.url}/v1/models/photos:predict", data=body)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        (prediction,) = json.loads(response.read())["predictions"]
     expected = keras_model.predict(_decoded(blob)[None], verbose=0)[0]
     np.testing.assert_allclose(prediction["probabilities"], expected, atol=1e-5)
     assert prediction["top_k_names"][0] == CLASSES[int(expected.argmax())]

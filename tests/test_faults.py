@@ -1,6 +1,6 @@
 """Faults with nothing lost: kills, signals, the run lock, NaN loss, disk full, best-so-far."""
 
-import csv
+import contextlib
 import errno
 import json
 import os
@@ -14,22 +14,11 @@ import keras
 import numpy as np
 import pytest
 
-from tests.images import write_class_folders
-from tests.test_train import tiny
+from tests.helpers import history_epochs, tiny, tiny_flags
 from tf_finetune import cli, export, faults, input_pipeline, rundir, train
 from tf_finetune.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=16)
-
-
-def _history_epochs(run) -> list[int]:
-    with open(os.path.join(run, "history.csv")) as f:
-        return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
 def _backup(run) -> dict:
@@ -87,24 +76,42 @@ def test_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- signals
+def _sentinel(signum, frame):  # stands for whatever handler the caller had installed
+    raise AssertionError("the run's own handler should have caught this signal")
+
+
+@contextlib.contextmanager
+def _handler_in_place(signum, handler):
+    """Installs `handler` for the block, as the caller of a run might have; restores after."""
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
 def test_sigint_mid_epoch_saves_a_backup_and_the_rerun_resumes(folder, tmp_path):
     config = tiny(folder, tmp_path)
     # Sent after step 2 (once our callback has looked): step 3 runs, then the run stops.
     interrupt = _At(1, 1, lambda: os.kill(os.getpid(), signal.SIGINT))
-    with pytest.raises(faults.Stopped, match="SIGINT at epoch 2, step 3; rerun") as stopped:
-        train.train_and_evaluate(config, extra_callbacks=(interrupt,))
+    with _handler_in_place(signal.SIGINT, _sentinel):
+        with pytest.raises(faults.Stopped, match="SIGINT at epoch 2, step 3; rerun") as stopped:
+            train.train_and_evaluate(config, extra_callbacks=(interrupt,))
+        assert signal.getsignal(signal.SIGINT) is _sentinel  # the caller's handler is back
     assert stopped.value.exit_code == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     meta = _backup(tmp_path)
     assert (meta["epoch"], meta["batch"]) == (1, 3)  # epoch 2 (index 1) was not finished
     assert not (tmp_path / "export").exists() and not (tmp_path / faults.LOCK_FILE).exists()
-    assert _history_epochs(tmp_path) == [0]
+    assert history_epochs(tmp_path) == [0]
 
+    # The rerun as a background job (`&`) starts, where SIGINT is ignored: it stays ignored.
     seen = []
     record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))
-    metrics = train.train_and_evaluate(config, extra_callbacks=(record,))
+    with _handler_in_place(signal.SIGINT, signal.SIG_IGN):
+        metrics = train.train_and_evaluate(config, extra_callbacks=(record,))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     assert seen == [1, 2] and metrics["epochs"] == 3
-    assert _history_epochs(tmp_path) == [0, 1, 2]
+    assert history_epochs(tmp_path) == [0, 1, 2]
     assert not (tmp_path / "backup").exists()
 
 
@@ -143,7 +150,7 @@ def test_sigterm_in_phase_two_resumes_there_and_keeps_the_best_of_phase_one(fold
     record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))
     metrics = train.train_and_evaluate(config, extra_callbacks=(record,))
     assert seen == [2, 3] and metrics["epochs"] == 4
-    assert _history_epochs(tmp_path) == [0, 1, 2, 3]
+    assert history_epochs(tmp_path) == [0, 1, 2, 3]
     final = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
     assert final["best"] <= best["best"]  # only a better phase-2 epoch replaced it
     assert not (tmp_path / "backup").exists() and not (tmp_path / "backup_head").exists()
@@ -154,8 +161,7 @@ def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_
     guard.signum = signal.SIGTERM
     assert guard.stopped("").exit_code == 143
     # Outside fit (here: while loading data) the signal stops at once.
-    argv = ["train", f"--data={folder}", "--backbone=digits_cnn", "--weights=none"]
-    argv += ["--image_size=16", f"--model_dir={tmp_path}"]
+    argv = ["train", *tiny_flags(folder, tmp_path)]
     real = input_pipeline.load_data
 
     def load_then_term(config, folder=None):
@@ -175,14 +181,19 @@ def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_
     ]
 
 
-def test_a_second_signal_during_fit_stops_at_once(tmp_path):
-    with faults.SignalGuard(str(tmp_path)) as guard:
-        guard.deferred = True  # as inside fit
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert guard.signum == signal.SIGTERM  # noted; the step goes on
-        with pytest.raises(faults.Stopped, match="SIGINT before the current step finished"):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+def test_a_second_signal_during_fit_stops_at_once_and_the_handlers_in_place_come_back(tmp_path):
+    with (
+        _handler_in_place(signal.SIGTERM, _sentinel),
+        _handler_in_place(signal.SIGINT, signal.SIG_IGN),
+    ):
+        with faults.SignalGuard(str(tmp_path)) as guard:
+            guard.deferred = True  # as inside fit
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert guard.signum == signal.SIGTERM  # noted; the step goes on
+            with pytest.raises(faults.Stopped, match="SIGINT before the current step finished"):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is _sentinel
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 # ----------------------------------------------------------------------------- NaN
@@ -216,9 +227,8 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(
     assert _backup(run)["epoch"] == 1  # the backup holds the last good epoch too
 
     # Through the CLI, with a learning rate that really diverges: exit 1, one line.
-    argv = ["train", f"--data={folder}", "--backbone=digits_cnn", "--weights=none"]
-    argv += ["--image_size=16", "--unfreeze=all", "--learning_rate=1e30", "--optimizer=sgd"]
-    code = cli.main([*argv, f"--model_dir={tmp_path / 'cli'}", "--epochs=2"])
+    flags = ["--unfreeze=all", "--learning_rate=1e30", "--optimizer=sgd", "--epochs=2"]
+    code = cli.main(["train", *tiny_flags(folder, tmp_path / "cli", *flags)])
     err = capsys.readouterr().err
     assert code == 1 and "became" in err and "Lower --learning_rate" in err, err
     assert len(err.strip().splitlines()) == 1
@@ -374,8 +384,7 @@ def _assert_consistent(run):
 def test_sigkill_and_sigterm_at_every_stage_then_rerun_finishes(folder, tmp_path):
     """One run killed six ways in turn; each rerun continues from the last saved state."""
     run = tmp_path / "run"
-    args = [f"--data={folder}", "--backbone=digits_cnn", "--weights=none", "--image_size=16"]
-    args += ["--epochs=4", "--batch_size=8", "--unfreeze=all", f"--model_dir={run}"]
+    args = tiny_flags(folder, run, "--epochs=4", "--batch_size=8", "--unfreeze=all")
 
     # 1. SIGKILL between writing the first best checkpoint and renaming it into place.
     code, _, err = _run_cli(args, "checkpoint:0=SIGKILL")
@@ -419,6 +428,6 @@ def test_sigkill_and_sigterm_at_every_stage_then_rerun_finishes(folder, tmp_path
     assert "Removed unfinished export" in err
     assert sorted(os.listdir(run / "export")) == ["1"]
     assert not (run / "backup").exists() and not (run / faults.LOCK_FILE).exists()
-    assert _history_epochs(run) == [0, 1, 2, 3]
+    assert history_epochs(run) == [0, 1, 2, 3]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 4 and metrics["val_accuracy"] > 0.6

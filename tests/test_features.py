@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.images import write_class_folders
+from tests.helpers import tiny
 from tf_finetune import data, evaluate_run, feature_fit, features, phases, rundir, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
@@ -15,24 +15,11 @@ from tf_finetune.errors import UserError
 from tf_finetune.resolve import resolve
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=16)
-
-
 def frozen(folder, model_dir, **overrides) -> Config:
-    values = dict(
-        data=str(folder),
-        backbone="digits_cnn",
-        weights="none",  # random conv features still tell solid colours apart
-        image_size=16,
-        epochs=8,
-        batch_size=8,
-        learning_rate=0.05,
-        model_dir=str(model_dir),
+    """A tiny run with a frozen backbone: random conv features still tell the colours apart."""
+    return tiny(
+        folder, model_dir, **{"unfreeze": "0", "epochs": 8, "learning_rate": 0.05, **overrides}
     )
-    values.update(overrides)
-    return resolve(Config(**values))
 
 
 def test_head_shares_layers_with_the_full_model(folder, tmp_path):

@@ -6,10 +6,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import textwrap
 import types
 import urllib.error
 import urllib.request
@@ -20,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from tests import hub_fixtures as fx
+from tests.helpers import run_python
 from tf_finetune import hub
 from tf_finetune.errors import UserError
 from tf_finetune.hub import HubLayer
@@ -80,23 +79,6 @@ def _values(layer):
 
 def _changed(before, after):
     return {k for k in before if np.max(np.abs(before[k] - after[k])) > 1e-7}
-
-
-def _run_python(script, *args, cwd=None, timeout=300):
-    """Run ``script`` in a fresh interpreter; return the JSON it prints after ``RESULT ``."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd or REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # --------------------------------------------------------------------------- handles
@@ -609,7 +591,7 @@ def test_export_archive_is_self_contained(modules, tmp_path):
 
     shutil.rmtree(bn_dir)
     shutil.rmtree(text_dir)
-    result = _run_python(EXPORT_CHECK, json.dumps(jobs), cwd=str(tmp_path))
+    result = run_python(EXPORT_CHECK, json.dumps(jobs), cwd=tmp_path, import_ours=True)
     for name, want in expected.items():
         got = np.array(result[name])
         assert got.shape == want.shape
@@ -672,7 +654,7 @@ MIRRORED = """
 
 
 def test_mirrored_strategy_two_replicas(modules):
-    out = _run_python(MIRRORED, modules["bn"])
+    out = run_python(MIRRORED, modules["bn"], cwd=REPO, import_ours=True)
     assert out["replicas"] == 2
     frozen, tuned = out["False"], out["True"]
     assert frozen["kernel_type"] == tuned["kernel_type"] == "MirroredVariable"

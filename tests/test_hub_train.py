@@ -6,9 +6,6 @@ The hub modules are tiny hub-format SavedModels built by tests/hub_fixtures.py.
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 import urllib.error
 import urllib.request
 
@@ -18,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from tests import hub_fixtures as fx
-from tests.images import class_image, encode, write_class_folders
-from tests.test_train import _Crash, _Epochs  # a kill after epoch 0; the epochs run
+from tests.helpers import Crash, Epochs, run_python
+from tests.images import class_image, encode
 from tf_finetune import cli, data, distribute, evaluate_run, hub_model, rundir, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
@@ -41,12 +38,6 @@ def modules(tmp_path_factory):
         "bert_pre": fx.save_bert_preprocessor(root / "bert_pre"),
         "bert": fx.save_bert_encoder(root / "bert"),
     }
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    # 3 x 12 images: 28 train (not a multiple of 8, and 28 % 8 = 4 >= 2 replicas).
-    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=12)
 
 
 CAT = ["the cat sat on the mat", "the cat sat", "cat on the mat", "the mat cat"]
@@ -191,8 +182,8 @@ def test_finetuned_hub_run_resumes_and_restores_the_best_checkpoint(modules, fol
         tmp_path, backbone=modules["vector"], data=str(folder), unfreeze="all", epochs=3
     )
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, extra_callbacks=(_Crash(),))
-    epochs, watch = _Epochs(), Watch()
+        train.train_and_evaluate(config, extra_callbacks=(Crash(),))
+    epochs, watch = Epochs(), Watch()
     metrics = train.train_and_evaluate(config, extra_callbacks=(epochs, watch))
     assert epochs.seen == [1, 2] and metrics["epochs"] == 3
     # The model evaluated and exported is the best checkpoint, hub weights included.
@@ -225,21 +216,6 @@ print("RESULT " + json.dumps({"probabilities": out["probabilities"].numpy().toli
 """
 
 
-def _serve(script, export, payload):
-    """Runs `script` in a fresh interpreter (no tf_finetune import: TF Serving's view)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), export, json.dumps(payload)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        cwd="/",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
-
-
 @pytest.mark.slow
 def test_image_export_serves_finetuned_hub_weights_without_the_module(modules, folder, tmp_path):
     module = shutil.copytree(modules["bn"], tmp_path / "module")
@@ -253,7 +229,7 @@ def test_image_export_serves_finetuned_hub_weights_without_the_module(modules, f
     pixels = np.stack([data.decode_and_resize(tf.constant(b), 16).numpy() for b in blobs])
     expected = watch.model.predict(pixels.astype("float32"), verbose=0)
     shutil.rmtree(module)  # the export must not need the hub module (or its cache)
-    served = _serve(SERVE_IMAGES, metrics["export_path"], [b.hex() for b in blobs])
+    served = run_python(SERVE_IMAGES, metrics["export_path"], json.dumps([b.hex() for b in blobs]))
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
     assert [row[0] for row in served["names"]] == [
         f"class_{i}" for i in np.argmax(expected, axis=1)
@@ -287,7 +263,7 @@ def test_text_module_end_to_end_on_a_table_and_export(modules, tmp_path, suffix,
     texts = ["the cat sat on the mat", "dog ran fast", "a zebra"]
     expected = watch.model.predict(tf.constant(texts), verbose=0)
     shutil.rmtree(module)  # the vocabulary asset travels with the export
-    served = _serve(SERVE_TEXT, metrics["export_path"], texts)
+    served = run_python(SERVE_TEXT, metrics["export_path"], json.dumps(texts))
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
     assert [row[0] for row in served["names"]][:2] == ["cat", "dog"]
 

@@ -20,8 +20,9 @@ import pytest
 import tensorflow as tf
 
 from tests import keras_hub_fixtures as fx
+from tests.helpers import Crash as _Crash  # a kill after epoch 0
+from tests.helpers import Epochs as _Epochs  # the epochs run
 from tests.images import class_image, encode, write_class_folders
-from tests.test_train import _Crash, _Epochs  # a kill after epoch 0; the epochs run
 from tf_finetune import backbone_table, cli, data, evaluate_run, export_run, keras_hub_model, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config

@@ -1,14 +1,13 @@
 """Multi-worker (MultiWorkerMirroredStrategy) training with Keras 3: tf_finetune.multiworker.
 
-The cluster tests launch 2 worker processes (tests/mw_worker.py) on free localhost ports.
-Every process is bounded: output goes to files (no pipe can fill up and stall a worker
+The cluster tests (marked slow) launch 2 worker processes (tests/mw_worker.py) on free
+localhost ports. Every process is bounded: output goes to files (no pipe can fill up and stall a worker
 mid-collective), each run has a deadline, and leftovers are killed in a finally.
 """
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,25 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import free_ports
 from tf_finetune import multiworker as mw
 from tf_finetune.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "mw_worker.py"
 RUN_TIMEOUT = 150  # seconds for a whole 2-worker run; a normal one takes ~10 s
-
-
-def free_ports(n):
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def run_cluster(model_dir, result_dir, log_dir, tmpdir, *args, timeout=RUN_TIMEOUT):
@@ -118,6 +105,7 @@ def trained(tmp_path_factory):
 # --- 2-worker training with the workarounds --------------------------------------------
 
 
+@pytest.mark.slow  # a 2-process cluster
 def test_two_workers_train_to_identical_changed_weights(trained):
     (m0, a0), (m1, a1) = trained["w0"], trained["w1"]
     assert m0["num_replicas"] == m1["num_replicas"] == 2
@@ -130,12 +118,14 @@ def test_two_workers_train_to_identical_changed_weights(trained):
     assert m0["eval"] == m1["eval"]
 
 
+@pytest.mark.slow  # a 2-process cluster
 def test_predict_under_multiworker_matches_direct_call(trained):
     for _, arrays in (trained["w0"], trained["w1"]):
         assert arrays["pred"].shape == (32, 3)
         np.testing.assert_allclose(arrays["pred"], arrays["direct"], atol=1e-5)
 
 
+@pytest.mark.slow  # a 2-process cluster
 def test_only_chief_writes_model_dir(trained):
     (m0, _), (m1, _) = trained["w0"], trained["w1"]
     model_dir = str(trained["model_dir"])
@@ -154,6 +144,7 @@ def test_only_chief_writes_model_dir(trained):
     assert os.listdir(trained["tmp"]) == []
 
 
+@pytest.mark.slow  # a 2-process cluster
 def test_chief_export_loads_and_serves(trained):
     import tensorflow as tf
 
@@ -168,6 +159,7 @@ def test_chief_export_loads_and_serves(trained):
 # --- the bugs the workarounds fix (keras-team/keras#20585) ------------------------------
 
 
+@pytest.mark.slow  # 2-process clusters
 @pytest.mark.parametrize(
     "workarounds, message",
     [
@@ -194,6 +186,7 @@ def test_without_workarounds_keras_fails(tmp_path, workarounds, message):
         assert message in text, text[-4000:]
 
 
+@pytest.mark.slow  # a fresh interpreter fitting four models: part of the multi-worker suite
 def test_workarounds_change_nothing_without_multiworker():
     proc = subprocess.run(
         [sys.executable, str(HERE / "mw_mirrored.py")],
@@ -215,6 +208,7 @@ def test_workarounds_change_nothing_without_multiworker():
 # --- a worker dies: the others error out, BackupAndRestore resumes -----------------------
 
 
+@pytest.mark.slow  # a 2-process cluster
 def test_killed_worker_then_restart_resumes(trained, tmp_path):
     model_dir, tmp = tmp_path / "model", tmp_path / "tmp"
     # Worker 1 hard-exits after epoch 0 (its backup is written); the chief blocks in the

@@ -3,33 +3,22 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import tensorflow as tf
 
-from tests.images import class_image, encode, write_class_folders
+from tests.helpers import free_ports, tiny, tiny_flags
+from tests.images import class_image, encode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
-def test_two_workers_train_identical_weights_and_the_chief_export_serves(tmp_path):
-    photos = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
+def test_two_workers_train_identical_weights_and_the_chief_export_serves(folder, tmp_path):
     run = tmp_path / "run"
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"localhost:{p}" for p in free_ports(2)]}
     procs, logs = [], []
     try:
         for index in range(2):
@@ -45,9 +34,7 @@ def test_two_workers_train_identical_weights_and_the_chief_export_serves(tmp_pat
                 "PYTHONPATH": REPO,
             }
             args = [sys.executable, "-m", "tf_finetune", "train", "--strategy=multi_worker"]
-            args += [f"--data={photos}", "--backbone=digits_cnn", "--weights=none"]
-            args += ["--image_size=16", "--epochs=2", "--batch_size=8", "--unfreeze=all"]
-            args += [f"--model_dir={run}"]
+            args += tiny_flags(folder, run, "--epochs=2", "--batch_size=8", "--unfreeze=all")
             # Files, not pipes: a worker blocked on a full pipe would stall the collectives.
             out, err = (open(tmp_path / f"worker{index}.{k}", "w") for k in ("out", "err"))
             logs += [out, err]
@@ -86,9 +73,9 @@ def test_two_workers_train_identical_weights_and_the_chief_export_serves(tmp_pat
     assert names == ["class_0", "class_1", "class_2"]
 
 
-def test_data_service_feeds_training(tmp_path, monkeypatch):
+@pytest.mark.slow  # starts a tf.data service dispatcher and worker (servers)
+def test_data_service_feeds_training(folder, tmp_path, monkeypatch):
     """--data_service: an in-process dispatcher and worker produce the training batches."""
-    from tests.test_train import tiny
     from tf_finetune import input_pipeline, train
 
     service = tf.data.experimental.service
@@ -96,8 +83,7 @@ def test_data_service_feeds_training(tmp_path, monkeypatch):
     worker = service.WorkerServer(
         service.WorkerConfig(dispatcher_address=dispatcher.target.removeprefix("grpc://"))
     )
-    photos = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
-    config = tiny(photos, tmp_path / "run", data_service=dispatcher.target)
+    config = tiny(folder, tmp_path / "run", data_service=dispatcher.target)
     used = []
     real = input_pipeline.with_data_service
 

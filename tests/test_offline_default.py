@@ -6,10 +6,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from tests.helpers import REPO
 
 
+@pytest.mark.slow  # pretraining, fine-tuning and a scratch baseline: ~30 s of CPU
 def test_offline_default_end_to_end(tmp_path):
     env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env["PYTHONPATH"] = str(REPO)  # this checkout, not whichever one is installed
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run(
         [sys.executable, "-m", "tf_finetune", "train"],

@@ -540,7 +540,7 @@ def text_export(tmp_path_factory):
     return base
 
 
-def test_text_model_local_and_rest(text_export, tmp_path):
+def test_text_model_local_and_rest(text_export, tmp_path, tf_serving):
     (tmp_path / "a.txt").write_text("great fruit, would buy again")
     (tmp_path / "b.TXT").write_text("rotten")
     (tmp_path / "ignored.jpg").write_bytes(b"\xff\xd8")
@@ -549,10 +549,10 @@ def test_text_model_local_and_rest(text_export, tmp_path):
     files, _ = collect_inputs([str(tmp_path)], serving.TEXT_EXTENSIONS)
     assert sorted(Path(f).name for f in files) == ["a.txt", "b.TXT"]
     expected = predict_files(local, files)
-    with FakeRestServer(FakeModelStore("reviews", text_export)) as server:
-        code, out, _ = _run(
-            _args(server=server.url, model_name="reviews", inputs=[str(tmp_path)], json=True)
-        )
+    server = tf_serving("reviews", text_export)
+    code, out, _ = _run(
+        _args(server=server.url, model_name="reviews", inputs=[str(tmp_path)], json=True)
+    )
     assert code == 0
     got = json.loads(out)
     assert [e["top_k"][0]["label"] for e in got] == [r.top_k[0][0] for r in expected]

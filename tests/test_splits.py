@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tests.helpers import tiny_flags
 from tests.images import class_image, encode, write_class_folders
 from tf_finetune import check_data, cli, data, splits, text_data
 from tf_finetune.errors import UserError
@@ -192,19 +193,7 @@ def test_bad_test_percent_is_one_line(tmp_path, capsys, make_argv, expected):
 
 
 def _train(folder, run, *flags) -> int:
-    return cli.main(
-        [
-            "train",
-            f"--data={folder}",
-            "--backbone=digits_cnn",
-            "--weights=none",
-            "--image_size=16",
-            "--epochs=1",
-            "--batch_size=8",
-            f"--model_dir={run}",
-            *flags,
-        ]
-    )
+    return cli.main(["train", *tiny_flags(folder, run, "--epochs=1", "--batch_size=8", *flags)])
 
 
 def test_train_with_test_percent_reports_test_metrics_and_evaluate_picks_test(tmp_path, capsys):

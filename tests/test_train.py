@@ -1,43 +1,19 @@
 """Training: frozen vs unfrozen weights, MirroredStrategy, resume, determinism, the export."""
 
-import csv
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import Crash, Epochs, history_epochs, run_python, tiny
 from tests.images import class_image, encode, write_class_folders
 from tf_finetune import backbones, data, distribute, rundir, train
 from tf_finetune import model as model_lib
-from tf_finetune.config import Config
 from tf_finetune.errors import UserError
-from tf_finetune.resolve import resolve
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=16)
-
-
-def tiny(folder, model_dir, **overrides) -> Config:
-    values = dict(
-        data=str(folder),
-        backbone="digits_cnn",
-        weights="none",
-        image_size=16,
-        epochs=3,
-        batch_size=8,
-        learning_rate=0.01,
-        unfreeze="all",  # a random backbone: train it all so a few epochs learn the colours
-        model_dir=str(model_dir),
-    )
-    values.update(overrides)
-    return resolve(Config(**values))
 
 
 def _values(weights):
@@ -68,32 +44,24 @@ def test_unfreeze_top_n_trains_exactly_those_layers_and_never_batchnorm(folder, 
     spec = backbones.get_spec("mobilenet_v2")
     model = model_lib.build_classifier(spec, 3, 32, None, 0.0, alpha=0.35)
     names = model_lib.unfreeze(model, 3)
+    # MobileNetV2's top three layers with weights; Conv_1_bn and block_16_project_BN between
+    # them are skipped.
+    assert names == ["block_16_depthwise", "block_16_project", "Conv_1"]
     backbone = model_lib.get_backbone(model)
-    weighted = [
-        l
-        for l in backbone.layers
-        if l.weights and not isinstance(l, keras.layers.BatchNormalization)
-    ]
-    assert names == [l.name for l in weighted[-3:]]
+    expected = {w.path for n in names for w in backbone.get_layer(n).trainable_weights}
     trainable_paths = {w.path for w in model.trainable_weights}
-    assert trainable_paths == {
-        w.path for n in names for w in backbone.get_layer(n).trainable_weights
-    } | {
-        "predictions/kernel",
-        "predictions/bias",
-    }
+    assert trainable_paths == expected | {"predictions/kernel", "predictions/bias"}
     model_lib.compile_model(model, tiny(folder, tmp_path), 3)
     before = {w.path: np.array(w) for w in backbone.weights}
     dataset = data.load_image_folder(str(folder), 32, 20)
     model.fit(data.make_pipeline(dataset.train, 3, 8, True, 0), epochs=1, verbose=0)
     changed = {w.path for w in backbone.weights if not np.array_equal(before[w.path], np.array(w))}
-    expected = {w.path for n in names for w in backbone.get_layer(n).trainable_weights}
     assert changed == expected  # BN moving statistics included: inference mode throughout
 
-    assert len(model_lib.unfreeze(model, None)) == len(weighted)
-    assert not any(
-        l.trainable for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)
-    )
+    everything = model_lib.unfreeze(model, None)
+    assert len(everything) == 52 and everything[-3:] == names  # convs and depthwise convs
+    batchnorm = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert batchnorm and not any(l.trainable or l.name in everything for l in batchnorm)
     assert model_lib.unfreeze(model, 0) == [] and not backbone.trainable
 
 
@@ -141,34 +109,16 @@ def test_eval_batch_size_gives_every_replica_an_example_and_keeps_every_example(
         distribute.eval_batch_size(1, 8, 2)
 
 
-class _Crash(keras.callbacks.Callback):
-    """Simulates a kill right after the first epoch's backup was written."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0:
-            raise KeyboardInterrupt
-
-
-class _Epochs(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.seen.append(epoch)
-
-
 def test_killed_run_resumes_from_its_backup(folder, tmp_path):
     config = tiny(folder, tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, extra_callbacks=(_Crash(),))
+        train.train_and_evaluate(config, extra_callbacks=(Crash(),))
     assert os.path.isdir(tmp_path / "backup")
-    epochs = _Epochs()
+    epochs = Epochs()
     metrics = train.train_and_evaluate(config, extra_callbacks=(epochs,))
     assert epochs.seen == [1, 2]  # resumed after the first epoch, not from scratch
     assert metrics["epochs"] == 3
-    with open(tmp_path / "history.csv") as f:
-        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2]
+    assert history_epochs(tmp_path) == [0, 1, 2]
     assert not os.path.exists(tmp_path / "backup")  # removed once training completed
 
 
@@ -183,10 +133,17 @@ def test_same_seed_same_numbers(folder, tmp_path):
     assert a != c
 
 
-def test_run_dir_contents_and_flagfile_rerun(folder, tmp_path):
-    config = tiny(folder, tmp_path / "run")
-    metrics = train.train_and_evaluate(config)
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(folder, tmp_path_factory):
+    """One finished tiny run, shared: (its run dir, its metrics). Tests never change it."""
+    run = tmp_path_factory.mktemp("tiny_run")
+    return run, train.train_and_evaluate(tiny(folder, run))
+
+
+def test_run_dir_contents_and_flagfile_rerun(folder, tiny_run, tmp_path):
+    shutil.copytree(tiny_run[0], tmp_path / "run")
+    run, metrics = tmp_path / "run", tiny_run[1]
+    config = tiny(folder, run)
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     for key in ("accuracy", "loss", "val_accuracy", "val_loss", "wall_time_seconds"):
@@ -207,7 +164,7 @@ def test_run_dir_contents_and_flagfile_rerun(folder, tmp_path):
 RELOAD = r"""
 import json, sys
 import numpy as np, tensorflow as tf
-export, inputs = sys.argv[1], np.load(sys.argv[2])
+export, inputs = sys.argv[1], np.load(sys.argv[2], allow_pickle=True)
 loaded = tf.saved_model.load(export, tags=["serve"])
 out = {}
 fn = loaded.signatures["serving_default"]
@@ -218,15 +175,15 @@ for fmt in ("jpeg", "png"):
     out[fmt + "_names"] = [[n.decode() for n in row] for row in res["top_k_names"].numpy()]
 res = loaded.signatures["predict_images"](images=tf.constant(inputs["pixels"]))
 out["pixels"] = res["probabilities"].numpy().tolist()
-print(json.dumps(out))
+print("RESULT " + json.dumps(out))
 """
 
 
-def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tmp_path):
-    metrics = train.train_and_evaluate(tiny(folder, tmp_path))
+def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tiny_run, tmp_path):
+    run, metrics = tiny_run
     export = metrics["export_path"]
-    model = model_lib.build_model(tiny(folder, tmp_path), 3)
-    model.load_weights(tmp_path / rundir.BEST_WEIGHTS)
+    model = model_lib.build_model(tiny(folder, run), 3)
+    model.load_weights(run / rundir.BEST_WEIGHTS)
 
     images = [class_image(label, (30, 22), seed=100 + label) for label in (0, 1, 2)]
     jpegs = [encode(im, "JPEG") for im in images]
@@ -240,21 +197,7 @@ def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tmp_path)
     np.savez(
         inputs, jpeg=np.array(jpegs, dtype=object), png=np.array(pngs, dtype=object), pixels=raw
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            RELOAD.replace("np.load(sys.argv[2])", "np.load(sys.argv[2], allow_pickle=True)"),
-            export,
-            str(inputs),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    served = run_python(RELOAD, export, inputs)
     for fmt in ("jpeg", "png"):
         np.testing.assert_allclose(served[fmt], expected[fmt], atol=1e-5)
         assert [row[0] for row in served[fmt + "_names"]] == [

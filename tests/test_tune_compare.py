@@ -5,27 +5,15 @@ import os
 
 import pytest
 
-from tests.images import write_class_folders
+from tests.helpers import tiny_flags
 from tf_finetune import cli, tune
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_class_folders(tmp_path_factory.mktemp("photos"), num_classes=3, per_class=12)
+from tf_finetune.resolve import resolve
 
 
 def _tiny_flags(folder, model_dir, epochs=2):
-    return [
-        f"--data={folder}",
-        "--backbone=digits_cnn",
-        "--weights=none",
-        "--image_size=16",
-        f"--epochs={epochs}",
-        "--batch_size=8",
-        f"--model_dir={model_dir}",
-    ]
+    return tiny_flags(folder, model_dir, f"--epochs={epochs}", "--batch_size=8")
 
 
 @pytest.mark.slow  # two searches and a full train: ~20-40 s on 2 busy cores
@@ -91,8 +79,9 @@ def test_tune_flag_errors_are_one_line(folder, tmp_path, capsys, flags, message)
 
 
 def test_search_space_lists_and_ranges():
-    config = Config(
-        tune_learning_rate="1e-4:1e-2", tune_unfreeze="0,20,all", tune_batch_size="16,32"
+    # As `tune` calls it: on the resolved config (trial values are checked against its backbone).
+    config = resolve(
+        Config(tune_learning_rate="1e-4:1e-2", tune_unfreeze="0,20,all", tune_batch_size="16,32")
     )
     dims = {d.knob.field: d for d in tune.search_space(config)}
     assert (dims["learning_rate"].low, dims["learning_rate"].high) == (1e-4, 1e-2)
