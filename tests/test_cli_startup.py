@@ -117,6 +117,7 @@ def test_bad_backbone_prints_exactly_one_line(log_env):
     ], proc.stderr
 
 
+@pytest.mark.slow
 def test_an_error_after_tensorflow_started_is_one_line_too(tmp_path):
     # evaluate imports TensorFlow before it finds that the run has no checkpoint.
     proc = _run([_script(), "evaluate", f"--model_dir={tmp_path}"])
@@ -127,6 +128,7 @@ def test_an_error_after_tensorflow_started_is_one_line_too(tmp_path):
     ], proc.stderr
 
 
+@pytest.mark.slow
 def test_verbosity_shows_the_startup_lines(tmp_path):
     proc = _run([_script(), "evaluate", f"--model_dir={tmp_path}", "--verbosity=1"])
     assert proc.returncode == 2, proc.stderr
@@ -135,6 +137,7 @@ def test_verbosity_shows_the_startup_lines(tmp_path):
     assert lines[-1].startswith("tf-finetune: error: no checkpoint at")
 
 
+@pytest.mark.slow
 def test_lines_written_during_start_up_pass_unchanged_and_in_order(tmp_path):
     # -X importtime: Python writes one line per import to fd 2 while TensorFlow is imported.
     argv = [sys.executable, "-X", "importtime", _script(), "evaluate", f"--model_dir={tmp_path}"]
@@ -161,6 +164,7 @@ os.write(2, b"partial line, then ")
 """
 
 
+@pytest.mark.slow
 def test_filter_window_keeps_real_errors_and_python_stderr():
     code = _WINDOW.format(ending="quiet_start.end()\nos.write(2, b'after\\n')")
     proc = _run([sys.executable, "-c", code])
@@ -173,6 +177,7 @@ def test_filter_window_keeps_real_errors_and_python_stderr():
     ]
 
 
+@pytest.mark.slow
 def test_a_crash_inside_the_window_loses_nothing():
     code = _WINDOW.format(ending="os.write(2, b'the last words\\n')\nos.abort()")
     proc = _run([sys.executable, "-c", code])
@@ -185,6 +190,7 @@ def test_a_crash_inside_the_window_loses_nothing():
     ]
 
 
+@pytest.mark.slow
 def test_an_exception_inside_the_window_shows_its_traceback():
     code = _WINDOW.format(ending="raise SystemError('boom')")
     proc = _run([sys.executable, "-c", code])
@@ -226,6 +232,7 @@ def test_bad_flags_are_answered_before_tensorflow_is_imported():
     assert _imports_after(["train", "--epochs=0"]) == "2 []"
 
 
+@pytest.mark.slow
 def test_a_short_run_shows_no_startup_line(tmp_path):
     data = write_class_folders(tmp_path / "photos", num_classes=2, per_class=4)
     proc = _run(

@@ -132,6 +132,7 @@ def test_pipeline_shuffles_with_seed_and_evaluates_in_order(tmp_path):
     assert float(tf.reduce_max(x)) > 1.0  # raw 0-255 pixels: scaling is the model's job
 
 
+@pytest.mark.slow
 def test_tfds_with_mock_data_carves_validation_with_the_seed():
     import tensorflow_datasets as tfds
 

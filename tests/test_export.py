@@ -152,6 +152,7 @@ def _decoded(blob: bytes) -> np.ndarray:
     return data.decode_and_resize(tf.constant(blob), SIZE).numpy().astype("float32")
 
 
+@pytest.mark.slow
 def test_fresh_process_serves_every_signature_like_keras(run, keras_model, tmp_path):
     images = [
         encode(class_image(0, (30, 22), seed=1), "JPEG"),
@@ -184,6 +185,7 @@ def test_fresh_process_serves_every_signature_like_keras(run, keras_model, tmp_p
 
 
 # ----------------------------------------------------------------------------- export command
+@pytest.mark.slow
 def test_export_pinned_version_model_card_and_serving_config(run, capsys, tmp_path):
     models_config = tmp_path / "models.config"
     code, out, err = _cli(
@@ -319,6 +321,7 @@ def _check_json(out: str, expected: dict, photos) -> None:
     assert results[str(photos / "missing.jpg")]["error"] == "no such file or directory"
 
 
+@pytest.mark.slow
 def test_predict_local_from_a_run_dir(run, keras_model, photos, capsys):
     code, out, err = _cli(
         capsys,
@@ -337,6 +340,7 @@ def test_predict_local_from_a_run_dir(run, keras_model, photos, capsys):
     assert code == 0 and "c0.jpg" in out and "rank" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
 def test_predict_against_tf_serving_test_double(
     run, keras_model, photos, capsys, tf_serving, protocol
@@ -371,6 +375,7 @@ def test_flagfile_leaves_out_export_and_predict_knobs(config):
     assert "--quantize" not in text and "--server" not in text and "--json" not in text
 
 
+@pytest.mark.slow
 def test_readme_curl_body_is_answered_by_the_rest_test_double(run, keras_model, photos, tf_serving):
     blob = (photos / "c1.jpg").read_bytes()
     body = json.dumps({"instances": [{"b64": base64.b64encode(blob).decode()}]}).encode()
@@ -383,6 +388,7 @@ def test_readme_curl_body_is_answered_by_the_rest_test_double(run, keras_model, 
     assert prediction["top_k_names"][0] == CLASSES[int(expected.argmax())]
 
 
+@pytest.mark.slow
 def test_predict_a_tflite_file_with_litert_and_the_labels_beside_it(
     run, keras_model, tmp_path, capsys
 ):

@@ -90,6 +90,7 @@ def _handler_in_place(signum, handler):
         signal.signal(signum, previous)
 
 
+@pytest.mark.slow
 def test_sigint_mid_epoch_saves_a_backup_and_the_rerun_resumes(folder, tmp_path):
     config = tiny(folder, tmp_path)
     # Sent after step 2 (once our callback has looked): step 3 runs, then the run stops.
@@ -115,6 +116,7 @@ def test_sigint_mid_epoch_saves_a_backup_and_the_rerun_resumes(folder, tmp_path)
     assert not (tmp_path / "backup").exists()
 
 
+@pytest.mark.slow
 def test_head_phase_on_cached_features_resumes_too(folder, tmp_path):
     """A frozen backbone trains its head on cached features, with its own backup folder."""
     config = tiny(folder, tmp_path, unfreeze="0", cache="memory", epochs=3)
@@ -130,6 +132,7 @@ def test_head_phase_on_cached_features_resumes_too(folder, tmp_path):
     assert not (tmp_path / "backup_head").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_in_phase_two_resumes_there_and_keeps_the_best_of_phase_one(folder, tmp_path):
     """Two-phase runs: each phase backs up to backup/phase<i>; best.json spans the phases."""
     from tf_finetune import phases
@@ -197,6 +200,7 @@ def test_a_second_signal_during_fit_stops_at_once_and_the_handlers_in_place_come
 
 
 # ----------------------------------------------------------------------------- NaN
+@pytest.mark.slow
 def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(
     folder, tmp_path, capsys
 ):
@@ -236,6 +240,7 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(
 
 
 # ----------------------------------------------------------------------------- best so far
+@pytest.mark.slow
 def test_best_so_far_survives_a_resume(folder, tmp_path):
     """keras-team/keras#17012: a stock ModelCheckpoint would save the first resumed epoch."""
     config = tiny(folder, tmp_path, epochs=4)
@@ -281,6 +286,7 @@ def _disk_full_on_save(monkeypatch, folder: str, nth: int):
     return real
 
 
+@pytest.mark.slow
 def test_disk_full_during_backup_keeps_the_previous_backup(folder, tmp_path, monkeypatch):
     config = tiny(folder, tmp_path)
     real = _disk_full_on_save(monkeypatch, "backup", 2)  # the second epoch's backup
@@ -306,6 +312,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_best(folder, tmp_path, m
     assert json.loads((tmp_path / "checkpoints" / "best.json").read_text())["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_disk_full_during_export_leaves_no_version_and_the_rerun_exports(
     folder, tmp_path, monkeypatch
 ):

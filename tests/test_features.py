@@ -94,6 +94,7 @@ def test_cache_key_changes_with_everything_that_changes_a_feature(folder, tmp_pa
             f.truncate(os.path.getsize(photo) - 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_cached_training_trains_the_full_model(folder, tmp_path, cache):
     config = frozen(folder, tmp_path, cache=cache)

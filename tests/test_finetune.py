@@ -86,6 +86,7 @@ class _Trainable(keras.callbacks.Callback):
         self.kernels[epoch] = [np.array(w) for w in backbone.weights]
 
 
+@pytest.mark.slow
 def test_two_phase_freezes_then_unfreezes_and_continues_the_epochs(folder, tmp_path):
     # On pixels in both phases, to watch the backbone in phase 1 (see the cached test below).
     config = tiny(folder, tmp_path, epochs=4, warmup_epochs=2, unfreeze="1", cache="none")
@@ -128,6 +129,7 @@ def test_phase_two_learning_rate_defaults_to_a_tenth(folder, tmp_path):
 @pytest.mark.parametrize(
     "crash_epoch, resumed_phase, cache", [(2, 2, "none"), (0, 1, "none"), (0, 1, "memory")]
 )
+@pytest.mark.slow
 def test_killed_run_resumes_in_the_phase_it_was_in(
     folder, tmp_path, crash_epoch, resumed_phase, cache
 ):
@@ -146,6 +148,7 @@ def test_killed_run_resumes_in_the_phase_it_was_in(
     assert not os.path.exists(tmp_path / "backup")
 
 
+@pytest.mark.slow
 def test_resumed_phase_two_starts_from_phase_one_weights(folder, tmp_path):
     config = tiny(folder, tmp_path, epochs=4, warmup_epochs=2, unfreeze="1", cache="none")
     seen = _Trainable()
@@ -187,6 +190,7 @@ def _random_ops(saved_model_dir) -> set[str]:
     return {op for op in _op_types(saved_model_dir) if any(r in op for r in RANDOM_OPS)}
 
 
+@pytest.mark.slow
 def test_augmentation_trains_but_never_reaches_the_export(folder, tmp_path):
     config = tiny(folder, tmp_path, augment="strong", mixup=0.2, cutmix=1.0)
     metrics = train.train_and_evaluate(config)
@@ -315,6 +319,7 @@ def test_mixed_precision_computes_in_bfloat16_with_a_float32_output(folder, tmp_
 
 
 # ----------------------------------------------------------------------------- gates, averages
+@pytest.mark.slow
 def test_min_accuracy_gate_exits_3_keeps_the_run_and_exports_nothing(folder, tmp_path, capsys):
     run = tmp_path / "run"
     # --learning_rate=1e-9 learns nothing: chance accuracy.
@@ -330,6 +335,7 @@ def test_min_accuracy_gate_exits_3_keeps_the_run_and_exports_nothing(folder, tmp
     assert not os.path.exists(run / "export") or os.listdir(run / "export") == []
 
 
+@pytest.mark.slow
 def test_ema_and_checkpoint_average_are_evaluated_beside_the_best(folder, tmp_path):
     # A low rate: the losses stay apart from 0, so the three models can differ.
     config = tiny(folder, tmp_path, epochs=4, learning_rate=0.001, ema=0.9, average_checkpoints=2)

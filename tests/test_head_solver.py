@@ -49,6 +49,7 @@ def _best(run) -> dict:
     return json.loads((run / "checkpoints" / "best.json").read_text())
 
 
+@pytest.mark.slow
 def test_one_solve_replaces_the_head_epochs_and_leaves_the_usual_files(folder, tmp_path):
     config = lbfgs(folder, tmp_path, label_smoothing=0.1, class_weight="balanced")
     metrics = train.train_and_evaluate(config)
@@ -71,6 +72,7 @@ def test_one_solve_replaces_the_head_epochs_and_leaves_the_usual_files(folder, t
     assert metrics["export_path"] and os.path.isdir(metrics["export_path"])
 
 
+@pytest.mark.slow
 def test_two_phases_fine_tune_after_the_solved_head(folder, tmp_path):
     config = lbfgs(folder, tmp_path, unfreeze="all", warmup_epochs=2, epochs=4)
     seen = []
@@ -82,6 +84,7 @@ def test_two_phases_fine_tune_after_the_solved_head(folder, tmp_path):
     assert metrics["val_accuracy"] > 0.9, metrics
 
 
+@pytest.mark.slow
 def test_a_kill_in_phase_two_resumes_there_from_the_solved_head(folder, tmp_path):
     config = lbfgs(folder, tmp_path, unfreeze="all", warmup_epochs=2, epochs=4)
     interrupt = _At(2, 0, lambda: os.kill(os.getpid(), signal.SIGTERM))

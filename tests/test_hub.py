@@ -488,6 +488,7 @@ def test_save_weights_roundtrip_into_fresh_model(modules, tmp_path):
     np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_keras_file_roundtrip(modules, tmp_path):
     model = _compile(_image_model(HubLayer(modules["vector"], trainable=True)))
     model.fit(_images(), _labels(), epochs=1, batch_size=8, verbose=0)
@@ -560,6 +561,7 @@ EXPORT_CHECK = """
 """
 
 
+@pytest.mark.slow
 def test_export_archive_is_self_contained(modules, tmp_path):
     jobs, expected = [], {}
 
@@ -653,6 +655,7 @@ MIRRORED = """
 """
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_two_replicas(modules):
     out = run_python(MIRRORED, modules["bn"], cwd=REPO, import_ours=True)
     assert out["replicas"] == 2

@@ -108,6 +108,7 @@ def test_cli_made_up_op_in_the_backbone_is_one_line(modules, tmp_path, capsys):
     assert MADE_UP_OP in err and "an op library not installed here" in err
 
 
+@pytest.mark.slow
 def test_tftext_missing_is_one_line_in_a_fresh_cli(modules, tmp_path):
     """The issue's case: tensorflow_text cannot be imported -> one line naming CaseFoldUTF8."""
     table = tmp_path / "t.csv"

@@ -135,6 +135,7 @@ def test_signature_is_read_without_loading(modules):
 
 
 # ----------------------------------------------------------------------------- images
+@pytest.mark.slow
 def test_frozen_hub_module_is_unchanged_by_training(modules, folder, tmp_path):
     watch = Watch()
     # --cache=none: fit on pixels through the frozen module (the feature cache would only
@@ -362,6 +363,7 @@ def test_unknown_label_in_val_and_integer_labels(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_trains_a_hub_image_backbone(modules, folder, tmp_path, capsys):
     code = cli.main(
         [

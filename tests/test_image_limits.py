@@ -81,6 +81,7 @@ def test_export_outputs_within_the_limit_are_unchanged(exported, model):
     assert serve(image_bytes=tf.constant([], tf.string))["probabilities"].shape == (0, 3)
 
 
+@pytest.mark.slow
 def test_a_real_bomb_is_refused_in_milliseconds(exported):
     _, serve = exported
     real = bombs.real_png_bomb(20000)  # 1.2 MB, decodes to 1.2 GB
@@ -90,6 +91,7 @@ def test_a_real_bomb_is_refused_in_milliseconds(exported):
     assert time.perf_counter() - start < 1.0  # a full decode takes seconds
 
 
+@pytest.mark.slow
 def test_the_limit_is_a_knob_and_the_model_card_records_it(model, tmp_path):
     small = export.export_saved_model(
         model, ["a", "b", "c"], SIZE, str(tmp_path), max_image_pixels=1000

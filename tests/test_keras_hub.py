@@ -210,6 +210,7 @@ def _offline(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- images
+@pytest.mark.slow
 def test_frozen_preset_caches_features_under_two_replicas(presets, folder, tmp_path):
     preset = own(presets["image"], tmp_path)
     config = config_for(
@@ -228,6 +229,7 @@ def test_frozen_preset_caches_features_under_two_replicas(presets, folder, tmp_p
     _check_served_images(metrics["export_path"], model)
 
 
+@pytest.mark.slow
 def test_finetuned_preset_moves_all_but_batchnorm(presets, folder, tmp_path):
     preset = own(presets["image"], tmp_path)
     config = config_for(

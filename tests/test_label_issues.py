@@ -116,6 +116,7 @@ def test_plot_and_json_are_written(tmp_path):
 
 
 # ----------------------------------------------------------------------------- evaluate --label_issues
+@pytest.mark.slow
 def test_evaluate_finds_images_moved_to_the_wrong_class_folder(tmp_path):
     folder = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
     moved = {}  # new path -> the class it really is

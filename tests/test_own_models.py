@@ -113,6 +113,7 @@ def test_keras_export_is_told_from_a_hub_module(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a run
+@pytest.mark.slow
 def test_run_dir_other_classes_starts_from_the_fine_tuned_backbone(run_a, data_b, tmp_path, capsys):
     source = tmp_path / "a"
     shutil.copytree(run_a, source)
@@ -167,6 +168,7 @@ def test_weights_with_a_run_dir_is_refused_in_one_line(run_a, data_b, tmp_path, 
 
 
 # ----------------------------------------------------------------------------- a .keras file
+@pytest.mark.slow
 def test_keras_export_of_a_run_is_a_backbone_and_b_outlives_it(run_a, data_b, tmp_path, capsys):
     folder = tmp_path / "keras_a"
     assert (
@@ -222,6 +224,7 @@ def _export_backbone(run) -> dict[str, np.ndarray]:
     return {w.name: np.array(w) for w in _restored(run).get_layer("backbone").weights}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unfreeze", ["0", "all"])
 def test_keras_export_trains_frozen_and_fine_tuned_with_adam(
     keras_export, data_b, tmp_path, capsys, unfreeze
@@ -256,6 +259,7 @@ def test_keras_export_probabilities_get_a_note(keras_export, data_b, tmp_path, c
     assert "a classifier's probabilities" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_run_on_a_keras_export_is_itself_a_backbone(
     keras_export, data_a, data_b, tmp_path, capsys
 ):

@@ -330,6 +330,7 @@ def _console(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
 
 
+@pytest.mark.slow
 def test_chromium_opens_the_report_without_errors_and_draws_it(run, tmp_path):
     page = run["dir"] / "report.html"
     # The check can fail: a page with a script error is caught.

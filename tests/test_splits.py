@@ -196,6 +196,7 @@ def _train(folder, run, *flags) -> int:
     return cli.main(["train", *tiny_flags(folder, run, "--epochs=1", "--batch_size=8", *flags)])
 
 
+@pytest.mark.slow
 def test_train_with_test_percent_reports_test_metrics_and_evaluate_picks_test(tmp_path, capsys):
     """Needs train.load_data to pass config.test_percent, and evaluate_run to use
     splits.choose_eval_split (the lead's wiring in train.py)."""

@@ -40,6 +40,7 @@ def test_frozen_backbone_is_unchanged_by_fit_and_the_head_learns(folder, tmp_pat
     )
 
 
+@pytest.mark.slow
 def test_unfreeze_top_n_trains_exactly_those_layers_and_never_batchnorm(folder, tmp_path):
     spec = backbones.get_spec("mobilenet_v2")
     model = model_lib.build_classifier(spec, 3, 32, None, 0.0, alpha=0.35)
@@ -65,12 +66,14 @@ def test_unfreeze_top_n_trains_exactly_those_layers_and_never_batchnorm(folder, 
     assert model_lib.unfreeze(model, 0) == [] and not backbone.trainable
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_with_two_cpu_replicas(folder, tmp_path):
     metrics = train.train_and_evaluate(tiny(folder, tmp_path, cpu_replicas=2))
     assert metrics["replicas"] == 2
     assert metrics["val_accuracy"] > 0.6  # three solid colours: easy when training works
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["none", "memory"])
 def test_two_replicas_evaluate_every_image_of_splits_that_split_unevenly(tmp_path, cache):
     # val and test: 9 images, batch 8 -> a last batch of 1 leaves a replica nothing (its
@@ -109,6 +112,7 @@ def test_eval_batch_size_gives_every_replica_an_example_and_keeps_every_example(
         distribute.eval_batch_size(1, 8, 2)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_backup(folder, tmp_path):
     config = tiny(folder, tmp_path)
     with pytest.raises(KeyboardInterrupt):
@@ -122,6 +126,7 @@ def test_killed_run_resumes_from_its_backup(folder, tmp_path):
     assert not os.path.exists(tmp_path / "backup")  # removed once training completed
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(folder, tmp_path):
     # --deterministic is what an explicit --seed turns on (tests/test_cli.py).
     def history(name, **overrides):
@@ -179,6 +184,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_export_serves_jpeg_and_png_bytes_like_the_keras_model(folder, tiny_run, tmp_path):
     run, metrics = tiny_run
     export = metrics["export_path"]

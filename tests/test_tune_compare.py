@@ -93,6 +93,7 @@ def test_search_space_lists_and_ranges():
         tune.search_space(Config(tune_augment="none:light"))
 
 
+@pytest.mark.slow
 def test_compare_prints_a_row_per_variant_and_writes_json(folder, tmp_path, capsys):
     run = tmp_path / "cmp"
     argv = [
