@@ -6,7 +6,7 @@ import time
 
 def process_seconds() -> float | None:
     """Seconds since this process started (Python start-up and imports included), or None
-    where the process start time cannot be read."""
+    where the process start time cannot be read (psutil is a declared dependency)."""
     try:
         import psutil
 
