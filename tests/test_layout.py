@@ -69,6 +69,7 @@ def test_only_the_cli_reads_flags():
         ("backbone_table", {"errors", "keras_hub_table"}),
         ("keras_hub_table", set()),
         ("digits", set()),
+        ("multilabel_metrics", set()),
     ],
 )
 def test_leaves_import_only_what_they_must(module, allowed):
@@ -78,7 +79,9 @@ def test_leaves_import_only_what_they_must(module, allowed):
 TRAINING_AND_AFTER = {"model", "train", "export", "export_run", "feature_fit", "callbacks"}
 
 
-@pytest.mark.parametrize("module", ["data", "text_data", "input_pipeline", "splits", "headers"])
+@pytest.mark.parametrize(
+    "module", ["data", "text_data", "multilabel_data", "input_pipeline", "splits", "headers"]
+)
 def test_data_never_imports_model_training_or_export(module):
     assert not _reachable(module) & (
         TRAINING_AND_AFTER | {"hub_model", "keras_hub_model", "backbones"}
