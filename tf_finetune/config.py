@@ -5,6 +5,7 @@ field), parses the command line into a `Config`, and the library only ever sees 
 `Config.to_flagfile()` writes the resolved values as a flagfile: `--flagfile=<it>` reruns the run.
 """
 
+import csv
 import dataclasses
 import os
 
@@ -115,7 +116,43 @@ class Config:
         "data",
     )
     label_column: str = _field(
-        "label", "Text data: the CSV/TSV column (or TFDS feature) holding the label.", "data"
+        "label",
+        "The CSV/TSV column (or TFDS feature) holding the label (multi-label: the labels, "
+        "joined by --label_separator).",
+        "data",
+    )
+    file_column: str = _field(
+        "file",
+        "Image CSV/TSV: the column naming each image file (relative to the CSV's folder). A "
+        ".csv/.tsv --data with this column and no --text_column holds images.",
+        "data",
+    )
+    task: str = _field(
+        "single_label",
+        "single_label: one class per example (softmax). multi_label: any number of labels per "
+        "example (sigmoid, binary cross-entropy, per-label thresholds chosen on val); data: an "
+        "image CSV with --label_separator-joined labels, or class folders where one file name "
+        "appears under several label folders.",
+        "data",
+        ("single_label", "multi_label"),
+    )
+    label_separator: str = _field(
+        "|", "Multi-label CSV/TSV: the separator between the labels of one cell.", "data"
+    )
+    threshold_metric: str = _field(
+        "f1",
+        "Multi-label: how each label's threshold is chosen on val. f1: the threshold that "
+        "maximises that label's F1; fixed: --threshold for every label.",
+        "output",
+        ("f1", "fixed"),
+    )
+    threshold: float = _field(
+        0.5,
+        "Multi-label: the threshold of --threshold_metric=fixed, and of labels without a "
+        "positive validation example.",
+        "output",
+        at_least=0.0,
+        at_most=1.0,
     )
 
     data_service: str = _field(
@@ -498,8 +535,20 @@ def parse_unfreeze(value: str) -> int | float | None:
 
 
 def is_table_file(path: str) -> bool:
-    """A CSV/TSV file of text examples (the delimiter comes from the extension)."""
+    """A CSV/TSV file of examples (the delimiter comes from the extension)."""
     return path.lower().endswith((".csv", ".tsv"))
+
+
+def table_holds_images(path: str, file_column: str, text_column: str) -> bool:
+    """A CSV/TSV whose header names `file_column` and none of `text_column`'s columns: each
+    row names an image file. Reads the header line only."""
+    if not (is_table_file(path) and os.path.isfile(path)):
+        return False
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = [h.strip() for h in next(csv.reader(f, delimiter=delimiter), [])]
+    texts = [c.strip() for c in text_column.split(",") if c.strip()]
+    return file_column in header and not any(c in header for c in texts)
 
 
 def _bound_error(f: dataclasses.Field, value) -> str | None:

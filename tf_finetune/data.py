@@ -746,8 +746,8 @@ def make_pipeline(
     """
     load = split.load
 
-    def one_hot(x, y):
-        return x, tf.one_hot(y, num_classes)
+    def one_hot(x, y):  # multi-label targets are float multi-hot vectors already
+        return x, (y if y.dtype.is_floating else tf.one_hot(y, num_classes))
 
     if cache_images:
 

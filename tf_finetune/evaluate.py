@@ -403,6 +403,9 @@ def _probabilities(model, pixels) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+batch_probabilities = _probabilities  # one batch, for multi-label scoring
+
+
 def predict_dataset(
     model, dataset, max_images: int = DEFAULT_KEPT_IMAGES
 ) -> tuple[np.ndarray, np.ndarray, MistakeImages | None]:

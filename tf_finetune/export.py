@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import atomic, backbone_table, faults, hub
+from tf_finetune import atomic, backbone_table, faults, hub, rundir
 from tf_finetune import data as data_lib
 from tf_finetune.config import Config
 from tf_finetune.data import MAX_IMAGE_PIXELS, decode_images, resize
@@ -73,14 +73,28 @@ def remove_stale_temporaries(export_base: str) -> list[str]:
     return removed
 
 
-def _outputs(probabilities: tf.Tensor, class_names: tf.Tensor, k: int) -> dict:
+def _outputs(
+    probabilities: tf.Tensor, class_names: tf.Tensor, k: int, thresholds: list[float] | None = None
+) -> dict:
+    """The signature outputs. A multi-label model (`thresholds`, one per label) also returns
+    `above_threshold` (bool [batch, labels]), `labels` (the names at or above their threshold,
+    in label order, padded with "" to [batch, labels]) and `label_count` (int32 [batch])."""
     scores, indices = tf.math.top_k(probabilities, k=k)
-    return {
+    outputs = {
         "probabilities": probabilities,
         "top_k_indices": indices,
         "top_k_names": tf.gather(class_names, indices),
         "top_k_scores": scores,
     }
+    if thresholds is not None:
+        above = probabilities >= tf.constant(thresholds, tf.float32)
+        every_name = tf.broadcast_to(class_names, tf.shape(probabilities))
+        outputs["above_threshold"] = above
+        outputs["labels"] = tf.ragged.boolean_mask(every_name, above).to_tensor(
+            default_value="", shape=[None, len(thresholds)]
+        )
+        outputs["label_count"] = tf.reduce_sum(tf.cast(above, tf.int32), axis=1)
+    return outputs
 
 
 def build_archive(
@@ -89,6 +103,7 @@ def build_archive(
     image_size: int,
     top_k: int = 5,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    thresholds: list[float] | None = None,
 ) -> keras.export.ExportArchive:
     """The serving graph around `model` (which takes float32 0-255 pixels).
 
@@ -110,7 +125,7 @@ def build_archive(
             lambda: tf.cast(model(pixels, training=False), tf.float32),
             lambda: tf.zeros([0, num_classes], tf.float32),
         )
-        return _outputs(tf.ensure_shape(probabilities, [None, num_classes]), names, k)
+        return _outputs(tf.ensure_shape(probabilities, [None, num_classes]), names, k, thresholds)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(image_bytes):
@@ -129,7 +144,10 @@ def build_archive(
 
 
 def build_text_archive(
-    model: keras.Model, class_names: list[str], top_k: int = 5
+    model: keras.Model,
+    class_names: list[str],
+    top_k: int = 5,
+    thresholds: list[float] | None = None,
 ) -> keras.export.ExportArchive:
     """The serving graph around a text `model` (tf.string [batch] -> probabilities)."""
     k = min(top_k, len(class_names))
@@ -140,7 +158,7 @@ def build_text_archive(
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def serve_text(text):
         probabilities = model(text, training=False)
-        return _outputs(tf.cast(probabilities, tf.float32), names, k)
+        return _outputs(tf.cast(probabilities, tf.float32), names, k, thresholds)
 
     archive.add_endpoint("serving_default", serve_text)
     return archive
@@ -221,9 +239,25 @@ def card_metrics(metrics: dict) -> dict:
     }
 
 
+def card_thresholds(card: dict | None, class_names: list[str]) -> list[float] | None:
+    """A multi-label card's per-label thresholds in label order, else None."""
+    by_name = (card or {}).get("thresholds")
+    return [float(by_name[n]) for n in class_names] if by_name else None
+
+
 def run_card(config: Config, class_names: list[str], metrics: dict) -> dict:
-    """The model card of a run: backbone, data, metrics, image size, the flags that made it."""
-    return model_card(
+    """The model card of a run: backbone, data, metrics, image size, the flags that made it;
+    a multi-label run's card also holds its task and per-label thresholds (chosen on val)."""
+    multi_label = {}
+    if config.task == "multi_label":
+        thresholds = rundir.read_thresholds(config.model_dir)
+        if thresholds is None:
+            raise UserError(
+                f"{config.model_dir} has no {rundir.THRESHOLDS}: rerun "
+                "'tf-finetune evaluate' or train to choose the thresholds on val."
+            )
+        multi_label = {"task": "multi_label", "thresholds": thresholds}
+    return multi_label | model_card(
         class_names,
         config.image_size,
         config.to_flagfile(),
@@ -273,10 +307,15 @@ def _write_version(
 ) -> None:
     """The whole version into `folder`: the SavedModel, labels, warm-up requests, card."""
     text = is_text_model(model)
+    thresholds = card_thresholds(card, class_names)
     if text:
-        build_text_archive(model, class_names).write_out(folder, verbose=False)
+        build_text_archive(model, class_names, thresholds=thresholds).write_out(
+            folder, verbose=False
+        )
     else:
-        archive = build_archive(model, class_names, image_size, max_image_pixels=max_image_pixels)
+        archive = build_archive(
+            model, class_names, image_size, max_image_pixels=max_image_pixels, thresholds=thresholds
+        )
         archive.write_out(folder, verbose=False)
     os.makedirs(os.path.join(folder, "assets"), exist_ok=True)
     atomic.write_text(os.path.join(folder, "assets", LABELS_FILE), "\n".join(class_names) + "\n")
@@ -289,7 +328,9 @@ def _write_version(
             "serving_default": "image_bytes: tf.string [batch] (encoded JPEG/PNG/GIF/BMP/WebP)",
             "predict_images": "images: float32 [batch, h, w, 3], 0-255 pixels",
         }
-    signatures["outputs"] = "probabilities, top_k_indices, top_k_names, top_k_scores"
+    signatures["outputs"] = "probabilities, top_k_indices, top_k_names, top_k_scores" + (
+        ", above_threshold, labels, label_count" if thresholds else ""
+    )
     card = {
         **(card or model_card(class_names, image_size)),
         "version": version,

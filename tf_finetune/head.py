@@ -10,10 +10,17 @@ import keras
 from tf_finetune.errors import UserError
 
 
-def add_head(features, num_classes: int, dropout: float, source: str = "the backbone"):
+def add_head(
+    features,
+    num_classes: int,
+    dropout: float,
+    source: str = "the backbone",
+    multi_label: bool = False,
+):
     """Pools `features` (a feature map, a sequence or a vector) and classifies them.
 
-    Returns softmax probabilities, float32 even under mixed precision.
+    Returns probabilities, float32 even under mixed precision: softmax over the classes, or
+    (`multi_label`) one independent sigmoid per label.
     """
     rank = len(features.shape)
     if rank == 4:
@@ -29,5 +36,8 @@ def add_head(features, num_classes: int, dropout: float, source: str = "the back
     x = pooler(features)
     x = keras.layers.Dropout(dropout, name="output_dropout")(x)
     return keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="predictions"
+        num_classes,
+        activation="sigmoid" if multi_label else "softmax",
+        dtype="float32",
+        name="predictions",
     )(x)

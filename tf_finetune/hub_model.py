@@ -234,7 +234,13 @@ def build_classifier(config, num_classes: int) -> keras.Model:
             config.backbone,
         )
     x = backbone(x)
-    outputs = head.add_head(x, num_classes, config.dropout, f"--backbone={config.backbone}")
+    outputs = head.add_head(
+        x,
+        num_classes,
+        config.dropout,
+        f"--backbone={config.backbone}",
+        config.task == "multi_label",
+    )
     return keras.Model(inputs, outputs, name="hub_classifier")
 
 

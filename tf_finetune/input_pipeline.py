@@ -1,17 +1,19 @@
 """The run's data as `tf.data` pipelines: which source `--data` names, and the train / val /
 test batches `fit` and the reports read.
 
-Sources (folders, TFDS, text tables) live in data.py and text_data.py; this module picks one
+Sources (folders, TFDS, text tables, image tables and tag folders) live in data.py,
+text_data.py and multilabel_data.py; this module picks one
 and batches it for a strategy. It never imports the model, the trainer or the export.
 """
 
 import dataclasses
+import os
 
 import tensorflow as tf
 
-from tf_finetune import augment, data, distribute, text_data, validation
+from tf_finetune import augment, data, distribute, multilabel_data, text_data, validation
 from tf_finetune import config as config_lib
-from tf_finetune.config import Config
+from tf_finetune.config import Config, table_holds_images
 
 # --smoke keeps at most this many examples of each split.
 SMOKE_EXAMPLES = {"train": 16, "val": 8, "test": 8}
@@ -57,6 +59,10 @@ def _load_source(config: Config, folder: str | None) -> data.DataSet:
         validation.data_matches_backbone(config, text)
     if text:
         return text_data.load(config)
+    if config.task == "multi_label" or table_holds_images(
+        config.data, config.file_column, config.text_column
+    ):
+        return _load_tagged(config)
     if config.data.startswith("tfds:"):
         return data.load_tfds(
             config.data[len("tfds:") :],
@@ -73,6 +79,22 @@ def _load_source(config: Config, folder: str | None) -> data.DataSet:
         config.validation_percent,
         config.test_percent,
         config.max_image_pixels,
+    )
+
+
+def _load_tagged(config: Config) -> data.DataSet:
+    """An image CSV/TSV (either task) or a multi-label class folder."""
+    options = {
+        "image_size": config.image_size,
+        "validation_percent": config.validation_percent,
+        "test_percent": config.test_percent,
+        "max_image_pixels": config.max_image_pixels,
+    }
+    separator = config.label_separator if config.task == "multi_label" else None
+    if os.path.isdir(config.data):
+        return multilabel_data.load_folder(config.data, options)
+    return multilabel_data.load_table(
+        config.data, config.file_column, config.label_column, separator, options
     )
 
 

@@ -296,5 +296,11 @@ def build_classifier(config, num_classes: int) -> keras.Model:
             folder, name="preprocessor"
         )
         x = _text_features(backbone(preprocessor(inputs), training=False))
-    outputs = head.add_head(x, num_classes, config.dropout, f"--backbone={config.backbone}")
+    outputs = head.add_head(
+        x,
+        num_classes,
+        config.dropout,
+        f"--backbone={config.backbone}",
+        config.task == "multi_label",
+    )
     return keras.Model(inputs, outputs, name="keras_hub_classifier")

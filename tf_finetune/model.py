@@ -29,6 +29,7 @@ def build_classifier(
     weights: str | None,
     dropout: float,
     alpha: float = 1.0,
+    multi_label: bool = False,
 ) -> keras.Model:
     """Builds the classifier; the backbone starts frozen (`trainable=False`).
 
@@ -42,7 +43,7 @@ def build_classifier(
     # training=False keeps BatchNormalization in inference mode even when the backbone is
     # unfrozen later: its statistics were learned on far more data than the new task has.
     x = backbone(x, training=False)
-    outputs = head.add_head(x, num_classes, dropout)
+    outputs = head.add_head(x, num_classes, dropout, multi_label=multi_label)
     return keras.Model(inputs, outputs, name=f"{spec.name}_classifier")
 
 
@@ -145,12 +146,22 @@ def compile_model(
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
     multipliers: dict[str, float] | None = None,
 ) -> None:
-    metrics = ["accuracy"]
-    if num_classes > 5:
-        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
+    if config.task == "multi_label":
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)
+        # Keras' mAP estimate (per-label PR-AUC over 200 thresholds) for the epoch logs; the
+        # reports compute exact average precision.
+        metrics = [
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.AUC(curve="PR", multi_label=True, num_labels=num_classes, name="map"),
+        ]
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+        metrics = ["accuracy"]
+        if num_classes > 5:
+            metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
     model.compile(
         optimizer=make_optimizer(config, learning_rate, multipliers),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        loss=loss,
         metrics=metrics,
         jit_compile=config.jit_compile,
     )
@@ -235,6 +246,7 @@ def build_model(
                 weights_arg(config),
                 config.dropout,
                 config.backbone_alpha,
+                config.task == "multi_label",
             )
     finally:
         keras.mixed_precision.set_global_policy(previous)

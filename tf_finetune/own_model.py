@@ -242,7 +242,13 @@ def adapt(parent: keras.Model, class_names, config: Config, num_classes: int) ->
         logging.info("Same classes as --backbone=%s: its head is kept.", config.backbone)
         return parent
     features = parent.get_layer("pooler").input
-    outputs = head.add_head(features, num_classes, config.dropout, f"--backbone={config.backbone}")
+    outputs = head.add_head(
+        features,
+        num_classes,
+        config.dropout,
+        f"--backbone={config.backbone}",
+        config.task == "multi_label",
+    )
     return keras.Model(parent.inputs, outputs, name=f"{parent.name}_adapted")
 
 
@@ -276,7 +282,13 @@ def _from_keras_file(config: Config, num_classes: int) -> keras.Model:
     inputs = keras.Input((config.image_size, config.image_size, 3), name="pixels")
     # training=False: BatchNormalization stays in inference mode when unfrozen (model.py).
     x = backbone(inputs, training=False)
-    outputs = head.add_head(x, num_classes, config.dropout, f"--backbone={config.backbone}")
+    outputs = head.add_head(
+        x,
+        num_classes,
+        config.dropout,
+        f"--backbone={config.backbone}",
+        config.task == "multi_label",
+    )
     return keras.Model(inputs, outputs, name="own_classifier")
 
 
@@ -303,7 +315,13 @@ def _from_export(config: Config, num_classes: int) -> keras.Model:
             config.backbone,
         )
     x = backbone(inputs)
-    outputs = head.add_head(x, num_classes, config.dropout, f"--backbone={config.backbone}")
+    outputs = head.add_head(
+        x,
+        num_classes,
+        config.dropout,
+        f"--backbone={config.backbone}",
+        config.task == "multi_label",
+    )
     return keras.Model(inputs, outputs, name="export_classifier")
 
 

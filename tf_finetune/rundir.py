@@ -25,6 +25,7 @@ from tf_finetune.errors import UserError
 FLAGS_FILE = "flags.cfg"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
+THRESHOLDS = "thresholds.json"  # a multi-label run's per-label thresholds, chosen on val
 BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
 # The weights that were evaluated and exported, when they are not the best checkpoint's
 # (an EMA or an average won on val_loss); `evaluate` and `export` prefer them.
@@ -119,3 +120,15 @@ def last_epoch(history, model_dir: str) -> dict[str, float]:
                 last = list(csv.DictReader(f))[-1:]
             rows = {k: [float(v)] for row in last for k, v in row.items() if v}
     return {k: float(rows[k][-1]) for k in ("loss", "accuracy") if k in rows}
+
+
+def read_thresholds(run_dir: str) -> dict[str, float] | None:
+    """{label: threshold} of a multi-label run (thresholds.json), or None when it has none."""
+    path = os.path.join(run_dir, THRESHOLDS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return {str(k): float(v) for k, v in json.load(f)["labels"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"{path} is unreadable ({error}); rerun 'tf-finetune evaluate'.") from None

@@ -6,7 +6,7 @@ import os
 import keras
 from absl import logging
 
-from tf_finetune import data, evaluate, rundir
+from tf_finetune import data, evaluate, multilabel_scoring, rundir
 from tf_finetune.config import Config
 
 
@@ -47,6 +47,8 @@ def evaluate_and_report(
 
     Validation picked the best checkpoint, so only the test numbers are unbiased.
     """
+    if config.task == "multi_label":
+        return multilabel_scoring.evaluate_and_report(model, config, dataset.class_names, pipelines)
     evaluated = {k: v for k, v in pipelines.items() if k != "train"}
     results = evaluate_splits(model, evaluated)
     for split, ds in evaluated.items():

@@ -66,6 +66,8 @@ def choose_weights(
 
 
 def gate_accuracy(metrics: dict) -> tuple[str, float]:
-    """The accuracy --min_accuracy checks: test's when there is a test split, else val's."""
+    """The score --min_accuracy checks: test's when there is a test split, else val's;
+    accuracy, or mAP for a multi-label model."""
     split = "test" if "test_accuracy" in metrics else "val"
-    return split, metrics[f"{split}_accuracy"]
+    key = "map" if metrics.get("task") == "multi_label" else "accuracy"
+    return split, metrics[f"{split}_{key}"]

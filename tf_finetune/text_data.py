@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tf_finetune import data
 from tf_finetune import splits as splits_lib
-from tf_finetune.config import is_table_file
+from tf_finetune.config import is_table_file, table_holds_images
 from tf_finetune.errors import UserError
 
 TABLE_EXTENSIONS = (".csv", ".tsv")
@@ -49,7 +49,9 @@ def is_text_source(config) -> bool:
         return _tfds_text_features(data.open_tfds(source[5:]).info.features) is not None
     if os.path.isdir(source):
         return "train" in _split_files(source)
-    return is_table_file(source)
+    return is_table_file(source) and not table_holds_images(
+        source, config.file_column, config.text_column
+    )
 
 
 def _columns(names: str) -> list[str]:

@@ -217,6 +217,48 @@ def tf_config_for_multi_worker(config: Config) -> None:
         multiworker.parse_tf_config()  # a missing or malformed TF_CONFIG, before any TF op
 
 
+def multi_label_sources(config: Config) -> None:
+    """Multi-label reads an image CSV/TSV or a tag-folder tree (for now)."""
+    if config.task != "multi_label":
+        return
+    if not config.data or config.data.startswith("tfds:"):
+        raise UserError(
+            f"--task=multi_label reads an image CSV/TSV or a folder of label folders; "
+            f"--data={config.data or '(offline default)'} is not one (TFDS multi-label data "
+            "sets are not supported yet)."
+        )
+    if config_lib.is_table_file(config.data) and not config_lib.table_holds_images(
+        config.data, config.file_column, config.text_column
+    ):
+        raise UserError(
+            f"--task=multi_label: {config.data} has no --file_column={config.file_column} "
+            "column (multi-label text is not supported yet)."
+        )
+    if os.path.isdir(config.data) and splits.own_splits(config.data):
+        raise UserError(
+            f"--task=multi_label: --data={config.data} has its own train/ val/ folders; a "
+            "multi-label folder holds one folder per label (splits are carved by hash)."
+        )
+
+
+def multi_label_options(config: Config) -> None:
+    """What a sigmoid head does not take yet."""
+    if config.task != "multi_label":
+        return
+    refused = {
+        "--head_solver=lbfgs": config.head_solver == "lbfgs",
+        "--mixup/--cutmix": bool(config.mixup or config.cutmix),
+        "--class_weight": config.class_weight != "none",
+        "--label_issues": config.label_issues,
+    }
+    named = [flag for flag, on in refused.items() if on]
+    if named:
+        raise UserError(
+            f"{', '.join(named)} with --task=multi_label is not supported: they assume one "
+            "class per example."
+        )
+
+
 RULES: tuple[Callable[[Config], None], ...] = (
     unfreeze_values,
     warmup_leaves_fine_tuning,
@@ -237,6 +279,8 @@ RULES: tuple[Callable[[Config], None], ...] = (
     backbone_layer_needs_keras_file,
     export_version_is_new,
     tf_config_for_multi_worker,
+    multi_label_sources,
+    multi_label_options,
 )
 
 

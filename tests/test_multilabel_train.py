@@ -1,0 +1,136 @@
+"""--task=multi_label end to end: tagged images -> sigmoid head -> thresholds chosen on val ->
+test report -> an export that returns the labels above their thresholds."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import images
+from tests.helpers import run_python, tiny, tiny_flags
+from tf_finetune import cli, export_run, rundir
+from tf_finetune import multilabel_metrics as mlm
+
+NAMES = ["blue", "green", "red"]
+FLAGS = (
+    "--task=multi_label",
+    "--image_size=32",
+    "--epochs=8",
+    "--batch_size=16",
+    "--learning_rate=0.01",
+    "--unfreeze=all",
+    "--test_percent=20",
+)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    return images.write_tagged_csv(tmp_path_factory.mktemp("tagged"), count=120)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, table):
+    run_dir = tmp_path_factory.mktemp("ml") / "run"
+    flags = [f for f in tiny_flags(table, run_dir, *FLAGS) if f != "--image_size=16"]
+    assert cli.main(["train", *flags]) == 0
+    return run_dir
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_training_learns_the_tags_and_test_is_scored_with_val_thresholds(run):
+    metrics = _json(run / rundir.METRICS)
+    assert metrics["task"] == "multi_label" and metrics["class_names"] == NAMES
+    assert metrics["test_map"] > 0.9  # chance is each tag's frequency, ~0.45
+    chosen = _json(run / rundir.THRESHOLDS)
+    assert chosen["chosen_on"] == "val" and list(chosen["labels"]) == NAMES
+    report = _json(run / "report_test.json")
+    assert report["thresholds"] == [chosen["labels"][n] for n in NAMES]
+    assert report["map"] == pytest.approx(metrics["test_map"])
+    assert metrics["test_accuracy"] == report["subset_accuracy"]
+
+
+RELOAD = r"""
+import json, sys
+import numpy as np, tensorflow as tf
+blobs = np.load(sys.argv[2], allow_pickle=True)
+serve = tf.saved_model.load(sys.argv[1], tags=["serve"]).signatures["serving_default"]
+res = serve(image_bytes=tf.constant(list(blobs["encoded"])))
+print("RESULT " + json.dumps({
+    "probabilities": res["probabilities"].numpy().tolist(),
+    "labels": [[n.decode() for n in row] for row in res["labels"].numpy()],
+    "count": res["label_count"].numpy().tolist(),
+    "above": res["above_threshold"].numpy().tolist(),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_export_in_a_fresh_process_returns_the_labels_the_keras_model_gives(run, table, tmp_path):
+    card = _json(run / "export" / "1" / "model_card.json")
+    thresholds = np.array([card["thresholds"][n] for n in NAMES])
+    assert card["task"] == "multi_label" and "labels" in card["signatures"]["outputs"]
+    tags = [(), (0,), (1, 2), (0, 1, 2)]
+    encoded = [
+        images.encode(images.tagged_image(t, seed=900 + i), "PNG") for i, t in enumerate(tags)
+    ]
+    blobs = tmp_path / "blobs.npz"
+    np.savez(blobs, encoded=np.array(encoded, dtype=object))
+    served = run_python(RELOAD, run / "export" / "1", blobs)
+
+    config = tiny(table, run, task="multi_label", image_size=32, unfreeze="all", test_percent=20)
+    model = export_run.load_best_model(config, NAMES)
+    pixels = tf.stack([tf.image.decode_png(e, channels=3) for e in encoded])
+    keras_probs = model(tf.cast(pixels, tf.float32), training=False).numpy()
+    np.testing.assert_allclose(served["probabilities"], keras_probs, atol=1e-5)
+    above = keras_probs >= thresholds
+    assert served["above"] == above.tolist()
+    assert served["count"] == above.sum(axis=1).tolist()
+    for row, mask in zip(served["labels"], above):
+        assert row == [n for n, on in zip(NAMES, mask) if on] + [""] * (3 - mask.sum())
+    # The tags the images were drawn with come back (the patches are easy to learn).
+    names = ("red", "green", "blue")
+    want = [sorted(names[t] for t in ts) for ts in tags]
+    assert [sorted(n for n in row if n) for row in served["labels"]] == want
+
+
+def test_thresholds_in_the_graph_are_the_card_s_in_label_order():
+    card = {"thresholds": {"red": 0.7, "blue": 0.2, "green": 0.5}}
+    from tf_finetune import export
+
+    assert export.card_thresholds(card, NAMES) == [0.2, 0.5, 0.7]
+    assert export.card_thresholds({}, NAMES) is None
+    probs = tf.constant([[0.3, 0.4, 0.9], [0.1, 0.6, 0.2]])
+    out = export._outputs(probs, tf.constant(NAMES), 2, [0.2, 0.5, 0.7])
+    assert out["labels"].numpy().tolist() == [[b"blue", b"red", b""], [b"green", b"", b""]]
+    assert out["label_count"].numpy().tolist() == [2, 1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--head_solver=lbfgs"], "--head_solver=lbfgs with --task=multi_label"),
+        (["--mixup=0.2"], "--mixup/--cutmix with --task=multi_label"),
+        (["--data=tfds:voc"], "TFDS multi-label data sets are not supported yet"),
+    ],
+)
+def test_what_multi_label_does_not_take_is_one_line(table, tmp_path, capsys, flags, message):
+    argv = ["train", *tiny_flags(table, tmp_path / "r", "--task=multi_label"), *flags]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_metrics_module_and_scoring_agree_on_the_loss():
+    from tf_finetune import multilabel_scoring
+
+    y = np.array([[1, 0], [0, 1]], np.float32)
+    p = np.array([[0.9, 0.2], [0.3, 0.6]], np.float32)
+    keras_bce = float(keras.losses.binary_crossentropy(y, p).numpy().mean())
+    assert multilabel_scoring.binary_cross_entropy(y, p) == pytest.approx(keras_bce, rel=1e-5)
+    assert mlm.multi_label_report(y, p, ["a", "b"], [0.5, 0.5])["subset_accuracy"] == 1.0
