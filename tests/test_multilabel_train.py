@@ -134,3 +134,32 @@ def test_metrics_module_and_scoring_agree_on_the_loss():
     keras_bce = float(keras.losses.binary_crossentropy(y, p).numpy().mean())
     assert multilabel_scoring.binary_cross_entropy(y, p) == pytest.approx(keras_bce, rel=1e-5)
     assert mlm.multi_label_report(y, p, ["a", "b"], [0.5, 0.5])["subset_accuracy"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tagged_photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tagged_photos")
+    tags = {"none.png": (), "red.png": (0,), "green_blue.png": (1, 2)}
+    for i, (name, t) in enumerate(tags.items()):
+        (folder / name).write_bytes(images.encode(images.tagged_image(t, seed=700 + i), "PNG"))
+    return folder
+
+
+WANT_TAGS = {"none.png": [], "red.png": ["red"], "green_blue.png": ["blue", "green"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "rest", "grpc"])
+def test_predict_prints_every_label_above_its_threshold(
+    run, tagged_photos, capsys, tf_serving, backend
+):
+    flag = f"--model={run}"
+    if backend != "local":
+        flag = tf_serving("tags", run / "export", backend).flag
+    code = cli.main(["predict", flag, "--model_name=tags", "--json", str(tagged_photos)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    got = {row["file"].split("/")[-1]: row["labels"] for row in json.loads(out)}
+    assert got == WANT_TAGS
+    cli.main(["predict", flag, "--model_name=tags", str(tagged_photos / "green_blue.png")])
+    assert "tags  blue, green" in capsys.readouterr().out

@@ -72,6 +72,20 @@ DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024
 DEFAULT_TIMEOUT = 60.0
 
 TopK = tuple[tuple[str, float], ...]
+LABELS_OUTPUT = "labels"  # a multi-label export's names at or above their thresholds
+
+
+class Ranked(tuple):
+    """One input's top-k (label, score) pairs; `labels` is set for a multi-label model: the
+    names at or above their thresholds, in label order (possibly none)."""
+
+    labels: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, pairs, labels=None) -> Ranked:
+        row = cls(pairs)
+        row.labels = None if labels is None else tuple(labels)
+        return row
 
 
 # --------------------------------------------------------------------------- results
@@ -84,13 +98,17 @@ class Prediction:
     file: str
     top_k: TopK = ()
     error: str | None = None
+    labels: tuple[str, ...] | None = None  # multi-label: every label at or above its threshold
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "file": self.file,
             "top_k": [{"label": label, "score": score} for label, score in self.top_k],
             "error": self.error,
         }
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
+        return out
 
 
 class InputRejected(Exception):
@@ -203,19 +221,18 @@ def _check_outputs(outputs: Iterable[str], where: str) -> None:
         )
 
 
-def _rows(names, scores) -> list[TopK]:
-    """Turn [n, k] names (bytes or str) and scores into per-row tuples."""
+def _text(name) -> str:
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+
+
+def _rows(names, scores, labels=None) -> list[TopK]:
+    """Turn [n, k] names (bytes or str) and scores into per-row tuples; `labels` ([n, L] names
+    padded with "", a multi-label export's `labels` output) rides along on each row."""
     out = []
-    for row_names, row_scores in zip(names, scores, strict=True):
-        out.append(
-            tuple(
-                (
-                    n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n),
-                    float(s),
-                )
-                for n, s in zip(row_names, row_scores, strict=True)
-            )
-        )
+    for i, (row_names, row_scores) in enumerate(zip(names, scores, strict=True)):
+        pairs = tuple((_text(n), float(s)) for n, s in zip(row_names, row_scores, strict=True))
+        row_labels = None if labels is None else [_text(n) for n in labels[i] if _text(n)]
+        out.append(Ranked.of(pairs, row_labels))
     return out
 
 
@@ -319,7 +336,8 @@ class LocalPredictor(Predictor):
             out = self._fn(**{self._input_key: tf.constant(list(payloads), dtype=tf.string)})
         except tf.errors.InvalidArgumentError as err:
             raise InputRejected(_short_error(err.message)) from err
-        return _rows(out["top_k_names"].numpy(), out["top_k_scores"].numpy())
+        labels = out[LABELS_OUTPUT].numpy() if LABELS_OUTPUT in out else None
+        return _rows(out["top_k_names"].numpy(), out["top_k_scores"].numpy(), labels)
 
 
 def _card(folder: Path) -> dict:
@@ -389,7 +407,10 @@ class TFLitePredictor(Predictor):
                 f"it from the folder tf-finetune export wrote the .tflite file to"
             )
         self.class_names = labels.read_text(encoding="utf-8").splitlines()
-        self.max_image_pixels = _card(self.path.parent).get("max_image_pixels")
+        card = _card(self.path.parent)
+        self.max_image_pixels = card.get("max_image_pixels")
+        by_name = card.get("thresholds")  # a multi-label model's, chosen on val
+        self.thresholds = [by_name[n] for n in self.class_names] if by_name else None
         try:
             self._interpreter = tflite_interpreter(model_path=str(self.path))
         except (RuntimeError, ValueError) as err:
@@ -435,7 +456,12 @@ class TFLitePredictor(Predictor):
         probabilities = tflite_predict(self._interpreter, pixels.astype(np.float32))
         order = np.argsort(-probabilities, axis=1, kind="stable")
         return [
-            tuple((self.class_names[i], float(row[i])) for i in ranks)
+            Ranked.of(
+                ((self.class_names[i], float(row[i])) for i in ranks),
+                None
+                if self.thresholds is None
+                else [n for n, p, t in zip(self.class_names, row, self.thresholds) if p >= t],
+            )
             for row, ranks in zip(probabilities, order, strict=True)
         ]
 
@@ -587,12 +613,15 @@ class RestPredictor(Predictor):
         try:
             names = [[_b64_or_str(n) for n in row["top_k_names"]] for row in rows]
             scores = [row["top_k_scores"] for row in rows]
+            labels = None
+            if all(LABELS_OUTPUT in row for row in rows):
+                labels = [[_b64_or_str(n) for n in row[LABELS_OUTPUT]] for row in rows]
         except (KeyError, TypeError):
             raise UserError(
                 f"{self.description} did not return top_k_names/top_k_scores; "
                 f"re-export the model with tf-finetune"
             ) from None
-        return _rows(names, scores)
+        return _rows(names, scores, labels)
 
 
 def _b64_or_str(value) -> str:
@@ -634,6 +663,7 @@ class GrpcPredictor(Predictor):
         )
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._input_key: str | None = None
+        self._multi_label = False  # the signature has a `labels` output (read with it)
 
     def close(self) -> None:
         self._channel.close()
@@ -698,6 +728,7 @@ class GrpcPredictor(Predictor):
             sig = sig_map.signature_def[SIGNATURE]
             self._input_key = _check_input_key(sig.inputs.keys(), self.description)
             _check_outputs(sig.outputs.keys(), self.description)
+            self._multi_label = LABELS_OUTPUT in sig.outputs
         return self._input_key
 
     def predict_batch(self, payloads: Sequence[bytes]) -> list[TopK]:
@@ -710,17 +741,19 @@ class GrpcPredictor(Predictor):
         request.inputs[key].CopyFrom(
             tf.make_tensor_proto(list(payloads), dtype=tf.string, shape=[len(payloads)])
         )
-        request.output_filter.extend(_REQUIRED_OUTPUTS)
+        multi_label = self._multi_label
+        request.output_filter.extend(_REQUIRED_OUTPUTS + ((LABELS_OUTPUT,) if multi_label else ()))
         response = self._call(self._stub.Predict, request)
         try:
             names = tf.make_ndarray(response.outputs["top_k_names"])
             scores = tf.make_ndarray(response.outputs["top_k_scores"])
+            labels = tf.make_ndarray(response.outputs[LABELS_OUTPUT]) if multi_label else None
         except (KeyError, ValueError, TypeError):
             raise UserError(
                 f"{self.description} did not return top_k_names/top_k_scores; "
                 f"re-export the model with tf-finetune"
             ) from None
-        return _rows(names, scores)
+        return _rows(names, scores, labels)
 
 
 # --------------------------------------------------------------------------- batching
@@ -769,7 +802,8 @@ def predict_files(
             if isinstance(out, InputRejected):
                 results[index[position]] = Prediction(path, error=str(out))
             else:
-                results[index[position]] = Prediction(path, top_k=tuple(out[:top_k]))
+                labels = getattr(out, "labels", None)
+                results[index[position]] = Prediction(path, tuple(out[:top_k]), labels=labels)
             position += 1
     return [results[i] for i in range(len(files))]
 
@@ -830,8 +864,11 @@ def format_table(results: Sequence[Prediction]) -> str:
         if r.error is not None:
             rows.append((r.file, "-", "ERROR", r.error))
             continue
+        if r.labels is not None:  # multi-label: every label at or above its threshold first
+            rows.append((r.file, "tags", ", ".join(r.labels) or "(none)", ""))
         for rank, (label, score) in enumerate(r.top_k, start=1):
-            rows.append((r.file if rank == 1 else "", str(rank), label, f"{score:.4f}"))
+            first = rank == 1 and r.labels is None
+            rows.append((r.file if first else "", str(rank), label, f"{score:.4f}"))
         if not r.top_k:
             rows.append((r.file, "-", "(no classes)", ""))
     widths = [max(len(row[c]) for row in rows) for c in range(3)]
