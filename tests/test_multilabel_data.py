@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests import images
-from tf_finetune import data, multilabel_data
+from tf_finetune import data, multilabel_data, splits
 from tf_finetune.errors import UserError
 
 OPTIONS = dict(image_size=32, validation_percent=20, test_percent=20, max_image_pixels=10**8)
@@ -90,3 +90,35 @@ def test_bad_tables_are_one_line_naming_the_line(tmp_path, body, message):
 def test_parse_labels_drops_blanks_and_repeats():
     assert multilabel_data.parse_labels(" a | b |a||", "|") == ["a", "b"]
     assert multilabel_data.parse_labels("", "|") == []
+
+
+def test_label_statistics_count_labels_pairs_and_flag_the_rare_ones():
+    from tf_finetune import check_data
+
+    train = np.array([[1, 1, 0]] * 12 + [[1, 0, 0]] * 3 + [[0, 0, 0]] * 2 + [[0, 0, 1]])
+    val = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]])
+    stats = check_data.label_statistics(("a", "b", "c"), {"train": train, "val": val})
+    assert stats["per_label"]["a"] == {"train": 15, "val": 1}
+    assert stats["splits"]["train"] == {"examples": 18, "without_labels": 2}
+    assert stats["top_pairs"] == [{"labels": ["a", "b"], "train": 12}]
+    assert stats["too_few"] == ["c"] and stats["no_val_positive"] == ["c"]
+    text = check_data.format_label_statistics(stats)
+    assert "WARNING: fewer than 10 training examples: c" in text
+    assert "no validation example of c" in text and "a+b 12" in text
+
+
+def test_check_data_prints_the_label_table_of_a_tagged_csv(tmp_path, capsys):
+    from tf_finetune import cli
+
+    table = images.write_tagged_csv(tmp_path, count=40)
+    assert cli.main(["check-data", f"--data={table}", "--task=multi_label"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["label", "train", "val"]
+    counts = {line.split()[0]: int(line.split()[1]) for line in out[1:4]}
+    want = dict.fromkeys(("blue", "green", "red"), 0)
+    for row in table.read_text().splitlines()[1:]:
+        file, tags = row.split(",")
+        if splits.split_of(data.hash_percent(file), 20) == "train":
+            for tag in filter(None, tags.split("|")):
+                want[tag] += 1
+    assert counts == want

@@ -275,3 +275,100 @@ def format_report(report: dict, max_listed: int = 20) -> str:
         + _ignored_lines(report["ignored"])
     )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- multi-label
+# A label with fewer training examples than this is flagged: a sigmoid output learns little
+# from a handful of positives, and its threshold cannot be chosen well.
+FEW_EXAMPLES = 10
+
+
+def label_statistics(class_names, targets: dict, few: int = FEW_EXAMPLES) -> dict:
+    """Multi-label data at a glance: per split, examples and how many carry no label; per
+    label, its examples in each split; the most frequent label pairs (train); the labels with
+    fewer than `few` training examples, or none in val (no threshold can be chosen there).
+
+    `targets`: {split: multi-hot array [n, labels]}.
+    """
+    import numpy as np
+
+    from tf_finetune import multilabel_metrics
+
+    names = list(class_names)
+    arrays = {split: np.asarray(y) > 0 for split, y in targets.items()}
+    together = multilabel_metrics.co_occurrence(arrays["train"])
+    pairs = [
+        {"labels": [names[i], names[j]], "train": int(together[i, j])}
+        for i in range(len(names))
+        for j in range(i + 1, len(names))
+        if together[i, j]
+    ]
+    val = arrays.get("val")
+    return {
+        "splits": {
+            split: {"examples": int(y.shape[0]), "without_labels": int((~y.any(axis=1)).sum())}
+            for split, y in arrays.items()
+        },
+        "per_label": {
+            name: {split: int(y[:, i].sum()) for split, y in arrays.items()}
+            for i, name in enumerate(names)
+        },
+        "top_pairs": sorted(pairs, key=lambda p: -p["train"])[:10],
+        "too_few": [n for i, n in enumerate(names) if arrays["train"][:, i].sum() < few],
+        "no_val_positive": []
+        if val is None
+        else [n for i, n in enumerate(names) if not val[:, i].any()],
+    }
+
+
+def format_label_statistics(stats: dict) -> str:
+    """`label_statistics` as text: one row per label, then the pairs and the warnings."""
+    splits = list(stats["splits"])
+    width = max([len(n) for n in stats["per_label"]] + [12])
+    lines = [f"{'label':<{width}} " + " ".join(f"{s:>7}" for s in splits)]
+    for name, counts in stats["per_label"].items():
+        lines.append(f"{name:<{width}} " + " ".join(f"{counts[s]:>7}" for s in splits))
+    lines.append(
+        f"{'(no label)':<{width}} "
+        + " ".join(f"{stats['splits'][s]['without_labels']:>7}" for s in splits)
+    )
+    lines.append(
+        f"{'examples':<{width}} " + " ".join(f"{stats['splits'][s]['examples']:>7}" for s in splits)
+    )
+    if stats["top_pairs"]:
+        lines.append(
+            "most frequent label pairs (train): "
+            + ", ".join(
+                f"{a}+{b} {n}"
+                for (a, b), n in ((p["labels"], p["train"]) for p in stats["top_pairs"][:5])
+            )
+        )
+    if stats["too_few"]:
+        lines.append(
+            f"WARNING: fewer than {FEW_EXAMPLES} training examples: {', '.join(stats['too_few'])} "
+            "(little to learn from; consider more images or dropping the label)"
+        )
+    if stats["no_val_positive"]:
+        lines.append(
+            f"WARNING: no validation example of {', '.join(stats['no_val_positive'])}: their "
+            "threshold falls back to --threshold"
+        )
+    skipped = stats.get("skipped_files", [])
+    if skipped:
+        shown = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:5])
+        lines.append(f"{len(skipped)} unreadable file(s) skipped: {shown}")
+    return "\n".join(lines)
+
+
+def multi_label_report(dataset) -> dict:
+    """`label_statistics` of a loaded multi-label DataSet, read from its labels alone."""
+    import numpy as np
+
+    targets = {}
+    for split in ("train", "val", "test"):
+        part = getattr(dataset, split)
+        if part is not None:
+            targets[split] = np.array([y for _, y in part.source.as_numpy_iterator()])
+    stats = label_statistics(dataset.class_names, targets)
+    stats["skipped_files"] = [{"file": p, "reason": r} for p, r in dataset.skipped_files]
+    return stats

@@ -113,6 +113,12 @@ def cmd_check_data(config: config_lib.Config) -> int:
 
     if config.is_offline_default:
         raise UserError("check-data needs --data=FOLDER (the folder you would train on).")
+    if config.task == "multi_label":
+        from tf_finetune import input_pipeline
+
+        dataset = input_pipeline.load_data(config)
+        print(check_data.format_label_statistics(check_data.multi_label_report(dataset)))
+        return 0
     report = check_data.check_folder(
         config.data,
         config.validation_percent,
