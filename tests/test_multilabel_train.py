@@ -163,3 +163,71 @@ def test_predict_prints_every_label_above_its_threshold(
     assert got == WANT_TAGS
     cli.main(["predict", flag, "--model_name=tags", str(tagged_photos / "green_blue.png")])
     assert "tags  blue, green" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_text_multi_label_table_trains_and_exports_labels(tmp_path):
+    from tests import hub_fixtures as fx
+    from tf_finetune import train
+    from tf_finetune.config import Config
+    from tf_finetune.resolve import resolve
+
+    module = fx.save_text_module(tmp_path / "module")
+    phrases = {
+        "cat": ["the cat sat", "cat on the mat", "the mat cat"],
+        "dog": ["dog ran fast", "the dog ran", "fast dog"],
+    }
+    rows = ["text,label"]
+    for i in range(60):
+        tags = [("cat", "dog")[t] for t in images.tag_sets(60, seed=3)[i] if t < 2]
+        words = [phrases[t][i % 3] for t in tags] or ["on the mat"]
+        rows.append(" ".join(words) + " the" * (i % 5) + "," + "|".join(tags))
+    (tmp_path / "texts.csv").write_text("\n".join(rows) + "\n")
+    values = dict(
+        data=str(tmp_path / "texts.csv"),
+        backbone=str(module),
+        task="multi_label",
+        unfreeze="all",
+        epochs=6,
+        batch_size=8,
+        learning_rate=0.1,
+        dropout=0.0,
+        test_percent=20,
+        model_dir=str(tmp_path / "run"),
+    )
+    metrics = train.train_and_evaluate(resolve(Config(**values), frozenset(values)))
+    assert metrics["class_names"] == ["cat", "dog"]
+    assert metrics["val_map"] > 0.9 and metrics["test_map"] > 0.9
+    served = run_python(
+        r"""
+import json, sys
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+out = serve(text=tf.constant(["the cat sat", "the cat sat dog ran fast", "on the mat"]))
+print("RESULT " + json.dumps({
+    "labels": [[n.decode() for n in row if n] for row in out["labels"].numpy()],
+    "probabilities": out["probabilities"].numpy().tolist(),
+}))
+""",
+        metrics["export_path"],
+    )
+    assert served["labels"] == [["cat"], ["cat", "dog"], []]
+    card = json.loads((tmp_path / "run" / "export" / "1" / "model_card.json").read_text())
+    above = np.array(served["probabilities"]) >= [card["thresholds"][n] for n in ("cat", "dog")]
+    assert [[n for n, on in zip(("cat", "dog"), row) if on] for row in above] == served["labels"]
+
+
+def test_an_empty_text_label_cell_is_no_label_and_labels_are_split(tmp_path):
+    from tf_finetune import text_data
+
+    table = tmp_path / "t.csv"
+    filler = "".join(f"w{i},x\n" for i in range(30))
+    table.write_text("text,label\na b,x|y\nc d,\ne f, y | y\n" + filler)
+    dataset = text_data.load_multi_label_table(str(table), "text", "label", "|", 20)
+    rows = {
+        t.decode(): y.tolist()
+        for split in (dataset.train, dataset.val)
+        for t, y in split.source.as_numpy_iterator()
+    }
+    assert dataset.class_names == ("x", "y") and len(rows) == 33
+    assert [rows[t] for t in ("a b", "c d", "e f")] == [[1, 1], [0, 0], [0, 1]]

@@ -19,7 +19,7 @@ import os
 
 import tensorflow as tf
 
-from tf_finetune import data
+from tf_finetune import data, multilabel_data
 from tf_finetune import splits as splits_lib
 from tf_finetune.config import is_table_file, table_holds_images
 from tf_finetune.errors import UserError
@@ -60,9 +60,11 @@ def _columns(names: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- CSV / TSV
 def read_table(
-    path: str, text_column: str, label_column: str
+    path: str, text_column: str, label_column: str, empty_label: bool = False
 ) -> tuple[list[str], list[str], list[int]]:
-    """(texts, labels, line numbers) of a CSV/TSV file; UserError with file:line on bad rows."""
+    """(texts, labels, line numbers) of a CSV/TSV file; UserError with file:line on bad rows.
+
+    `empty_label`: an empty label cell is kept (multi-label: "none of these")."""
     tsv = path.lower().endswith(".tsv")
     delimiter, other = ("\t", ",") if tsv else (",", "\t")
     hint = (
@@ -105,7 +107,7 @@ def read_table(
             label = row[label_idx].strip()
             if not text:
                 raise UserError(f"{path}:{line}: missing text in column {text_column}.")
-            if not label:
+            if not label and not empty_label:
                 raise UserError(f"{path}:{line}: missing label in column {label_column}.")
             texts.append(text)
             labels.append(label)
@@ -142,6 +144,45 @@ def _text_split(texts: list[str], label_ids: list[int]) -> data.Split:
 
 def _hash_percent(text: str) -> float:
     return (int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % 100_000) / 1000.0
+
+
+def load_multi_label_table(
+    source: str,
+    text_column: str,
+    label_column: str,
+    separator: str,
+    validation_percent: int,
+    test_percent: int = 0,
+) -> data.DataSet:
+    """A CSV/TSV file of texts whose label cells join names with `separator` -> DataSet with
+    multi-hot labels (an empty cell: no label); val/test carved by a hash of each text."""
+    splits_lib.check_test_percent(source, validation_percent, test_percent)
+    if os.path.isdir(source):
+        raise UserError(
+            f"--task=multi_label reads text from a single CSV/TSV file; --data={source} is a folder."
+        )
+    texts, cells, _ = read_table(source, text_column, label_column, empty_label=True)
+    label_lists = [multilabel_data.parse_labels(c, separator) for c in cells]
+    names = tuple(sorted({n for labels in label_lists for n in labels}))
+    if len(names) < 2:
+        raise UserError(f"{source}: the label column names fewer than two labels.")
+    targets = multilabel_data.multi_hot(label_lists, names)
+    carved = data.carve(
+        list(range(len(texts))),
+        list(range(len(texts))),
+        [_hash_percent(t) for t in texts],
+        validation_percent,
+        test_percent,
+    )
+    splits = {}
+    for split, (rows, _) in carved.items():
+        if not rows:
+            raise UserError(f"--data={source}: no row fell in the {split} split; add rows.")
+        source_ds = tf.data.Dataset.from_tensor_slices(
+            (tf.constant([texts[i] for i in rows], tf.string), tf.constant(targets[rows]))
+        )
+        splits[split] = data.Split(source_ds, lambda text: text, len(rows))
+    return data.DataSet(names, splits["train"], splits["val"], splits.get("test"))
 
 
 def load_table(
@@ -273,6 +314,15 @@ def load(config) -> data.DataSet:
             config.test_split,
             config.validation_percent,
             config.seed,
+        )
+    if config.task == "multi_label":
+        return load_multi_label_table(
+            config.data,
+            config.text_column,
+            config.label_column,
+            config.label_separator,
+            config.validation_percent,
+            test_percent,
         )
     return load_table(
         config.data,

@@ -227,13 +227,6 @@ def multi_label_sources(config: Config) -> None:
             f"--data={config.data or '(offline default)'} is not one (TFDS multi-label data "
             "sets are not supported yet)."
         )
-    if config_lib.is_table_file(config.data) and not config_lib.table_holds_images(
-        config.data, config.file_column, config.text_column
-    ):
-        raise UserError(
-            f"--task=multi_label: {config.data} has no --file_column={config.file_column} "
-            "column (multi-label text is not supported yet)."
-        )
     if os.path.isdir(config.data) and splits.own_splits(config.data):
         raise UserError(
             f"--task=multi_label: --data={config.data} has its own train/ val/ folders; a "
