@@ -96,3 +96,21 @@ def test_co_occurrence_counts_pairs_and_the_report_counts_unlabelled_examples():
 def test_bad_inputs_are_refused(y, p):
     with pytest.raises(ValueError):
         mlm.multi_label_report(y, p, ["a", "b"], [0.5, 0.5])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_precision_recall_curve_matches_scikit_learn(seed):
+    y, p = _data(seed)
+    for j in range(3):
+        precision, recall = mlm.precision_recall_curve(y[:, j], p[:, j])
+        want_p, want_r, _ = skm.precision_recall_curve(y[:, j], p[:, j])
+        # scikit-learn: lowest threshold first, then a final (precision 1, recall 0) point.
+        np.testing.assert_allclose(precision, want_p[:-1][::-1])
+        np.testing.assert_allclose(recall, want_r[:-1][::-1])
+
+
+def test_label_confusion_rows_are_shares_of_each_true_label():
+    y = np.array([[1, 0], [1, 1], [0, 1], [1, 0]])
+    predicted = np.array([[1, 1], [0, 1], [0, 1], [1, 0]])
+    shares = mlm.label_confusion(y, predicted)
+    assert shares.tolist() == [[2 / 3, 2 / 3], [0.0, 1.0]]

@@ -53,6 +53,8 @@ def test_training_learns_the_tags_and_test_is_scored_with_val_thresholds(run):
     assert report["thresholds"] == [chosen["labels"][n] for n in NAMES]
     assert report["map"] == pytest.approx(metrics["test_map"])
     assert metrics["test_accuracy"] == report["subset_accuracy"]
+    for name in ("pr_curves_test.png", "label_confusion_test.png", "pr_curves_val.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG"
 
 
 RELOAD = r"""

@@ -98,6 +98,23 @@ def average_precision(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.sum(steps * precision))
 
 
+def precision_recall_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) of one label at each distinct score as threshold, highest first."""
+    order = np.argsort(-p, kind="stable")
+    scores, hits = p[order], y[order].astype(np.float64)
+    last = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))
+    true_positives = np.cumsum(hits)[last]
+    return true_positives / (last + 1), true_positives / max(hits.sum(), 1.0)
+
+
+def label_confusion(y_true: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """[L, L]: row i, column j = the share of examples carrying label i that were given label j
+    (the diagonal is each label's recall; off it, labels predicted alongside or instead)."""
+    y = np.asarray(y_true).astype(np.float64)
+    counts = y.T @ np.asarray(predicted).astype(np.float64)
+    return _divide(counts, np.broadcast_to(y.sum(axis=0)[:, None], counts.shape))
+
+
 def _counts(y: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, ...]:
     tp = np.sum(y & predicted, axis=0)
     fp = np.sum(~y & predicted, axis=0)

@@ -1,7 +1,8 @@
 """A multi-label model's scores on the run's splits: thresholds chosen on val, then every
 split's report (multilabel_metrics) written into the run dir.
 
-Writes `thresholds.json` ({"metric", "labels": {name: threshold}}) and `report_<split>.json`;
+Writes `thresholds.json` ({"metric", "labels": {name: threshold}}), `pr_curves_<split>.png`,
+`label_confusion_<split>.png` and (last) `report_<split>.json`;
 returns flat metrics for metrics.json: `<split>_loss` (binary cross-entropy), `<split>_map`,
 `<split>_accuracy` (subset accuracy: the whole label set right), micro/macro/weighted F1 and
 the Hamming loss. Validation chose the checkpoint and the thresholds, so only test is unbiased.
@@ -51,6 +52,13 @@ def evaluate_and_report(model, config: Config, class_names, pipelines: dict) -> 
     for split, (targets, probabilities) in predictions.items():
         report = mlm.multi_label_report(targets, probabilities, names, thresholds)
         report["split"] = split
+        report["files"] = [
+            plot(targets, probabilities, names, thresholds, os.path.join(config.model_dir, name))
+            for plot, name in (
+                (plot_pr_curves, f"pr_curves_{split}.png"),
+                (plot_label_confusion, f"label_confusion_{split}.png"),
+            )
+        ]
         atomic.write_json(os.path.join(config.model_dir, f"report_{split}.json"), report)
         logging.info("%s report:\n%s", split, mlm.format_report(report))
         results[f"{split}_loss"] = binary_cross_entropy(targets, probabilities)
@@ -58,3 +66,59 @@ def evaluate_and_report(model, config: Config, class_names, pipelines: dict) -> 
         for key in ("map", "micro_f1", "macro_f1", "weighted_f1", "hamming_loss"):
             results[f"{split}_{key}"] = report[key]
     return results
+
+
+def _save(fig, path: str) -> str:
+    atomic.write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return path
+
+
+def plot_pr_curves(targets, probabilities, names, thresholds, path: str) -> str:
+    """Each label's precision-recall curve, its AP in the legend and its threshold marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    for j, name in enumerate(names):
+        y, p = targets[:, j] > 0, probabilities[:, j]
+        if not y.any():
+            continue
+        precision, recall = mlm.precision_recall_curve(y, p)
+        ap = mlm.average_precision(y, p)
+        (line,) = ax.step(recall, precision, where="post", label=f"{name} (AP {ap:.3f})")
+        chosen = p >= thresholds[j]
+        tp = float((chosen & y).sum())
+        if chosen.any():
+            ax.plot(tp / y.sum(), tp / chosen.sum(), "o", color=line.get_color())
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall per label (dots: the thresholds chosen on val)")
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
+def plot_label_confusion(targets, probabilities, names, thresholds, path: str) -> str:
+    """`multilabel_metrics.label_confusion` as a heat map with the shares written in."""
+    from matplotlib.figure import Figure
+
+    shares = mlm.label_confusion(targets > 0, probabilities >= np.asarray(thresholds))
+    side = min(max(5.0, 0.45 * len(names) + 2.5), 20.0)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title("Labels predicted for each true label (diagonal: recall)")
+    if len(names) <= 30:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                colour = "white" if shares[i, j] > 0.6 else "black"
+                ax.text(
+                    j, i, f"{shares[i, j]:.2f}", ha="center", va="center", color=colour, fontsize=7
+                )
+    return _save(fig, path)
