@@ -17,17 +17,19 @@ from tf_finetune import atomic, rundir
 
 
 class KeepBestCheckpoints(keras.callbacks.Callback):
-    """Keeps the weights of the `k` epochs with the lowest `monitor` in `directory`.
+    """Keeps the weights of the `k` epochs with the best `monitor` (lowest; highest with
+    `mode="max"`) in `directory`.
 
     `directory/index.json` maps file names to their values; it is rewritten atomically after
     each change and read back on construction, so a resumed run keeps its earlier best epochs.
     """
 
-    def __init__(self, directory: str, k: int, monitor: str = "val_loss"):
+    def __init__(self, directory: str, k: int, monitor: str = "val_loss", mode: str = "min"):
         super().__init__()
         self.directory = directory
         self.k = k
         self.monitor = monitor
+        self._sign = -1.0 if mode == "max" else 1.0  # the index keeps sign * value: lower is better
         os.makedirs(directory, exist_ok=True)
         self.index: dict[str, float] = {}
         path = self._index_path()
@@ -49,6 +51,7 @@ class KeepBestCheckpoints(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is None or not np.isfinite(value):
             return
+        value = self._sign * value
         worst = max(self.index.values()) if len(self.index) >= self.k else None
         if worst is not None and value >= worst:
             return

@@ -77,11 +77,13 @@ def make_callbacks(
     # Deleted at the end of the run (after the export), not of the phase.
     backup = faults.AtomicBackup(os.path.join(run, phases.phase_backup(config, phase, on_features)))
     best_file = rundir.HEAD_BEST_WEIGHTS if on_features else rundir.BEST_WEIGHTS
+    monitor, mode = config.monitor
     best = faults.BestCheckpoint(
         os.path.join(run, best_file),
         backup,
-        monitor="val_loss",
+        monitor=monitor,
         initial_value_threshold=best_val_loss,
+        mode=mode,
     )
     callbacks = [
         faults.StopOnNaN(best),
@@ -100,22 +102,30 @@ def _optional_callbacks(config: Config, verbose: int, last_phase: bool) -> list:
     """Checkpoint averaging's keeper, EarlyStopping (last phase only: the head warmup always
     runs out) and ReduceLROnPlateau, as the flags ask."""
     callbacks = []
+    monitor, mode = config.monitor
     if config.average_checkpoints:
         callbacks.append(
             averaging.KeepBestCheckpoints(
-                os.path.join(config.model_dir, rundir.TOP_CHECKPOINTS), config.average_checkpoints
+                os.path.join(config.model_dir, rundir.TOP_CHECKPOINTS),
+                config.average_checkpoints,
+                monitor,
+                mode,
             )
         )
     if config.early_stopping_patience and last_phase:
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=config.early_stopping_patience, verbose=verbose
+                monitor=monitor, mode=mode, patience=config.early_stopping_patience, verbose=verbose
             )
         )
     if config.reduce_lr_patience:
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", factor=0.1, patience=config.reduce_lr_patience, verbose=verbose
+                monitor=monitor,
+                mode=mode,
+                factor=0.1,
+                patience=config.reduce_lr_patience,
+                verbose=verbose,
             )
         )
     return callbacks

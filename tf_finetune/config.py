@@ -485,6 +485,12 @@ class Config:
         return parse_unfreeze(self.unfreeze)
 
     @property
+    def monitor(self) -> tuple[str, str]:
+        """(metric, "min" | "max") that chooses checkpoints, stops early and lowers the rate:
+        val_loss, or for multi-label the val mAP."""
+        return ("val_map", "max") if self.task == "multi_label" else ("val_loss", "min")
+
+    @property
     def two_phase(self) -> bool:
         """Head first with the backbone frozen, then fine-tuning (see `phases.plan`)."""
         return self.warmup_epochs > 0 and self.unfreeze_layers != 0

@@ -278,12 +278,14 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         backup: AtomicBackup,
         monitor: str = "val_loss",
         initial_value_threshold: float | None = None,
+        mode: str = "min",
     ):
         # initial_value_threshold: the best of an earlier fit of the same run (phase 1 before
         # phase 2); a resumed fit's best.json overrides it.
         super().__init__(
             filepath,
             monitor=monitor,
+            mode=mode,
             save_best_only=True,
             save_weights_only=True,
             initial_value_threshold=initial_value_threshold,

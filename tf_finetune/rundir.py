@@ -82,14 +82,14 @@ def load_weights_quietly(model, path: str) -> None:
         model.load_weights(path)
 
 
-def best_so_far(model_dir: str) -> float | None:
-    """The best val_loss of the run's best checkpoint (its best.json), if any."""
+def best_so_far(model_dir: str, monitor: str = "val_loss") -> float | None:
+    """The best `monitor` value of the run's best checkpoint (its best.json), if any."""
     path = state_file(os.path.join(model_dir, BEST_WEIGHTS))
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    return float(saved["best"]) if saved.get("monitor") == "val_loss" else None
+    return float(saved["best"]) if saved.get("monitor") == monitor else None
 
 
 def truncate_history(model_dir: str, epochs_done: int) -> None:

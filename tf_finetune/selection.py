@@ -25,7 +25,9 @@ def _candidates(model: keras.Model, config: Config) -> dict[str, list]:
         weights["ema"] = model.get_weights()
     if config.average_checkpoints:
         keeper = averaging.KeepBestCheckpoints(
-            os.path.join(config.model_dir, rundir.TOP_CHECKPOINTS), config.average_checkpoints
+            os.path.join(config.model_dir, rundir.TOP_CHECKPOINTS),
+            config.average_checkpoints,
+            *config.monitor,
         )
         if keeper.paths():
             averaging.average_weights(model, keeper.paths())
@@ -42,7 +44,7 @@ def choose_weights(
 ) -> tuple[str, dict[str, dict[str, float]]]:
     """Evaluates the best checkpoint, the EMA and the best-K average side by side.
 
-    Leaves the winner (lowest val_loss) in `model`; when it is not the best checkpoint, also
+    Leaves the winner (lowest val_loss; highest val mAP for multi-label) in `model`; when it is not the best checkpoint, also
     writes it to final.weights.h5, which `evaluate` and `export` then read.
 
     Returns:
@@ -58,7 +60,9 @@ def choose_weights(
     for name, values in weights.items():
         model.set_weights(values)
         results[name] = scoring.evaluate_splits(model, evaluated)
-    winner = min(results, key=lambda name: results[name]["val_loss"])
+    monitor, mode = config.monitor  # val_loss, or val mAP for multi-label
+    sign = -1.0 if mode == "max" else 1.0
+    winner = min(results, key=lambda name: sign * results[name][monitor])
     model.set_weights(weights[winner])
     if winner != "best_checkpoint":
         atomic.save_weights(model, final)

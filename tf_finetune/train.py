@@ -336,7 +336,9 @@ def fit_phases(
     histories = []
     # The best val_loss so far, for a phase that starts without a backup of its own (a phase
     # with one reads it from best.json itself): none in a new run.
-    best_val_loss = rundir.best_so_far(config.model_dir) if state.phase > 1 else None
+    best_val_loss = (
+        rundir.best_so_far(config.model_dir, config.monitor[0]) if state.phase > 1 else None
+    )
     for phase in plan[state.phase - 1 :]:
         if histories:  # the first phase of this call was prepared by build_model
             with strategy.scope():
