@@ -246,3 +246,20 @@ def test_the_checkpoint_is_the_epoch_with_the_best_val_map(run):
     assert best["monitor"] == "val_map"
     assert best["epoch"] == int(np.argmax(val_map))  # the first of equal maxima
     assert best["best"] == pytest.approx(max(val_map))
+
+
+@pytest.mark.slow
+def test_tune_ranks_multi_label_trials_by_val_map(table, tmp_path, capsys):
+    from tf_finetune import tune
+
+    run = tmp_path / "search"
+    flags = [f for f in tiny_flags(table, run, *FLAGS) if f != "--image_size=16"]
+    flags = [f for f in flags if not f.startswith("--epochs")] + ["--epochs=3"]
+    argv = ["tune", *flags, "--tuner=random", "--max_trials=2", "--tune_learning_rate=1e-3:1e-1"]
+    assert cli.main(argv) == 0
+    results = json.loads((run / tune.RESULTS).read_text())
+    assert results["objective"] == "val_map"
+    scores = [r["val_map"] for r in results["trials"]]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    assert "val_map" in capsys.readouterr().out
+    assert "val_map" in (run / tune.BEST_FLAGFILE).read_text().splitlines()[0]

@@ -7,7 +7,8 @@ batch_size, label_smoothing); its `--tune_<field>` flag gives the values to try:
 flag is fixed at its value, as in `train`.
 
 Each trial is a `train.fit_phases` run (the same strategy, data, phases and callbacks as
-`train`) in `<model_dir>/tune/trial_<id>/`; its score is the best checkpoint's val_accuracy.
+`train`) in `<model_dir>/tune/trial_<id>/`; its score is the best checkpoint's val_accuracy
+(val mAP for multi-label).
 The KerasTuner project is `<model_dir>/tune`: rerun the same command and the search goes on
 where it stopped (an interrupted trial is retried, resuming from its own backup). At the end a
 ranked table is printed and written to `<model_dir>/tune_results.json`, and the best trial to
@@ -41,7 +42,11 @@ from tf_finetune.errors import UserError
 PROJECT = "tune"
 RESULTS = "tune_results.json"
 BEST_FLAGFILE = "best_trial.cfg"
-OBJECTIVE = keras_tuner.Objective("val_accuracy", direction="max")
+
+
+def objective(config: Config) -> str:
+    """What ranks the trials (higher is better): val_accuracy, or val mAP for multi-label."""
+    return "val_map" if config.task == "multi_label" else "val_accuracy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +140,7 @@ def declare(dims: list[Dimension]) -> keras_tuner.HyperParameters:
 
 
 def make_oracle(config: Config) -> keras_tuner.Oracle:
-    common = {"objective": OBJECTIVE, "seed": config.seed}
+    common = {"objective": keras_tuner.Objective(objective(config), "max"), "seed": config.seed}
     if config.tuner == "hyperband":
         return keras_tuner.oracles.HyperbandOracle(max_epochs=config.epochs, factor=3, **common)
     oracle = {
@@ -185,8 +190,9 @@ class FinetuneTuner(keras_tuner.engine.base_tuner.BaseTuner):
         fit = train.fit_phases(config, self.dataset, pipelines, self.strategy, verbose=0)
         scores = selection.best_checkpoint_scores(fit.model, config, pipelines)
         seconds = list(fit.epoch_seconds.values())
+        name = objective(self.base)
         return {
-            "val_accuracy": scores["val_accuracy"],
+            name: scores[name],
             "val_loss": scores["val_loss"],
             "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else 0.0,
         }
@@ -196,7 +202,8 @@ class FinetuneTuner(keras_tuner.engine.base_tuner.BaseTuner):
 
 
 def ranked_trials(tuner: FinetuneTuner) -> list[dict]:
-    """Completed trials, best first (val_accuracy, then val_loss on a tie), with their values."""
+    """Completed trials, best first (the objective, then val_loss on a tie), with their values."""
+    name = objective(tuner.base)
     done = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
     rows = []
     for trial in done:
@@ -206,7 +213,7 @@ def ranked_trials(tuner: FinetuneTuner) -> list[dict]:
         rows.append(
             {
                 "trial": trial.trial_id,
-                "val_accuracy": trial.score,
+                name: trial.score,
                 "val_loss": metrics.get_last_value("val_loss"),
                 "seconds_per_epoch": metrics.get_last_value("seconds_per_epoch"),
                 "epochs": int(trial.hyperparameters.values.get("tuner/epochs", 0)) or None,
@@ -215,19 +222,19 @@ def ranked_trials(tuner: FinetuneTuner) -> list[dict]:
                 },
             }
         )
-    return sorted(rows, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["trial"]))
+    return sorted(rows, key=lambda r: (-r[name], r["val_loss"], r["trial"]))
 
 
-def format_table(rows: list[dict], dims: list[Dimension]) -> str:
+def format_table(rows: list[dict], dims: list[Dimension], score: str = "val_accuracy") -> str:
     names = [d.knob.field for d in dims]
-    header = ["rank", "trial", "val_acc", "val_loss", "s/epoch", *names]
+    header = ["rank", "trial", score.replace("accuracy", "acc"), "val_loss", "s/epoch", *names]
     lines = [header]
     for rank, row in enumerate(rows, 1):
         lines.append(
             [
                 str(rank),
                 row["trial"],
-                f"{row['val_accuracy']:.4f}",
+                f"{row[score]:.4f}",
                 f"{row['val_loss']:.4f}",
                 f"{row['seconds_per_epoch']:.1f}",
                 *(
@@ -255,7 +262,7 @@ def tune(config: Config) -> dict:
     rows = ranked_trials(tuner)
     if not rows:
         raise UserError(f"no trial completed; see the logs in {config.model_dir}/{PROJECT}.")
-    best = rows[0]
+    best, score = rows[0], objective(config)
     best_config = trial_config(
         config,
         best["values"],
@@ -265,20 +272,21 @@ def tune(config: Config) -> dict:
     flagfile = os.path.join(config.model_dir, BEST_FLAGFILE)
     header = (
         f"# The best of {len(rows)} trial(s) of 'tf-finetune tune' (trial {best['trial']}, "
-        f"val_accuracy {best['val_accuracy']:.4f}).\n"
+        f"{score} {best[score]:.4f}).\n"
         f"# Rerun it in full (report, export): tf-finetune train --flagfile={flagfile}\n"
     )
     atomic.write_text(flagfile, header + best_config.to_flagfile())
     atomic.write_text(
         os.path.join(config.model_dir, RESULTS),
-        json.dumps({"objective": "val_accuracy", "trials": rows}, indent=2),
+        json.dumps({"objective": score, "trials": rows}, indent=2),
     )
     page = report.write_index(
         config.model_dir,
-        f"tf-finetune tune: {len(rows)} trial(s), ranked by val accuracy",
-        [(k, k.replace("_", " ")) for k in ("trial", "val_accuracy", "val_loss", "epochs")]
+        f"tf-finetune tune: {len(rows)} trial(s), ranked by {score.replace('_', ' ')}",
+        [(k, k.replace("_", " ")) for k in ("trial", score, "val_loss", "epochs")]
         + [("values", "hyperparameters"), ("seconds_per_epoch", "s/epoch")],
         [{**r, "run_dir": tuner.get_trial_dir(r["trial"])} for r in rows],
         note=f"Rerun the best in full: tf-finetune train --flagfile={flagfile}",
     )
-    return {"rows": rows, "table": format_table(rows, dims), "flagfile": flagfile, "report": page}
+    table = format_table(rows, dims, score)
+    return {"rows": rows, "table": table, "flagfile": flagfile, "report": page}
