@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_finetune import atomic
+from tf_finetune import atomic, predictions
 
 DEFAULT_TOP_K = (1, 5)
 DEFAULT_KEPT_IMAGES = 256
@@ -789,29 +789,47 @@ def write_text_mistakes(
 
 # ----------------------------------------------------------------------------- report
 def write_report(
-    model,
-    dataset,
+    model, dataset, class_names: Sequence[str], run_dir: str, split_name: str = "val", **options
+) -> dict:
+    """Evaluates `model` on one split (one pass, `predict_dataset`) and writes the report,
+    the plots and the per-sample CSV into `run_dir`; `options` are `report_predictions`'s
+    (history_csv, phase_boundary_epoch, examples)."""
+    y_true, probabilities, kept = predict_dataset(model, dataset)
+    return report_predictions(
+        y_true, probabilities, kept, class_names, run_dir, split_name, **options
+    )
+
+
+def report_predictions(
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    kept: MistakeImages,
     class_names: Sequence[str],
     run_dir: str,
     split_name: str = "val",
+    *,
     history_csv: str | None = None,
     phase_boundary_epoch: int | None = None,
+    examples: tuple[str, list[str] | None] = ("example", None),
 ) -> dict:
-    """Evaluates `model` on one split and writes the report and plots into `run_dir`.
+    """The report, plots and per-sample CSV of one split, all from one set of predictions.
 
     Writes `curves.png` (only when `history_csv` exists), `confusion_matrix_<split>.png`,
-    `mistakes_<split>.png`, and last `report_<split>.json` (so the JSON's presence means the
-    plots are complete). Per-split plot names keep a val and a test report from overwriting
-    each other.
+    `mistakes_<split>.png` (texts: .txt), `predictions_<split>.csv` (predictions.py), and last
+    `report_<split>.json` (so the JSON's presence means the rest is complete). Per-split
+    names keep a val and a test report from overwriting each other.
+
+    Args:
+      y_true, probabilities, kept: what `predict_dataset` returned.
+      examples: the CSV's first column (predictions.example_column).
 
     Returns:
       The `classification_report` dict plus `split` and `files` (the paths written, the JSON
       last); the JSON file holds the same dict.
     """
-    os.makedirs(run_dir, exist_ok=True)
-    y_true, probabilities, kept = predict_dataset(model, dataset)
     if y_true.shape[0] == 0:
         raise ValueError(f"the {split_name} split has no examples to evaluate")
+    os.makedirs(run_dir, exist_ok=True)
     report = classification_report(y_true, probabilities, class_names)
     report["split"] = split_name
     files = []
@@ -825,9 +843,7 @@ def write_report(
         )
     )
     total_mistakes = report["num_examples"] - int(np.trace(np.asarray(report["confusion_matrix"])))
-    plot = plot_mistakes
-    if _is_text(np.asarray(kept.images)):
-        plot = write_text_mistakes  # text models: a list, not an image grid
+    plot = write_text_mistakes if _is_text(np.asarray(kept.images)) else plot_mistakes
     files.append(
         plot(
             kept.images,
@@ -838,6 +854,8 @@ def write_report(
             total_mistakes=total_mistakes,
         )
     )
+    csv_path = predictions.file_name(run_dir, split_name)
+    files.append(predictions.write_csv(csv_path, y_true, probabilities, class_names, examples))
     report_path = os.path.join(run_dir, f"report_{split_name}.json")
     files.append(report_path)
     report["files"] = files

@@ -4,10 +4,13 @@ val and test written into the run dir (evaluate.py computes and draws them)."""
 import os
 
 import keras
+import numpy as np
 from absl import logging
 
-from tf_finetune import data, evaluate, rundir
+from tf_finetune import data, evaluate, predictions, rundir
 from tf_finetune.config import Config
+
+EPSILON = 1e-7  # keras.config.epsilon(): the clipping of Keras' cross-entropy
 
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
@@ -27,30 +30,55 @@ def phase_boundary(config: Config) -> int | None:
 def write_split_report(
     model: keras.Model, ds, dataset: data.DataSet, config: Config, split: str
 ) -> dict:
-    """evaluate.write_report for one split into the run dir (curves from history.csv if any)."""
+    """One prediction pass over `ds` (the split's batches) and everything made from it: the
+    report, plots and predictions CSV in the run dir (curves from history.csv if any), and
+    the Keras-style scores (`<split>_loss`, `_accuracy`, `_top5_accuracy`) under "scores"."""
+    y_true, probabilities, kept = evaluate.predict_dataset(model, ds)
     history_csv = os.path.join(config.model_dir, rundir.HISTORY)
-    return evaluate.write_report(
-        model,
-        ds,
+    report = evaluate.report_predictions(
+        y_true,
+        probabilities,
+        kept,
         list(dataset.class_names),
         config.model_dir,
-        split_name=split,
+        split,
         history_csv=history_csv if os.path.exists(history_csv) else None,
         phase_boundary_epoch=phase_boundary(config),
+        examples=predictions.example_column(getattr(dataset, split)),
     )
+    loss = cross_entropy(y_true, probabilities, config.label_smoothing)
+    report["scores"] = {f"{split}_loss": loss, f"{split}_accuracy": report["accuracy"]}
+    if len(dataset.class_names) > 5:  # model.compile_model's metrics
+        report["scores"][f"{split}_top5_accuracy"] = report["top5_accuracy"]
+    return report
+
+
+def cross_entropy(
+    y_true: np.ndarray, probabilities: np.ndarray, label_smoothing: float = 0.0
+) -> float:
+    """The mean categorical cross-entropy `model.evaluate` reports, from predictions already
+    made: Keras' normalisation and clipping to [1e-7, 1 - 1e-7], with label smoothing."""
+    p = np.asarray(probabilities, np.float64)
+    num_classes = p.shape[1]
+    targets = np.eye(num_classes)[y_true] * (1.0 - label_smoothing) + label_smoothing / num_classes
+    p = np.clip(p / p.sum(axis=1, keepdims=True), EPSILON, 1.0 - EPSILON)
+    return float(np.mean(-np.sum(targets * np.log(p), axis=1)))
 
 
 def evaluate_and_report(
     model: keras.Model, config: Config, dataset: data.DataSet, pipelines: dict
 ) -> dict:
-    """Keras metrics plus the per-class report and plots for val and test, into the run dir.
+    """Keras-style scores plus the per-class report, plots and predictions CSV for val and
+    test, into the run dir: one prediction pass per split feeds them all.
 
     Validation picked the best checkpoint, so only the test numbers are unbiased.
     """
-    evaluated = {k: v for k, v in pipelines.items() if k != "train"}
-    results = evaluate_splits(model, evaluated)
-    for split, ds in evaluated.items():
+    results = {}
+    for split, ds in pipelines.items():
+        if split == "train":
+            continue
         report = write_split_report(model, ds, dataset, config, split)
+        results.update(report.pop("scores"))
         results[f"{split}_macro_f1"] = report["macro_f1"]
         results[f"{split}_weighted_f1"] = report["weighted_f1"]
         logging.info("%s report:\n%s", split, evaluate.format_report(report, dataset.class_names))
