@@ -15,11 +15,11 @@ from tf_finetune import data, evaluate, evaluate_run, predictions, scoring, trai
 @pytest.fixture(scope="module")
 def run(folder, tmp_path_factory):
     """One tiny run with a test split, stopped early enough to make some mistakes; counts
-    the prediction passes (evaluate.predict_dataset) and Keras evaluations it makes."""
+    the prediction passes (evaluate.predict_split) and Keras evaluations it makes."""
     run_dir = tmp_path_factory.mktemp("predictions_run")
     config = tiny(folder, run_dir, epochs=1, learning_rate=1e-6, test_percent=25)
     calls = {"predict": 0, "evaluate": 0}
-    real_predict, real_evaluate = evaluate.predict_dataset, scoring.evaluate_splits
+    real_predict, real_evaluate = evaluate.predict_split, scoring.evaluate_splits
 
     def predict(*args, **kwargs):
         calls["predict"] += 1
@@ -30,7 +30,7 @@ def run(folder, tmp_path_factory):
         return real_evaluate(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate, "predict_dataset", predict)
+        patch.setattr(evaluate, "predict_split", predict)
         patch.setattr(scoring, "evaluate_splits", keras_evaluate)
         metrics = train.train_and_evaluate(config)
     return config, metrics, calls
@@ -140,3 +140,24 @@ def test_encoded_images_are_numbered():
 def test_report_page_links_the_csv(run):
     page = open(os.path.join(run[0].model_dir, "report.html"), encoding="utf-8").read()
     assert 'href="predictions_test.csv"' in page and 'href="predictions_val.csv"' in page
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_from_logits_matches_keras_even_when_probabilities_underflow(smoothing):
+    """Keras reads a softmax output's logits: a confidently wrong example costs far more than
+    -log(1e-7), and a confidently right one exactly 0. The one pass keeps the logits too."""
+    import keras
+
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    model.layers[-1].set_weights([np.array([[300.0, 0, 0], [0, 300.0, 0]]), np.zeros(3)])
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+    model.compile(loss=loss)
+    x = np.array([[1.0, 0], [0, 1.0], [1.0, 0], [0.5, 0.5]], np.float32)
+    y = np.eye(3, dtype=np.float32)[[0, 1, 1, 2]]  # right, right, wrong by 300, wrong
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(2)
+    predicted = evaluate.predict_split(model, ds)
+    assert predicted.probabilities[2, 1] == 0.0  # underflowed: its log is no use
+    keras_loss = model.evaluate(ds, verbose=0)
+    ours = scoring.cross_entropy(predicted.y_true, predicted.logits, smoothing)
+    assert ours == pytest.approx(keras_loss, rel=1e-5) and ours > 50

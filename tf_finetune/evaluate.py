@@ -13,6 +13,7 @@ import csv
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -379,33 +380,66 @@ def _keep(inputs) -> np.ndarray:
 
 
 _FORWARD: dict = {}  # the compiled forward pass of the last model seen
+_EPSILON = 1e-7  # keras.config.epsilon(): Keras clips probabilities it takes logs of
 
 
-def _probabilities(model, pixels) -> np.ndarray:
-    """One batch of probabilities from a Keras model, or any callable (e.g. a SavedModel
-    signature wrapped in a lambda) returning probabilities or a dict holding them."""
+def _with_logits(probabilities: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(probabilities, the logits Keras' cross-entropy reads for them): the softmax's input, as
+    Keras finds it (`_keras_logits`, or the Softmax op's input), else the clipped log."""
+    logits = getattr(probabilities, "_keras_logits", None)
+    op = getattr(probabilities, "op", None)
+    if logits is None and op is not None and op.type == "Softmax" and len(op.inputs) == 1:
+        logits = op.inputs[0]
+    if logits is None:
+        logits = tf.math.log(tf.clip_by_value(probabilities, _EPSILON, 1.0 - _EPSILON))
+    return probabilities, tf.cast(logits, tf.float32)
+
+
+def _probabilities(model, pixels) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of (probabilities, logits) from a Keras model, or any callable (e.g. a
+    SavedModel signature wrapped in a lambda) returning probabilities or a dict holding them
+    (its logits are then the clipped log of the probabilities)."""
     if isinstance(model, keras.Model):
         # Not predict_on_batch: under MirroredStrategy (Keras 3.15) it returns each replica's
         # rows twice. A plain compiled forward pass runs on one device and is exact.
         forward = _FORWARD.get(id(model))
         if forward is None:
-            forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            forward = tf.function(
+                lambda x: _with_logits(model(x, training=False)), reduce_retracing=True
+            )
             _FORWARD.clear()
             _FORWARD[id(model)] = forward
         pixels = tf.convert_to_tensor(pixels)
         if pixels.dtype != tf.string:  # text models take strings as they are
             pixels = tf.cast(pixels, tf.float32)
-        out = forward(pixels)
+        out, logits = forward(pixels)
     else:
         out = model(pixels)
-    if isinstance(out, dict):
-        out = out["probabilities"]
-    return np.asarray(out, dtype=np.float32)
+        if isinstance(out, dict):
+            out = out["probabilities"]
+        out, logits = _with_logits(tf.convert_to_tensor(out, tf.float32))
+    return np.asarray(out, dtype=np.float32), np.asarray(logits, dtype=np.float32)
+
+
+class Predictions(NamedTuple):
+    """One pass of a model over a split: int64 labels [n], float32 probabilities and logits
+    [n, C] (rows in the split's order), and the worst mistakes' inputs (None if not kept)."""
+
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray
+    kept: "MistakeImages | None"
 
 
 def predict_dataset(
     model, dataset, max_images: int = DEFAULT_KEPT_IMAGES
 ) -> tuple[np.ndarray, np.ndarray, MistakeImages | None]:
+    """`predict_split` as (y_true, probabilities, kept)."""
+    y_true, probabilities, _, kept = predict_split(model, dataset, max_images)
+    return y_true, probabilities, kept
+
+
+def predict_split(model, dataset, max_images: int = DEFAULT_KEPT_IMAGES) -> Predictions:
     """Runs `model` over a batched dataset once; keeps the worst mistakes' pixels.
 
     Args:
@@ -420,27 +454,27 @@ def predict_dataset(
         probability, as uint8); memory stays bounded by max_images + one batch. 0 keeps none.
 
     Returns:
-      (y_true int64 [n], probabilities float32 [n, C], MistakeImages or None when max_images
-      is 0). MistakeImages is empty when nothing was misclassified.
+      Predictions; `kept` is None when max_images is 0, empty when nothing was misclassified.
     """
-    labels, probs = [], []
+    labels, probs, logits = [], [], []
     worst = _WorstMistakes(max_images)
     offset = 0  # position of the batch's first example in the returned arrays
     for element in dataset:
         x = element[0]
-        batch_probs = _probabilities(model, x)
+        batch_probs, batch_logits = _probabilities(model, x)
         batch_labels = _batch_labels(element[1], batch_probs)
         labels.append(batch_labels)
         probs.append(batch_probs)
+        logits.append(batch_logits)
         if max_images > 0:
             worst.add(x, batch_labels, batch_probs, offset)
         offset += batch_labels.shape[0]
 
     if probs:
-        y_true, probabilities = np.concatenate(labels), np.concatenate(probs)
+        arrays = np.concatenate(labels), np.concatenate(probs), np.concatenate(logits)
     else:
-        y_true, probabilities = np.zeros((0,), np.int64), np.zeros((0, 0), np.float32)
-    return y_true, probabilities, (worst.result() if max_images > 0 else None)
+        arrays = np.zeros((0,), np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0))
+    return Predictions(*arrays, worst.result() if max_images > 0 else None)
 
 
 def _batch_labels(y, batch_probs: np.ndarray) -> np.ndarray:

@@ -10,8 +10,6 @@ from absl import logging
 from tf_finetune import data, evaluate, predictions, rundir
 from tf_finetune.config import Config
 
-EPSILON = 1e-7  # keras.config.epsilon(): the clipping of Keras' cross-entropy
-
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
     """Keras metrics of `model` on each split, flat: val_accuracy, test_loss, ..."""
@@ -33,7 +31,7 @@ def write_split_report(
     """One prediction pass over `ds` (the split's batches) and everything made from it: the
     report, plots and predictions CSV in the run dir (curves from history.csv if any), and
     the Keras-style scores (`<split>_loss`, `_accuracy`, `_top5_accuracy`) under "scores"."""
-    y_true, probabilities, kept = evaluate.predict_dataset(model, ds)
+    y_true, probabilities, logits, kept = evaluate.predict_split(model, ds)
     history_csv = os.path.join(config.model_dir, rundir.HISTORY)
     report = evaluate.report_predictions(
         y_true,
@@ -46,23 +44,23 @@ def write_split_report(
         phase_boundary_epoch=phase_boundary(config),
         examples=predictions.example_column(getattr(dataset, split)),
     )
-    loss = cross_entropy(y_true, probabilities, config.label_smoothing)
+    loss = cross_entropy(y_true, logits, config.label_smoothing)
     report["scores"] = {f"{split}_loss": loss, f"{split}_accuracy": report["accuracy"]}
     if len(dataset.class_names) > 5:  # model.compile_model's metrics
         report["scores"][f"{split}_top5_accuracy"] = report["top5_accuracy"]
     return report
 
 
-def cross_entropy(
-    y_true: np.ndarray, probabilities: np.ndarray, label_smoothing: float = 0.0
-) -> float:
-    """The mean categorical cross-entropy `model.evaluate` reports, from predictions already
-    made: Keras' normalisation and clipping to [1e-7, 1 - 1e-7], with label smoothing."""
-    p = np.asarray(probabilities, np.float64)
-    num_classes = p.shape[1]
+def cross_entropy(y_true: np.ndarray, logits: np.ndarray, label_smoothing: float = 0.0) -> float:
+    """The mean categorical cross-entropy `model.evaluate` reports, from the logits of
+    predictions already made (as Keras computes it for a softmax output), label smoothing
+    included."""
+    z = np.asarray(logits, np.float64)
+    num_classes = z.shape[1]
     targets = np.eye(num_classes)[y_true] * (1.0 - label_smoothing) + label_smoothing / num_classes
-    p = np.clip(p / p.sum(axis=1, keepdims=True), EPSILON, 1.0 - EPSILON)
-    return float(np.mean(-np.sum(targets * np.log(p), axis=1)))
+    top = z.max(axis=1, keepdims=True)
+    log_softmax = z - top - np.log(np.exp(z - top).sum(axis=1, keepdims=True))
+    return float(np.mean(-np.sum(targets * log_softmax, axis=1)))
 
 
 def evaluate_and_report(
