@@ -5,6 +5,7 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from tf_finetune import data, evaluate, predictions, rundir
@@ -53,14 +54,17 @@ def write_split_report(
 
 def cross_entropy(y_true: np.ndarray, logits: np.ndarray, label_smoothing: float = 0.0) -> float:
     """The mean categorical cross-entropy `model.evaluate` reports, from the logits of
-    predictions already made (as Keras computes it for a softmax output), label smoothing
-    included."""
-    z = np.asarray(logits, np.float64)
-    num_classes = z.shape[1]
-    targets = np.eye(num_classes)[y_true] * (1.0 - label_smoothing) + label_smoothing / num_classes
-    top = z.max(axis=1, keepdims=True)
-    log_softmax = z - top - np.log(np.exp(z - top).sum(axis=1, keepdims=True))
-    return float(np.mean(-np.sum(targets * log_softmax, axis=1)))
+    predictions already made: the op Keras uses for a softmax output, in float32 like Keras
+    (per example), label smoothing included; averaged in float64."""
+    num_classes = logits.shape[1]
+    targets = np.eye(num_classes, dtype=np.float32)[y_true]
+    targets = targets * np.float32(1.0 - label_smoothing) + np.float32(
+        label_smoothing / num_classes
+    )
+    per_example = tf.nn.softmax_cross_entropy_with_logits(
+        labels=targets, logits=np.asarray(logits, np.float32)
+    )
+    return float(np.mean(np.asarray(per_example, np.float64)))
 
 
 def evaluate_and_report(
