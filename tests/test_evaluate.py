@@ -451,12 +451,13 @@ def test_write_report_end_to_end(tmp_path):
         "curves.png",
         "confusion_matrix_val.png",
         "mistakes_val.png",
+        "predictions_val.csv",
         "report_val.json",
     }
     assert {os.path.basename(f) for f in report["files"]} == expected
     assert report["files"][-1] == str(run_dir / "report_val.json")
     assert set(os.listdir(run_dir)) == expected  # nothing else, no temporary files
-    for name in expected - {"report_val.json"}:
+    for name in expected - {"report_val.json", "predictions_val.csv"}:
         assert_png(run_dir / name)
     assert report["split"] == "val"
     assert report["accuracy"] == pytest.approx(6 / 10)
@@ -469,6 +470,7 @@ def test_write_report_end_to_end(tmp_path):
     assert {os.path.basename(f) for f in test_report["files"]} == {
         "confusion_matrix_test.png",
         "mistakes_test.png",
+        "predictions_test.csv",
         "report_test.json",
     }
     assert (run_dir / "confusion_matrix_val.png").exists()

@@ -342,6 +342,15 @@ class Config:
         "regularization",
         ("none", "balanced"),
     )
+    sampling: str = _field(
+        "none",
+        "balanced: training batches draw every class with equal probability (per-class "
+        "tf.data streams, nothing copied; an epoch stays as many draws as the training split "
+        "has examples), on pixels and on cached features alike. An alternative to "
+        "--class_weight for long-tailed data, not to combine with it.",
+        "regularization",
+        ("none", "balanced"),
+    )
     ema: float = _field(
         0.0,
         "Keep an exponential moving average of the weights with this momentum (e.g. 0.999); "
@@ -433,6 +442,13 @@ class Config:
         "export",
         ("none", "dynamic", "float16", "int8"),
     )
+    max_quantization_drop: str = _field(
+        "",
+        "Refuse a TFLite export whose accuracy falls more than this below the float Keras "
+        "model's (e.g. 0.01), on the split --min_accuracy uses (test if any, else "
+        "validation): one line, exit 3, nothing written. Empty: off.",
+        "export",
+    )
     export_version: int = _field(
         0,
         "SavedModel version to write (never overwrites one). 0: the next free version.",
@@ -494,6 +510,11 @@ class Config:
     def two_phase(self) -> bool:
         """Head first with the backbone frozen, then fine-tuning (see `phases.plan`)."""
         return self.warmup_epochs > 0 and self.unfreeze_layers != 0
+
+    @property
+    def quantization_drop_limit(self) -> float | None:
+        """--max_quantization_drop as a number (validation checked it), None when off."""
+        return float(self.max_quantization_drop) if self.max_quantization_drop else None
 
     @property
     def fine_tune_lr(self) -> float:

@@ -16,3 +16,12 @@ class BelowMinAccuracy(UserError):
     """
 
     exit_code = 3
+
+
+class QuantizationDropTooLarge(UserError):
+    """A TFLite export lost more accuracy than `--max_quantization_drop`: nothing written.
+
+    The same exit code as BelowMinAccuracy: "converted fine, not good enough".
+    """
+
+    exit_code = 3

@@ -13,12 +13,13 @@ import csv
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_finetune import atomic
+from tf_finetune import atomic, predictions
 
 DEFAULT_TOP_K = (1, 5)
 DEFAULT_KEPT_IMAGES = 256
@@ -379,36 +380,69 @@ def _keep(inputs) -> np.ndarray:
 
 
 _FORWARD: dict = {}  # the compiled forward pass of the last model seen
+_EPSILON = 1e-7  # keras.config.epsilon(): Keras clips probabilities it takes logs of
 
 
-def _probabilities(model, pixels) -> np.ndarray:
-    """One batch of probabilities from a Keras model, or any callable (e.g. a SavedModel
-    signature wrapped in a lambda) returning probabilities or a dict holding them."""
+def _with_logits(probabilities: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(probabilities, the logits Keras' cross-entropy reads for them): the softmax's input, as
+    Keras finds it (`_keras_logits`, or the Softmax op's input), else the clipped log."""
+    logits = getattr(probabilities, "_keras_logits", None)
+    op = getattr(probabilities, "op", None)
+    if logits is None and op is not None and op.type == "Softmax" and len(op.inputs) == 1:
+        logits = op.inputs[0]
+    if logits is None:
+        logits = tf.math.log(tf.clip_by_value(probabilities, _EPSILON, 1.0 - _EPSILON))
+    return probabilities, tf.cast(logits, tf.float32)
+
+
+def _probabilities(model, pixels) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of (probabilities, logits) from a Keras model, or any callable (e.g. a
+    SavedModel signature wrapped in a lambda) returning probabilities or a dict holding them
+    (its logits are then the clipped log of the probabilities)."""
     if isinstance(model, keras.Model):
         # Not predict_on_batch: under MirroredStrategy (Keras 3.15) it returns each replica's
         # rows twice. A plain compiled forward pass runs on one device and is exact.
         forward = _FORWARD.get(id(model))
         if forward is None:
-            forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            forward = tf.function(
+                lambda x: _with_logits(model(x, training=False)), reduce_retracing=True
+            )
             _FORWARD.clear()
             _FORWARD[id(model)] = forward
         pixels = tf.convert_to_tensor(pixels)
         if pixels.dtype != tf.string:  # text models take strings as they are
             pixels = tf.cast(pixels, tf.float32)
-        out = forward(pixels)
+        out, logits = forward(pixels)
     else:
         out = model(pixels)
-    if isinstance(out, dict):
-        out = out["probabilities"]
-    return np.asarray(out, dtype=np.float32)
+        if isinstance(out, dict):
+            out = out["probabilities"]
+        out, logits = _with_logits(tf.convert_to_tensor(out, tf.float32))
+    return np.asarray(out, dtype=np.float32), np.asarray(logits, dtype=np.float32)
 
 
-batch_probabilities = _probabilities  # one batch, for multi-label scoring
+class Predictions(NamedTuple):
+    """One pass of a model over a split: int64 labels [n], float32 probabilities and logits
+    [n, C] (rows in the split's order), and the worst mistakes' inputs (None if not kept)."""
+
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray
+    kept: "MistakeImages | None"
+
+
+batch_probabilities = _probabilities  # one batch (probabilities, logits): multi-label scoring
 
 
 def predict_dataset(
     model, dataset, max_images: int = DEFAULT_KEPT_IMAGES
 ) -> tuple[np.ndarray, np.ndarray, MistakeImages | None]:
+    """`predict_split` as (y_true, probabilities, kept)."""
+    y_true, probabilities, _, kept = predict_split(model, dataset, max_images)
+    return y_true, probabilities, kept
+
+
+def predict_split(model, dataset, max_images: int = DEFAULT_KEPT_IMAGES) -> Predictions:
     """Runs `model` over a batched dataset once; keeps the worst mistakes' pixels.
 
     Args:
@@ -423,27 +457,27 @@ def predict_dataset(
         probability, as uint8); memory stays bounded by max_images + one batch. 0 keeps none.
 
     Returns:
-      (y_true int64 [n], probabilities float32 [n, C], MistakeImages or None when max_images
-      is 0). MistakeImages is empty when nothing was misclassified.
+      Predictions; `kept` is None when max_images is 0, empty when nothing was misclassified.
     """
-    labels, probs = [], []
+    labels, probs, logits = [], [], []
     worst = _WorstMistakes(max_images)
     offset = 0  # position of the batch's first example in the returned arrays
     for element in dataset:
         x = element[0]
-        batch_probs = _probabilities(model, x)
+        batch_probs, batch_logits = _probabilities(model, x)
         batch_labels = _batch_labels(element[1], batch_probs)
         labels.append(batch_labels)
         probs.append(batch_probs)
+        logits.append(batch_logits)
         if max_images > 0:
             worst.add(x, batch_labels, batch_probs, offset)
         offset += batch_labels.shape[0]
 
     if probs:
-        y_true, probabilities = np.concatenate(labels), np.concatenate(probs)
+        arrays = np.concatenate(labels), np.concatenate(probs), np.concatenate(logits)
     else:
-        y_true, probabilities = np.zeros((0,), np.int64), np.zeros((0, 0), np.float32)
-    return y_true, probabilities, (worst.result() if max_images > 0 else None)
+        arrays = np.zeros((0,), np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0))
+    return Predictions(*arrays, worst.result() if max_images > 0 else None)
 
 
 def _batch_labels(y, batch_probs: np.ndarray) -> np.ndarray:
@@ -792,29 +826,47 @@ def write_text_mistakes(
 
 # ----------------------------------------------------------------------------- report
 def write_report(
-    model,
-    dataset,
+    model, dataset, class_names: Sequence[str], run_dir: str, split_name: str = "val", **options
+) -> dict:
+    """Evaluates `model` on one split (one pass, `predict_dataset`) and writes the report,
+    the plots and the per-sample CSV into `run_dir`; `options` are `report_predictions`'s
+    (history_csv, phase_boundary_epoch, examples)."""
+    y_true, probabilities, kept = predict_dataset(model, dataset)
+    return report_predictions(
+        y_true, probabilities, kept, class_names, run_dir, split_name, **options
+    )
+
+
+def report_predictions(
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    kept: MistakeImages,
     class_names: Sequence[str],
     run_dir: str,
     split_name: str = "val",
+    *,
     history_csv: str | None = None,
     phase_boundary_epoch: int | None = None,
+    examples: tuple[str, list[str] | None] = ("example", None),
 ) -> dict:
-    """Evaluates `model` on one split and writes the report and plots into `run_dir`.
+    """The report, plots and per-sample CSV of one split, all from one set of predictions.
 
     Writes `curves.png` (only when `history_csv` exists), `confusion_matrix_<split>.png`,
-    `mistakes_<split>.png`, and last `report_<split>.json` (so the JSON's presence means the
-    plots are complete). Per-split plot names keep a val and a test report from overwriting
-    each other.
+    `mistakes_<split>.png` (texts: .txt), `predictions_<split>.csv` (predictions.py), and last
+    `report_<split>.json` (so the JSON's presence means the rest is complete). Per-split
+    names keep a val and a test report from overwriting each other.
+
+    Args:
+      y_true, probabilities, kept: what `predict_dataset` returned.
+      examples: the CSV's first column (predictions.example_column).
 
     Returns:
       The `classification_report` dict plus `split` and `files` (the paths written, the JSON
       last); the JSON file holds the same dict.
     """
-    os.makedirs(run_dir, exist_ok=True)
-    y_true, probabilities, kept = predict_dataset(model, dataset)
     if y_true.shape[0] == 0:
         raise ValueError(f"the {split_name} split has no examples to evaluate")
+    os.makedirs(run_dir, exist_ok=True)
     report = classification_report(y_true, probabilities, class_names)
     report["split"] = split_name
     files = []
@@ -828,9 +880,7 @@ def write_report(
         )
     )
     total_mistakes = report["num_examples"] - int(np.trace(np.asarray(report["confusion_matrix"])))
-    plot = plot_mistakes
-    if _is_text(np.asarray(kept.images)):
-        plot = write_text_mistakes  # text models: a list, not an image grid
+    plot = write_text_mistakes if _is_text(np.asarray(kept.images)) else plot_mistakes
     files.append(
         plot(
             kept.images,
@@ -841,6 +891,8 @@ def write_report(
             total_mistakes=total_mistakes,
         )
     )
+    csv_path = predictions.file_name(run_dir, split_name)
+    files.append(predictions.write_csv(csv_path, y_true, probabilities, class_names, examples))
     report_path = os.path.join(run_dir, f"report_{split_name}.json")
     files.append(report_path)
     report["files"] = files

@@ -25,7 +25,7 @@ from absl import logging
 from tf_finetune import atomic, data, export, input_pipeline, offline_default, rundir
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
-from tf_finetune.errors import UserError
+from tf_finetune.errors import QuantizationDropTooLarge, UserError
 from tf_finetune.serving import tflite_interpreter, tflite_predict  # noqa: F401 (re-exported)
 
 # Training images the int8 converter calibrates activation ranges on (TFLite's guide: ~100-500).
@@ -100,6 +100,54 @@ def tflite_accuracy(tflite_model: bytes, split: data.Split, batch_size: int = 32
         correct += int(np.sum(np.argmax(probabilities, axis=1) == labels))
         total += len(labels)
     return correct / max(total, 1)
+
+
+def quantization_gate(
+    config: Config, content: bytes, rows: list, dataset: data.DataSet, float_model: bytes
+) -> dict | None:
+    """--max_quantization_drop: the TFLite file's accuracy against the float Keras model's on
+    the split --min_accuracy uses (test when there is one, else val), before anything is
+    written. The Keras accuracy is the run's own (metrics.json, measured when the run
+    evaluated); without it, the float model's through TFLite on that split. Val accuracies
+    come from `rows` (measured already), test ones are measured here.
+
+    Returns:
+      The gate's facts for the model card, or None when the flag is off.
+
+    Raises:
+      QuantizationDropTooLarge: the drop is over the limit (one line; nothing written).
+    """
+    limit = config.quantization_drop_limit
+    if limit is None:
+        return None
+    split = "test" if dataset.test is not None else "val"
+    accuracy = tflite_accuracy(content, dataset.test) if split == "test" else rows[-1][2]
+    reference = rundir.read_metrics(config.model_dir).get(f"{split}_accuracy")
+    source = "keras"
+    if reference is None:
+        source = "float32 tflite"
+        reference = tflite_accuracy(float_model, dataset.test) if split == "test" else rows[0][2]
+    drop = reference - accuracy
+    if drop > limit + 1e-6:  # float32 accuracies of older runs' metrics.json
+        raise QuantizationDropTooLarge(
+            f"{split} accuracy of the {rows[-1][0]} TFLite model is {accuracy:.4f}, "
+            f"{drop:.4f} below the float model's {reference:.4f} (--max_quantization_drop="
+            f"{config.max_quantization_drop}): not written; earlier exports are untouched."
+        )
+    logging.info(
+        "--max_quantization_drop=%s: %s accuracy %.4f, float %.4f: kept",
+        config.max_quantization_drop,
+        split,
+        accuracy,
+        reference,
+    )
+    return {
+        "split": split,
+        "accuracy": accuracy,
+        "float_accuracy": reference,
+        "float_accuracy_from": source,
+        "max_drop": limit,
+    }
 
 
 # ----------------------------------------------------------------------------- writing
@@ -229,6 +277,7 @@ def _export_tflite(
         representative = representative_images(dataset.train, config.seed)
         content = convert_tflite(model, config.quantize, representative)
         rows.append((config.quantize, len(content), tflite_accuracy(content, dataset.val)))
+    gate = quantization_gate(config, content, rows, dataset, float_model)
     _write_new(path, _write_bytes(content))
     entry = {
         "file": name,
@@ -242,5 +291,6 @@ def _export_tflite(
         if config.quantize == "int8"
         else "float32 pixels 0-255 [batch, s, s, 3]",
         "output": "float32 probabilities [batch, classes]",
+        **({"quantization_gate": gate} if gate else {}),
     }
     return {"path": path, "rows": rows, "card": _side_files(folder, class_names, card, entry)}

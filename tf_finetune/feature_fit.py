@@ -187,7 +187,9 @@ def fit_head(
     head._initial_epoch = None  # see train.fit_phases
     replicas = strategy.num_replicas_in_sync
     train = distribute.skip_batches_smaller_than(
-        features.dataset(cached["train"], config.batch_size, True, config.seed),
+        features.dataset(
+            cached["train"], config.batch_size, True, config.seed, config.sampling == "balanced"
+        ),
         replicas,
         cached["train"].count,
         config.batch_size,

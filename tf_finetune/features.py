@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_finetune import sampling
+
 POOLER, DROPOUT, PREDICTIONS = "pooler", "output_dropout", "predictions"
 
 
@@ -161,14 +163,21 @@ def cached_extract(
     return extract(extractor, pipeline, count, path, verbose)
 
 
-def dataset(features: Features, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
+def dataset(
+    features: Features, batch_size: int, training: bool, seed: int, balanced: bool = False
+) -> tf.data.Dataset:
     """Batches of (features, one-hot); shuffled by index each epoch when training.
 
     Index-based so a memory-mapped array is read a batch at a time, never copied whole.
+    `balanced` (training only, --sampling=balanced): rows drawn class-balanced
+    (sampling.balanced_indices), as many per epoch as there are rows.
     """
     n = features.count
+    balanced = balanced and training
     indices = tf.data.Dataset.range(n)
-    if training:
+    if balanced:
+        indices = sampling.balanced_indices(features.labels, seed).take(n)
+    elif training:
         indices = indices.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     dim, classes = features.features.shape[1], features.labels.shape[1]
 
@@ -182,7 +191,7 @@ def dataset(features: Features, batch_size: int, training: bool, seed: int) -> t
         y.set_shape([None, classes])
         return f, y
 
-    if isinstance(features.features, np.memmap):
+    if balanced or isinstance(features.features, np.memmap):
         return indices.batch(batch_size).map(read).prefetch(tf.data.AUTOTUNE)
     ds = tf.data.Dataset.from_tensor_slices((features.features, features.labels))
     if training:

@@ -11,7 +11,15 @@ import os
 
 import tensorflow as tf
 
-from tf_finetune import augment, data, distribute, multilabel_data, text_data, validation
+from tf_finetune import (
+    augment,
+    data,
+    distribute,
+    multilabel_data,
+    sampling,
+    text_data,
+    validation,
+)
 from tf_finetune import config as config_lib
 from tf_finetune.config import Config, table_holds_images
 
@@ -120,7 +128,10 @@ def make_pipelines(
 
     def pipeline(split: data.Split, training: bool, cache: bool = False) -> tf.data.Dataset:
         batch = config.batch_size
-        if endless:
+        if training and config.sampling == "balanced":
+            split = balanced_split(split, dataset.num_classes, config.seed, endless)
+            cache = False  # a cache would replay the first epoch's draws
+        elif endless:
             split = dataclasses.replace(split, source=split.source.repeat())
         elif not training:
             batch = distribute.eval_batch_size(split.count, config.batch_size, replicas)
@@ -147,6 +158,14 @@ def make_pipelines(
     if dataset.test and not endless:
         pipelines["test"] = pipeline(dataset.test, False)
     return pipelines
+
+
+def balanced_split(split: data.Split, num_classes: int, seed: int, endless: bool) -> data.Split:
+    """`split` with its keys drawn class-balanced (sampling.py); an epoch is still `count`
+    draws, so steps per epoch stay those of the split (endless: drawn for ever)."""
+    counts = data.class_counts(split, num_classes)
+    source = sampling.balanced_keys(split.source, counts, seed)
+    return dataclasses.replace(split, source=source if endless else source.take(split.count))
 
 
 def _shard_by_data() -> tf.data.Options:

@@ -22,13 +22,14 @@ def predict(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     """(multi-hot targets [n, L], probabilities [n, L]) of `model` over a batched split."""
     targets, probabilities = [], []
     for element in dataset:
-        probabilities.append(evaluate.batch_probabilities(model, element[0]))
+        probabilities.append(evaluate.batch_probabilities(model, element[0])[0])
         targets.append(np.asarray(element[1], dtype=np.float32))
     return np.concatenate(targets), np.concatenate(probabilities)
 
 
 def binary_cross_entropy(targets: np.ndarray, probabilities: np.ndarray) -> float:
-    """Mean binary cross-entropy over every (example, label), as Keras computes it."""
+    """Mean binary cross-entropy over every (example, label), from the probabilities clipped to
+    [1e-7, 1 - 1e-7] (Keras reads the logits when it has them: equal unless saturated)."""
     p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
     return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)))
 

@@ -342,6 +342,9 @@ def _split_section(model_dir: str, split: str, report: dict, is_text: bool) -> d
         "mistakes": report.get("mistakes") if isinstance(report.get("mistakes"), list) else None,
         "text_mistakes": text_mistakes,
         "total_mistakes": total_mistakes,
+        "predictions_csv": f"predictions_{split}.csv"
+        if os.path.exists(os.path.join(model_dir, f"predictions_{split}.csv"))
+        else None,
     }
 
 

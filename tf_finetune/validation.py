@@ -135,6 +135,37 @@ def quantize_needs_tflite(config: Config) -> None:
         raise UserError(f"--quantize={config.quantize} needs --format=tflite.")
 
 
+def sampling_or_class_weight(config: Config) -> None:
+    if config.sampling != "balanced":
+        return
+    if config.class_weight != "none":
+        raise UserError(
+            f"--sampling=balanced and --class_weight={config.class_weight} both correct the "
+            "same imbalance (together they over-correct it): use one of them."
+        )
+    if config.head_solver == "lbfgs":
+        raise UserError(
+            "--sampling=balanced draws training batches; --head_solver=lbfgs solves on every "
+            "feature at once: use --class_weight=balanced with it, or --head_solver=fit."
+        )
+
+
+def quantization_drop(config: Config) -> None:
+    if not config.max_quantization_drop:
+        return
+    if config.format != "tflite":
+        raise UserError("--max_quantization_drop gates TFLite exports: add --format=tflite.")
+    try:
+        value = float(config.max_quantization_drop)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise UserError(
+            f"--max_quantization_drop={config.max_quantization_drop}: an accuracy drop between "
+            "0 and 1, e.g. 0.01 (one point), or empty for no check."
+        )
+
+
 # ----------------------------------------------------------------------------- the world
 def test_percent_fits(config: Config) -> None:
     splits.check_test_percent(config.data, config.validation_percent, config.test_percent)
@@ -242,6 +273,7 @@ def multi_label_options(config: Config) -> None:
         "--head_solver=lbfgs": config.head_solver == "lbfgs",
         "--mixup/--cutmix": bool(config.mixup or config.cutmix),
         "--class_weight": config.class_weight != "none",
+        "--sampling=balanced": config.sampling == "balanced",
         "--label_issues": config.label_issues,
     }
     named = [flag for flag, on in refused.items() if on]
@@ -264,6 +296,8 @@ RULES: tuple[Callable[[Config], None], ...] = (
     data_service_address,
     tfds_name,
     quantize_needs_tflite,
+    sampling_or_class_weight,
+    quantization_drop,
     data_exists,
     test_percent_fits,
     folder_takes_no_tfds_splits,
