@@ -263,3 +263,26 @@ def test_tune_ranks_multi_label_trials_by_val_map(table, tmp_path, capsys):
     assert len(scores) == 2 and scores == sorted(scores, reverse=True)
     assert "val_map" in capsys.readouterr().out
     assert "val_map" in (run / tune.BEST_FLAGFILE).read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_the_predictions_csv_rows_match_the_report(run, table):
+    import csv
+
+    report = _json(run / "report_test.json")
+    with open(run / "predictions_test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == report["num_examples"]
+    tagged = {line.split(",")[0]: line.split(",")[1] for line in table.read_text().splitlines()[1:]}
+    for row in rows:  # the true labels are the table's, in label order
+        relative = row["file"].split(str(table.parent) + "/")[1]
+        assert row["true_label"] == "|".join(sorted(tagged[relative].split("|"))).strip("|")
+    thresholds = report["thresholds"]
+    for row in rows:  # (the CSV rounds to 6 decimals: rows that close to a threshold aside)
+        p = [float(row[f"p:{n}"]) for n in NAMES]
+        if min(abs(a - t) for a, t in zip(p, thresholds)) > 1e-6:
+            chosen = [n for n, a, t in zip(NAMES, p, thresholds) if a >= t]
+            assert row["predicted_label"] == "|".join(chosen)
+    assert sum(int(r["correct"]) for r in rows) / len(rows) == pytest.approx(
+        report["subset_accuracy"]
+    )

@@ -2,7 +2,7 @@
 split's report (multilabel_metrics) written into the run dir.
 
 Writes `thresholds.json` ({"metric", "labels": {name: threshold}}), `pr_curves_<split>.png`,
-`label_confusion_<split>.png` and (last) `report_<split>.json`;
+`label_confusion_<split>.png`, `predictions_<split>.csv` and (last) `report_<split>.json`;
 returns flat metrics for metrics.json: `<split>_loss` (binary cross-entropy), `<split>_map`,
 `<split>_accuracy` (subset accuracy: the whole label set right), micro/macro/weighted F1 and
 the Hamming loss. Validation chose the checkpoint and the thresholds, so only test is unbiased.
@@ -13,7 +13,7 @@ import os
 import numpy as np
 from absl import logging
 
-from tf_finetune import atomic, evaluate, rundir
+from tf_finetune import atomic, evaluate, predictions, rundir
 from tf_finetune import multilabel_metrics as mlm
 from tf_finetune.config import Config
 
@@ -34,13 +34,14 @@ def binary_cross_entropy(targets: np.ndarray, probabilities: np.ndarray) -> floa
     return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)))
 
 
-def evaluate_and_report(model, config: Config, class_names, pipelines: dict) -> dict:
-    """Thresholds from val, then each split's report; metrics.json's flat scores."""
-    predictions = {s: predict(model, ds) for s, ds in pipelines.items() if s != "train"}
+def evaluate_and_report(model, config: Config, dataset, pipelines: dict) -> dict:
+    """Thresholds from val, then each split's report and predictions CSV; metrics.json's flat
+    scores."""
+    passes = {s: predict(model, ds) for s, ds in pipelines.items() if s != "train"}
     thresholds = mlm.choose_thresholds(
-        *predictions["val"], metric=config.threshold_metric, fixed=config.threshold
+        *passes["val"], metric=config.threshold_metric, fixed=config.threshold
     )
-    names = list(class_names)
+    names = list(dataset.class_names)
     atomic.write_json(
         os.path.join(config.model_dir, rundir.THRESHOLDS),
         {
@@ -50,7 +51,7 @@ def evaluate_and_report(model, config: Config, class_names, pipelines: dict) -> 
         },
     )
     results = {"task": "multi_label"}
-    for split, (targets, probabilities) in predictions.items():
+    for split, (targets, probabilities) in passes.items():
         report = mlm.multi_label_report(targets, probabilities, names, thresholds)
         report["split"] = split
         report["files"] = [
@@ -60,6 +61,16 @@ def evaluate_and_report(model, config: Config, class_names, pipelines: dict) -> 
                 (plot_label_confusion, f"label_confusion_{split}.png"),
             )
         ]
+        report["files"].append(
+            predictions.write_multi_label_csv(
+                predictions.file_name(config.model_dir, split),
+                targets,
+                probabilities,
+                names,
+                thresholds,
+                predictions.example_column(getattr(dataset, split)),
+            )
+        )
         atomic.write_json(os.path.join(config.model_dir, f"report_{split}.json"), report)
         logging.info("%s report:\n%s", split, mlm.format_report(report))
         results[f"{split}_loss"] = binary_cross_entropy(targets, probabilities)

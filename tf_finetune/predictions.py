@@ -90,3 +90,49 @@ def write_csv(
 
     atomic.write(path, write, what="predictions")
     return path
+
+
+LABEL_SEPARATOR = "|"
+
+
+def write_multi_label_csv(
+    path: str,
+    targets: np.ndarray,
+    probabilities: np.ndarray,
+    label_names: Sequence[str],
+    thresholds: Sequence[float],
+    examples: tuple[str, list[str] | None] = ("example", None),
+) -> str:
+    """The multi-label CSV, same columns: `true_label` and `predicted_label` hold every label
+    of the example joined by "|" (empty: none), `predicted_label` the labels at or above their
+    thresholds, `confidence` the highest label probability, `correct` 1 when the two label sets
+    are equal; then `p:<label>` per label."""
+    names = [str(c) for c in label_names]
+    column, values = examples
+    n = len(targets)
+    if values is not None and len(values) != n:
+        raise ValueError(f"{len(values)} {column} values for {n} predictions")
+    truth = np.asarray(targets) > 0
+    chosen = np.asarray(probabilities) >= np.asarray(thresholds)
+
+    def joined(mask) -> str:
+        return LABEL_SEPARATOR.join(name for name, on in zip(names, mask) if on)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow([column, *FIXED_COLUMNS, *(PROBABILITY_PREFIX + c for c in names)])
+            for i in range(n):
+                out.writerow(
+                    [
+                        values[i] if values is not None else i,
+                        joined(truth[i]),
+                        joined(chosen[i]),
+                        f"{probabilities[i].max():.6f}" if len(names) else "",
+                        int(np.array_equal(truth[i], chosen[i])),
+                        *(f"{p:.6f}" for p in probabilities[i]),
+                    ]
+                )
+
+    atomic.write(path, write, what="predictions")
+    return path

@@ -76,7 +76,7 @@ def evaluate_and_report(
     Validation picked the best checkpoint, so only the test numbers are unbiased.
     """
     if config.task == "multi_label":
-        return multilabel_scoring.evaluate_and_report(model, config, dataset.class_names, pipelines)
+        return multilabel_scoring.evaluate_and_report(model, config, dataset, pipelines)
     results = {}
     for split, ds in pipelines.items():
         if split == "train":
