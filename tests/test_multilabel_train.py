@@ -286,3 +286,15 @@ def test_the_predictions_csv_rows_match_the_report(run, table):
     assert sum(int(r["correct"]) for r in rows) / len(rows) == pytest.approx(
         report["subset_accuracy"]
     )
+
+
+@pytest.mark.slow
+def test_evaluate_rescores_test_with_the_thresholds_chosen_in_training(run, capsys):
+    before = _json(run / rundir.METRICS)
+    chosen = (run / rundir.THRESHOLDS).read_text()
+    assert cli.main(["evaluate", f"--model_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "mAP" in out and "subset accuracy" in out
+    report = _json(run / "report_test.json")
+    assert report["map"] == pytest.approx(before["test_map"], abs=1e-6)
+    assert (run / rundir.THRESHOLDS).read_text() == chosen  # never re-chosen on test

@@ -20,6 +20,8 @@ from tf_finetune import (
     features,
     input_pipeline,
     label_issues,
+    multilabel_metrics,
+    multilabel_scoring,
     offline_default,
     phases,
     rundir,
@@ -29,6 +31,7 @@ from tf_finetune import (
 from tf_finetune import model as model_lib
 from tf_finetune import report as report_page
 from tf_finetune.config import Config
+from tf_finetune.errors import UserError
 
 
 def evaluate_run(config: Config, split: str = "auto") -> dict:
@@ -49,8 +52,11 @@ def evaluate_run(config: Config, split: str = "auto") -> dict:
         chosen.count, config.batch_size, strategy.num_replicas_in_sync
     )
     pipeline = data.make_pipeline(chosen, dataset.num_classes, batch_size, False, config.seed)
-    report = scoring.write_split_report(model, pipeline, dataset, config, split)
-    report["text"] = evaluate.format_report(report, dataset.class_names)
+    if config.task == "multi_label":
+        report = _multi_label_report(model, pipeline, dataset, config, split)
+    else:
+        report = scoring.write_split_report(model, pipeline, dataset, config, split)
+        report["text"] = evaluate.format_report(report, dataset.class_names)
     if note:
         report["text"] = f"{note}\n{report['text']}"
     if config.label_issues:
@@ -58,6 +64,23 @@ def evaluate_run(config: Config, split: str = "auto") -> dict:
         report["files"] = [*report.get("files", []), *issues["files"]]
         report["text"] += "\n\n" + issues["text"]
     report["page"] = report_page.write_report(config.model_dir)
+    return report
+
+
+def _multi_label_report(model, pipeline, dataset, config: Config, split: str) -> dict:
+    """The split scored with the thresholds the run chose on val (never re-chosen here)."""
+    by_name = rundir.read_thresholds(config.model_dir)
+    if by_name is None or set(by_name) != set(dataset.class_names):
+        raise UserError(
+            f"{config.model_dir}: no {rundir.THRESHOLDS} for labels "
+            f"{', '.join(dataset.class_names)}; retrain the run (it writes them)."
+        )
+    thresholds = [by_name[n] for n in dataset.class_names]
+    passed = multilabel_scoring.predict(model, pipeline)
+    report = multilabel_scoring.write_split_report(
+        passed, config.model_dir, dataset, split, thresholds
+    )
+    report["text"] = multilabel_metrics.format_report(report)
     return report
 
 

@@ -52,32 +52,47 @@ def evaluate_and_report(model, config: Config, dataset, pipelines: dict) -> dict
     )
     results = {"task": "multi_label"}
     for split, (targets, probabilities) in passes.items():
-        report = mlm.multi_label_report(targets, probabilities, names, thresholds)
-        report["split"] = split
-        report["files"] = [
-            plot(targets, probabilities, names, thresholds, os.path.join(config.model_dir, name))
-            for plot, name in (
-                (plot_pr_curves, f"pr_curves_{split}.png"),
-                (plot_label_confusion, f"label_confusion_{split}.png"),
-            )
-        ]
-        report["files"].append(
-            predictions.write_multi_label_csv(
-                predictions.file_name(config.model_dir, split),
-                targets,
-                probabilities,
-                names,
-                thresholds,
-                predictions.example_column(getattr(dataset, split)),
-            )
+        report = write_split_report(
+            (targets, probabilities), config.model_dir, dataset, split, thresholds
         )
-        atomic.write_json(os.path.join(config.model_dir, f"report_{split}.json"), report)
         logging.info("%s report:\n%s", split, mlm.format_report(report))
         results[f"{split}_loss"] = binary_cross_entropy(targets, probabilities)
         results[f"{split}_accuracy"] = report["subset_accuracy"]
         for key in ("map", "micro_f1", "macro_f1", "weighted_f1", "hamming_loss"):
             results[f"{split}_{key}"] = report[key]
     return results
+
+
+def write_split_report(passed, run_dir: str, dataset, split: str, thresholds) -> dict:
+    """One split's report with `thresholds`: plots, predictions CSV, then report_<split>.json.
+
+    `passed`: (multi-hot targets, probabilities) of the split, as `predict` returns them.
+    """
+    targets, probabilities = passed
+    names = list(dataset.class_names)
+    report = mlm.multi_label_report(targets, probabilities, names, thresholds)
+    report["split"] = split
+    report["files"] = [
+        plot(targets, probabilities, names, thresholds, os.path.join(run_dir, name))
+        for plot, name in (
+            (plot_pr_curves, f"pr_curves_{split}.png"),
+            (plot_label_confusion, f"label_confusion_{split}.png"),
+        )
+    ]
+    report["files"].append(
+        predictions.write_multi_label_csv(
+            predictions.file_name(run_dir, split),
+            targets,
+            probabilities,
+            names,
+            thresholds,
+            predictions.example_column(getattr(dataset, split)),
+        )
+    )
+    path = os.path.join(run_dir, f"report_{split}.json")
+    report["files"].append(path)
+    atomic.write_json(path, report)
+    return report
 
 
 def _save(fig, path: str) -> str:
