@@ -298,3 +298,12 @@ def test_evaluate_rescores_test_with_the_thresholds_chosen_in_training(run, caps
     report = _json(run / "report_test.json")
     assert report["map"] == pytest.approx(before["test_map"], abs=1e-6)
     assert (run / rundir.THRESHOLDS).read_text() == chosen  # never re-chosen on test
+
+
+@pytest.mark.slow
+def test_the_report_page_shows_each_label_and_the_subset_accuracy(run):
+    page = (run / "report.html").read_text()
+    for name in NAMES:
+        assert f'data-class="{name}"' in page
+    subset = _json(run / "report_test.json")["subset_accuracy"]
+    assert f'id="accuracy-test" data-value="{subset}"' in page

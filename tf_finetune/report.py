@@ -317,6 +317,15 @@ def _signatures(card: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the page
 def _split_section(model_dir: str, split: str, report: dict, is_text: bool) -> dict:
+    confusion_png = f"confusion_matrix_{split}.png"
+    if "per_label" in report:  # multi-label: per-label rows, subset accuracy, label confusion
+        report = {
+            **report,
+            "class_names": report.get("label_names"),
+            "per_class": report["per_label"],
+            "accuracy": report.get("subset_accuracy"),
+        }
+        confusion_png = f"label_confusion_{split}.png"
     names = report.get("class_names") or []
     per_class = report.get("per_class") or {}
     rows = [{"name": n, **per_class[n]} for n in names if n in per_class]
@@ -335,7 +344,7 @@ def _split_section(model_dir: str, split: str, report: dict, is_text: bool) -> d
         "rows": rows,
         "matrix": matrix,
         "class_names": names,
-        "confusion_png": _data_uri(os.path.join(model_dir, f"confusion_matrix_{split}.png")),
+        "confusion_png": _data_uri(os.path.join(model_dir, confusion_png)),
         "mistakes_png": None
         if is_text
         else _data_uri(os.path.join(model_dir, f"mistakes_{split}.png")),
