@@ -307,3 +307,36 @@ def test_the_report_page_shows_each_label_and_the_subset_accuracy(run):
         assert f'data-class="{name}"' in page
     subset = _json(run / "report_test.json")["subset_accuracy"]
     assert f'id="accuracy-test" data-value="{subset}"' in page
+
+
+@pytest.mark.slow
+def test_tflite_has_the_threshold_mask_and_predict_reads_its_labels(run, tagged_photos, capsys):
+    from tf_finetune.serving import probability_output, tflite_interpreter
+
+    argv = ["export", f"--model_dir={run}", "--format=tflite", "--max_quantization_drop=0.2"]
+    assert cli.main(argv) == 0
+    assert "val mAP" in capsys.readouterr().out
+    path = run / "tflite" / "model_float32.tflite"
+    card = _json(run / "tflite" / "model_card.json")
+    thresholds = np.array([card["thresholds"][n] for n in NAMES])
+    assert card["files"]["model_float32.tflite"]["val_accuracy_is"] == "mAP"
+    interpreter = tflite_interpreter(model_path=str(path))
+    outputs = interpreter.get_output_details()
+    assert sorted(str(o["dtype"].__name__) for o in outputs) == ["bool", "float32"]
+    pixels = np.stack(
+        [
+            np.asarray(images.tagged_image(t, seed=800 + i), np.float32)
+            for i, t in enumerate([(), (0, 2)])
+        ]
+    )
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], list(pixels.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], pixels)
+    interpreter.invoke()
+    probs = interpreter.get_tensor(probability_output(interpreter)["index"])
+    mask = next(interpreter.get_tensor(o["index"]) for o in outputs if o["dtype"] == np.bool_)
+    assert mask.tolist() == (probs >= thresholds).tolist()
+    assert cli.main(["predict", f"--model={path}", "--json", str(tagged_photos)]) == 0
+    got = {r["file"].split("/")[-1]: r["labels"] for r in json.loads(capsys.readouterr().out)}
+    assert got == WANT_TAGS

@@ -135,7 +135,8 @@ def cmd_export(config: config_lib.Config) -> int:
 
     result = export_run.export_run(config)
     if result["rows"]:
-        print(f"\n  {'model (tflite)':16s} {'size':>10s}  {'val accuracy':>12s}")
+        score = "val mAP" if config.task == "multi_label" else "val accuracy"
+        print(f"\n  {'model (tflite)':16s} {'size':>10s}  {score:>12s}")
         for name, size, accuracy in result["rows"]:
             print(f"  {name:16s} {size / 1024:>7.1f} KB  {accuracy:>12.3f}")
         print()

@@ -22,7 +22,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import atomic, data, export, input_pipeline, offline_default, rundir
+from tf_finetune import (
+    atomic,
+    data,
+    export,
+    input_pipeline,
+    multilabel_metrics,
+    offline_default,
+    rundir,
+)
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import QuantizationDropTooLarge, UserError
@@ -56,12 +64,25 @@ def representative_images(split: data.Split, seed: int, count: int = REPRESENTAT
     return generate
 
 
+def with_threshold_mask(model: keras.Model, thresholds: list[float]) -> keras.Model:
+    """A multi-label model with a second output, `above_threshold` (bool [batch, labels]:
+    each probability at or above its label's threshold), for TFLite: builtin ops only (the
+    label names, strings, would need Select TF ops, which LiteRT refuses)."""
+    limits = keras.ops.convert_to_tensor(np.asarray(thresholds, np.float32))
+    probabilities = model.outputs[0]
+    above = keras.layers.Lambda(
+        lambda p: keras.ops.greater_equal(p, limits), name="above_threshold"
+    )(probabilities)
+    return keras.Model(model.inputs, [probabilities, above], name=f"{model.name}_thresholded")
+
+
 def convert_tflite(
     model: keras.Model,
     quantize: str = "none",
     representative: Callable[[], Iterator[list[np.ndarray]]] | None = None,
 ) -> bytes:
-    """The model as a .tflite flatbuffer: float pixels [batch, s, s, 3] in, probabilities out.
+    """The model as a .tflite flatbuffer: float pixels [batch, s, s, 3] in, probabilities out
+    (and a bool mask for a `with_threshold_mask` model).
 
     Args:
       model: the Keras classifier (takes float32 0-255 pixels).
@@ -92,14 +113,23 @@ def _configure(converter, quantize: str, representative) -> None:
 
 
 def tflite_accuracy(tflite_model: bytes, split: data.Split, batch_size: int = 32) -> float:
-    """Top-1 accuracy of a TFLite model on a split, run with LiteRT (`ai_edge_litert`)."""
+    """Top-1 accuracy of a TFLite model on a split (mAP for multi-hot labels), run with
+    LiteRT (`ai_edge_litert`)."""
     interpreter = tflite_interpreter(model_content=tflite_model)
-    correct = total = 0
-    for pixels, labels in split.examples().batch(batch_size).as_numpy_iterator():
-        probabilities = tflite_predict(interpreter, pixels.astype(np.float32))
-        correct += int(np.sum(np.argmax(probabilities, axis=1) == labels))
-        total += len(labels)
-    return correct / max(total, 1)
+    labels, probabilities = [], []
+    for pixels, y in split.examples().batch(batch_size).as_numpy_iterator():
+        probabilities.append(tflite_predict(interpreter, pixels.astype(np.float32)))
+        labels.append(y)
+    if not labels:
+        return 0.0
+    y, p = np.concatenate(labels), np.concatenate(probabilities)
+    if y.ndim == 2:  # multi-label: the mean AP over labels with a positive example
+        aps = [
+            multilabel_metrics.average_precision(y[:, j] > 0, p[:, j]) for j in range(y.shape[1])
+        ]
+        aps = [ap for ap in aps if ap is not None]
+        return float(np.mean(aps)) if aps else 0.0
+    return float(np.mean(np.argmax(p, axis=1) == y))
 
 
 def quantization_gate(
@@ -122,7 +152,8 @@ def quantization_gate(
         return None
     split = "test" if dataset.test is not None else "val"
     accuracy = tflite_accuracy(content, dataset.test) if split == "test" else rows[-1][2]
-    reference = rundir.read_metrics(config.model_dir).get(f"{split}_accuracy")
+    score = "map" if config.task == "multi_label" else "accuracy"
+    reference = rundir.read_metrics(config.model_dir).get(f"{split}_{score}")
     source = "keras"
     if reference is None:
         source = "float32 tflite"
@@ -270,6 +301,9 @@ def _export_tflite(
     )
     path = os.path.join(folder, name)
     _ensure_new(path)  # fail before the conversions, not after them
+    thresholds = export.card_thresholds(card, class_names)
+    if thresholds is not None:
+        model = with_threshold_mask(model, thresholds)
     float_model = convert_tflite(model)
     rows = [("float32", len(float_model), tflite_accuracy(float_model, dataset.val))]
     content = float_model
@@ -287,10 +321,12 @@ def _export_tflite(
         "float32_size_bytes": rows[0][1],
         "float32_val_accuracy": rows[0][2],
         "val_images": dataset.val.count,
+        "val_accuracy_is": "mAP" if thresholds is not None else "top-1 accuracy",
         "input": "uint8 pixels [batch, s, s, 3]"
         if config.quantize == "int8"
         else "float32 pixels 0-255 [batch, s, s, 3]",
-        "output": "float32 probabilities [batch, classes]",
+        "output": "float32 probabilities [batch, classes]"
+        + (", bool above_threshold [batch, labels]" if thresholds is not None else ""),
         **({"quantization_gate": gate} if gate else {}),
     }
     return {"path": path, "rows": rows, "card": _side_files(folder, class_names, card, entry)}

@@ -359,6 +359,15 @@ def tflite_interpreter(model_path: str | None = None, model_content: bytes | Non
     return interpreter
 
 
+def probability_output(interpreter) -> dict:
+    """The output details of the probabilities (a multi-label file also has a bool
+    `above_threshold` mask)."""
+    import numpy as np
+
+    outputs = interpreter.get_output_details()
+    return next((o for o in outputs if o["dtype"] != np.bool_), outputs[0])
+
+
 def tflite_predict(interpreter, pixels):
     """Probabilities for a batch of 0-255 pixels [n, s, s, 3] (any n) from a TFLite model.
 
@@ -377,7 +386,7 @@ def tflite_predict(interpreter, pixels):
         pixels = np.clip(np.round(pixels / scale + zero), info.min, info.max)
     interpreter.set_tensor(inp["index"], pixels.astype(inp["dtype"]))
     interpreter.invoke()
-    out = interpreter.get_output_details()[0]
+    out = probability_output(interpreter)
     result = interpreter.get_tensor(out["index"]).astype(np.float32)
     if np.issubdtype(out["dtype"], np.integer):
         scale, zero = out["quantization"]
@@ -418,7 +427,7 @@ class TFLitePredictor(Predictor):
                 f"--model {self.path}: not a TFLite model ({_short_error(str(err))})"
             ) from None
         shape = self._interpreter.get_input_details()[0]["shape"]
-        outputs = self._interpreter.get_output_details()[0]["shape"]
+        outputs = probability_output(self._interpreter)["shape"]
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
             raise UserError(
                 f"--model {self.path}: takes {list(shape)}, not [batch, size, size, 3] pixels; "
