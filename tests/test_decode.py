@@ -128,3 +128,13 @@ def test_the_feature_pass_leaves_out_what_fails_and_says_which(corrupt_folder, t
     after = dataset.train if split is dataset.train else dataset.val
     assert after.count == before - len(bad) == len(list(after.source))
     assert len(dataset.skipped_files) == len(bad)
+
+
+def test_a_truncated_photo_fails_its_reduced_decode_too(tmp_path):
+    blob = _photo(1600, 1000)
+    (tmp_path / "half.jpg").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "whole.jpg").write_bytes(blob)
+    paths = [str(tmp_path / "half.jpg"), str(tmp_path / "whole.jpg")]
+    found = data.find_unreadable(paths, image_size=96)  # decoded at 1/8 of each side
+    assert [os.path.basename(p) for p, _ in found] == ["half.jpg"]
+    assert "corrupt or truncated JPEG" in found[0][1]

@@ -525,12 +525,19 @@ def _decode_error(error: Exception, path: str) -> str:
     return f"corrupt or truncated {fmt}: {message}"
 
 
-def find_unreadable(paths: list[str], max_pixels: int = MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
+def _full_decode(encoded: tf.Tensor) -> tf.Tensor:
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+
+
+def find_unreadable(
+    paths: list[str], max_pixels: int = MAX_IMAGE_PIXELS, image_size: int | None = None
+) -> list[tuple[str, str]]:
     """Returns (path, reason) for each file that cannot be decoded as an image.
 
     Headers are checked first (empty, not an image, more than `max_pixels`: never decoded).
-    The rest are decoded once in parallel by tf.data; only the failures are decoded again, one
-    by one, to learn why.
+    The rest are decoded once in parallel by tf.data (with `image_size`, by the run's own
+    `decode_and_resize`, a JPEG at its reduced size: the decode that must succeed); only the
+    failures are decoded again, one by one, to learn why.
     """
     bad = {}
     for path in paths:
@@ -538,14 +545,16 @@ def find_unreadable(paths: list[str], max_pixels: int = MAX_IMAGE_PIXELS) -> lis
         if reason:
             bad[path] = reason
     candidates = [p for p in paths if p not in bad]
+    if image_size:
+        decode = lambda encoded: decode_and_resize(encoded, image_size)  # noqa: E731
+    else:
+        decode = _full_decode
     if candidates:
 
         def check(path):
-            image = tf.io.decode_image(
-                tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8
-            )
-            # Reading a value forces the whole decode (a truncated file fails here).
-            return path, tf.shape(image)[0]
+            # Reading a value forces the whole decode (a truncated file fails here); not its
+            # shape, which a resize to a fixed size knows without decoding.
+            return path, tf.reduce_max(decode(tf.io.read_file(path)))
 
         ds = tf.data.Dataset.from_tensor_slices(candidates).map(check, num_parallel_calls=AUTOTUNE)
         ds = ds.ignore_errors()
@@ -554,9 +563,7 @@ def find_unreadable(paths: list[str], max_pixels: int = MAX_IMAGE_PIXELS) -> lis
             if path in good:
                 continue
             try:
-                tf.io.decode_image(
-                    tf.io.read_file(path), channels=3, expand_animations=False
-                ).numpy()
+                decode(tf.io.read_file(path)).numpy()
                 bad[path] = "could not be decoded"
             except (tf.errors.OpError, OSError) as e:
                 bad[path] = _decode_error(e, path)
@@ -624,7 +631,7 @@ def load_image_folder(
     skipped = list(listing.unusable)
     for name, (paths, _) in listing.splits.items():
         if name in decode_check:
-            skipped += find_unreadable(paths, max_image_pixels)
+            skipped += find_unreadable(paths, max_image_pixels, image_size)
         else:
             skipped += [(p, r) for p in paths if (r := precheck(p, max_image_pixels))]
     _log_skipped(skipped)
