@@ -660,6 +660,16 @@ def load_image_folder(
 FEATURE_PARALLEL_CALLS = max(1, os.cpu_count() or 1)
 
 
+def _alternating() -> tf.data.Options:
+    """No prefetch, no autotuning: a batch is decoded (on every core) when the forward asks
+    for it, so decoding and the forward take turns instead of fighting over the same cores
+    (measured on 2 cores: ~100% of 1/(1/decode + 1/forward) against ~85% with a prefetch)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.inject_prefetch = False
+    return options
+
+
 def feature_pipeline(split: Split, num_classes: int, batch_size: int) -> tf.data.Dataset:
     """Batches of (int64 index in the split, pixels, one-hot) for the feature pass, in order.
 
@@ -673,7 +683,7 @@ def feature_pipeline(split: Split, num_classes: int, batch_size: int) -> tf.data
         return index, load(key), tf.one_hot(label, num_classes)
 
     ds = split.source.enumerate().map(one, num_parallel_calls=FEATURE_PARALLEL_CALLS)
-    return ds.ignore_errors().batch(batch_size).prefetch(2)
+    return ds.ignore_errors().batch(batch_size).with_options(_alternating())
 
 
 def _key_name(key, index: int) -> str:
