@@ -957,3 +957,32 @@ def decode_images(
         checked,
         fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
     )
+
+
+# ----------------------------------------------------------------------------- cached views
+# --cache_views (issue 14 item 5, in progress): augmented views of each training image, made
+# from its one decode, seeded per image and view so a rerun caches the same views.
+VIEW_AREA = (0.5, 1.0)  # random-resized-crop: share of the image kept
+VIEW_ASPECT = (3 / 4, 4 / 3)
+
+
+def augmented_view(pixels: tf.Tensor, seed: int, index: tf.Tensor, view: int) -> tf.Tensor:
+    """View `view` (>= 1) of decoded float32 [s, s, 3] pixels: a random-resized crop
+    (VIEW_AREA, VIEW_ASPECT) resized back to s, mirrored left-right half the time.
+
+    Stateless: the same (seed, index, view) always gives the same view, in any order.
+    """
+    size = tf.shape(pixels)[:2]
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64) * 1024 + view])
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(pixels),
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=key,
+        area_range=VIEW_AREA,
+        aspect_ratio_range=VIEW_ASPECT,
+        min_object_covered=0.0,
+        use_image_if_no_bounding_boxes=True,
+    )
+    crop = tf.image.resize(tf.slice(pixels, begin, extent), size, method="bilinear")
+    flip = tf.random.stateless_uniform([], seed=key + [0, 1]) < 0.5
+    return tf.where(flip, tf.image.flip_left_right(crop), crop)
