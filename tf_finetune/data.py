@@ -44,6 +44,9 @@ class Split:
     source: tf.data.Dataset
     load: Callable[[tf.Tensor], tf.Tensor]
     count: int
+    # False: its files were not decoded when loaded (the feature pass's decode checks them),
+    # so its pipelines skip a file that fails (and Keras no longer knows their length).
+    checked: bool = True
 
     def examples(self) -> tf.data.Dataset:
         """Decoded (float32 image, int32 label) pairs in source order."""
@@ -570,9 +573,10 @@ def find_unreadable(
     return [(p, bad[p]) for p in paths if p in bad]
 
 
-def _folder_split(paths, labels, image_size) -> Split:
+def _folder_split(paths, labels, image_size, checked: bool = True) -> Split:
     ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int32)))
-    return Split(ds, lambda p: decode_and_resize(tf.io.read_file(p), image_size), len(paths))
+    load = lambda p: decode_and_resize(tf.io.read_file(p), image_size)  # noqa: E731
+    return Split(ds, load, len(paths), checked)
 
 
 ALL_SPLITS = ("train", "val", "test")
@@ -642,7 +646,8 @@ def load_image_folder(
         _check_kept(root, name, kept, listing.class_names, test_percent)
         if kept:
             paths, labels = zip(*kept)
-            splits[name] = _folder_split(list(paths), list(labels), image_size)
+            checked = name in decode_check
+            splits[name] = _folder_split(list(paths), list(labels), image_size, checked)
     return DataSet(
         class_names=listing.class_names,
         train=splits["train"],
@@ -900,7 +905,7 @@ def make_pipeline(
             return x if x.dtype == tf.string else to_uint8(x)
 
         ds = split.source.map(lambda x, y: (load_compact(x), y), num_parallel_calls=AUTOTUNE)
-        ds = ds.ignore_errors().cache()  # see below
+        ds = (ds if split.checked else ds.ignore_errors()).cache()  # see below
         if training:
             ds = ds.shuffle(max(split.count, 1), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size).map(
@@ -916,9 +921,9 @@ def make_pipeline(
             )
         # One map per example and none per batch: the fewest steps between the files and fit.
         ds = ds.map(lambda x, y: one_hot(load(x), y), num_parallel_calls=AUTOTUNE)
-        # A file that fails to decode is skipped: the run's first decode of it (the feature
-        # pass, or the header and decode check of `load_image_folder`) named it already.
-        ds = ds.ignore_errors().batch(batch_size)
+        # A split whose files were not checked when loaded skips a file that fails to
+        # decode: the run's first decode of it (the feature pass) named it already.
+        ds = (ds if split.checked else ds.ignore_errors()).batch(batch_size)
     if training and not deterministic:
         options = tf.data.Options()
         options.deterministic = False
