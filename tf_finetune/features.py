@@ -85,11 +85,17 @@ INFERENCE_BATCH = 64
 
 def _batches(pipeline: tf.data.Dataset, extractor: keras.Model):
     """(indices or None, features, labels) per batch; a pipeline of (x, y) has no indices."""
-    # One compiled graph for the whole pass: calling the model eagerly runs op by op.
-    forward = _FORWARD.get(extractor)
-    if forward is None:
-        forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
-        _FORWARD[extractor] = forward
+    # One compiled graph for the whole pass: calling the model eagerly runs op by op. Traced
+    # once, for any batch size (a trace per shape would trace the short last batch again).
+    spec = pipeline.element_spec[-2]
+    forwards = _FORWARD.setdefault(extractor, {})
+    key = (tuple(spec.shape), spec.dtype)
+    if key not in forwards:
+        signature = [tf.TensorSpec(spec.shape, spec.dtype)]
+        forwards[key] = tf.function(
+            lambda x: extractor(x, training=False), input_signature=signature
+        )
+    forward = forwards[key]
     for batch in pipeline:
         index, x, y = batch if len(batch) == 3 else (None, *batch)
         index = None if index is None else index.numpy()
