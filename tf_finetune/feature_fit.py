@@ -42,12 +42,15 @@ MEMORY_CACHE_BYTES = 2 * 1024**3
 # instead of 3.8 s (123 L-BFGS iterations instead of 352); the val loss differs by 1e-4.
 LBFGS_TOL, LBFGS_PATIENCE = 1e-5, 1
 # Bump when what a cached feature means changes, so older caches are recomputed rather than
-# reused. 3: the key covers precision, preprocessing, decoding and module files; 2: float32
-# pixels after the resize (1 rounded them to uint8).
-CACHE_FORMAT = 3
+# reused. 4: JPEG's reduced-size decode, undecodable files left out (dropped.json); 3: the key
+# covers precision, preprocessing, decoding and module files; 2: float32 pixels after the
+# resize (1 rounded them to uint8).
+CACHE_FORMAT = 4
 # How an image becomes pixels (data.decode_and_resize); part of the key, so a change of the
 # decode shared by training and the export invalidates the cache.
-DECODE_MODE = "decode_and_resize:bilinear:float32"
+DECODE_MODE = (
+    "decode_and_resize:jpeg_ratio" + "".join(map(str, data.JPEG_RATIOS)) + ":bilinear:float32"
+)
 
 
 def cache_mode(config: Config, feature_dim: int, count: int, phase: phases.Phase) -> str:
@@ -141,18 +144,22 @@ def features_dir(mode: str) -> str | None:
 def extract_splits(
     extractor: keras.Model, config: Config, dataset: data.DataSet, mode: str, verbose: int
 ) -> dict[str, features.Features]:
-    """Backbone features of train and val (one pass each; disk mode reuses a cache)."""
+    """Backbone features of train and val (one pass each; disk mode reuses a cache).
+
+    The pass is the run's first decode of these images: a file that fails to decode is left
+    out, named and dropped from `dataset` (`data.forget_undecodable`).
+    """
     cache_dir = features_dir(mode)
     logging.info("Computing backbone features once (--cache=%s)", mode)
     cached = {}
-    for name, split in (("train", dataset.train), ("val", dataset.val)):
-        pipeline = data.make_pipeline(
-            split, dataset.num_classes, config.batch_size, False, config.seed
-        )
+    for name in ("train", "val"):
+        split = getattr(dataset, name)
+        pipeline = data.feature_pipeline(split, dataset.num_classes, features.INFERENCE_BATCH)
         key = cache_key(config, split, name) if cache_dir else ""
         cached[name] = features.cached_extract(
             extractor, pipeline, split.count, cache_dir, key, verbose=1 if verbose == 1 else 0
         )
+        data.forget_undecodable(dataset, name, data.undecodable(split, cached[name].dropped))
     return cached
 
 

@@ -27,14 +27,16 @@ from tf_finetune.config import Config, table_holds_images
 SMOKE_EXAMPLES = {"train": 16, "val": 8, "test": 8}
 
 
-def load_data(config: Config, folder: str | None = None) -> data.DataSet:
+def load_data(config: Config, folder: str | None = None, *, training: bool = False) -> data.DataSet:
     """The configured source as a DataSet (shrunk under --smoke).
 
     Args:
       config: the run.
       folder: an image folder to read instead of --data (the offline default's target task).
+      training: the caller trains: train and val are not decoded here when a feature pass
+        comes first (their first decode there is their check; `decode_check`).
     """
-    dataset = _load_source(config, folder)
+    dataset = _load_source(config, folder, decode_check(config) if training else data.ALL_SPLITS)
     return shrink(dataset, config.seed) if config.smoke else dataset
 
 
@@ -57,10 +59,28 @@ def shrink(dataset: data.DataSet, seed: int) -> data.DataSet:
     )
 
 
-def _load_source(config: Config, folder: str | None) -> data.DataSet:
+def feature_pass_first(config: Config) -> bool:
+    """The run starts with a head-only phase on cached features (feature_fit.cache_mode), in
+    this process: its feature pass decodes train and val first."""
+    return (
+        config.cache != "none"
+        and config_lib.augmentation_free(config)
+        and (config.unfreeze == "0" or config.warmup_epochs > 0)
+        and config.strategy != "multi_worker"
+        and not config.data_service
+    )
+
+
+def decode_check(config: Config) -> tuple[str, ...]:
+    """The splits a training run decodes up front to find corrupt files: all of them, but
+    train and val when the feature pass decodes them first (and finds those files then)."""
+    return ("test",) if feature_pass_first(config) else data.ALL_SPLITS
+
+
+def _load_source(config: Config, folder: str | None, check: tuple[str, ...]) -> data.DataSet:
     if folder is not None:  # the offline default's: train/ val/ test/ inside
         return data.load_image_folder(
-            folder, config.image_size, config.validation_percent, 0, config.max_image_pixels
+            folder, config.image_size, config.validation_percent, 0, config.max_image_pixels, check
         )
     text = text_data.is_text_source(config)
     if config.data.startswith("tfds:"):
@@ -87,6 +107,7 @@ def _load_source(config: Config, folder: str | None) -> data.DataSet:
         config.validation_percent,
         config.test_percent,
         config.max_image_pixels,
+        check,
     )
 
 

@@ -169,7 +169,7 @@ def prepare_inputs(config: Config, strategy: tf.distribute.Strategy):
       for multi-worker (endless inputs, fixed steps: every worker runs exactly the same
       steps) and the tf.data service.
     """
-    dataset = input_pipeline.load_data(config, offline_default.data_folder(config))
+    dataset = input_pipeline.load_data(config, offline_default.data_folder(config), training=True)
     logging.info(
         "Data: %d classes, %d train / %d val / %s test examples",
         dataset.num_classes,
