@@ -1,6 +1,7 @@
 """--task=multi_label end to end: tagged images -> sigmoid head -> thresholds chosen on val ->
 test report -> an export that returns the labels above their thresholds."""
 
+import dataclasses
 import json
 
 import keras
@@ -340,3 +341,13 @@ def test_tflite_has_the_threshold_mask_and_predict_reads_its_labels(run, tagged_
     assert cli.main(["predict", f"--model={path}", "--json", str(tagged_photos)]) == 0
     got = {r["file"].split("/")[-1]: r["labels"] for r in json.loads(capsys.readouterr().out)}
     assert got == WANT_TAGS
+
+
+def test_a_frozen_backbone_trains_the_sigmoid_head_on_cached_features(table, tmp_path):
+    from tf_finetune import train
+
+    config = tiny(table, tmp_path / "run", task="multi_label", image_size=32, unfreeze="0")
+    config = dataclasses.replace(config, epochs=2, cache="memory")
+    metrics = train.train_and_evaluate(config)
+    assert metrics["timings"]["feature_images_per_second"] > 0  # the cached-feature path ran
+    assert 0.0 <= metrics["val_map"] <= 1.0 and (tmp_path / "run" / rundir.THRESHOLDS).exists()

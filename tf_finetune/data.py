@@ -675,6 +675,11 @@ def _alternating() -> tf.data.Options:
     return options
 
 
+def _targets(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """One-hot rows of class ids; multi-label targets are float multi-hot vectors already."""
+    return labels if labels.dtype.is_floating else tf.one_hot(labels, num_classes)
+
+
 def feature_pipeline(split: Split, num_classes: int, batch_size: int) -> tf.data.Dataset:
     """Batches of (int64 index in the split, pixels, one-hot) for the feature pass, in order.
 
@@ -685,7 +690,7 @@ def feature_pipeline(split: Split, num_classes: int, batch_size: int) -> tf.data
 
     def one(index, key_label):
         key, label = key_label
-        return index, load(key), tf.one_hot(label, num_classes)
+        return index, load(key), _targets(label, num_classes)
 
     ds = split.source.enumerate().map(one, num_parallel_calls=FEATURE_PARALLEL_CALLS)
     return ds.ignore_errors().batch(batch_size).with_options(_alternating())
@@ -895,8 +900,8 @@ def make_pipeline(
     """
     load = split.load
 
-    def one_hot(x, y):  # multi-label targets are float multi-hot vectors already
-        return x, (y if y.dtype.is_floating else tf.one_hot(y, num_classes))
+    def one_hot(x, y):
+        return x, _targets(y, num_classes)
 
     if cache_images:
 
