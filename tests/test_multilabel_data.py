@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests import images
 from tf_finetune import data, multilabel_data, splits
@@ -122,3 +123,35 @@ def test_check_data_prints_the_label_table_of_a_tagged_csv(tmp_path, capsys):
             for tag in filter(None, tags.split("|")):
                 want[tag] += 1
     assert counts == want
+
+
+@pytest.mark.slow
+def test_tfds_sequence_of_class_labels_becomes_multi_hot_through_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        dataset = data.load_tfds(
+            "voc", 16, "train", "", "", 25, 3, label_key="labels", multi_label=True
+        )
+        assert len(dataset.class_names) == 20 and dataset.class_names[0] == "aeroplane"
+        got = np.array([y.numpy() for s in (dataset.train, dataset.val) for _, y in s.source])
+        assert got.shape == (12, 20) and set(np.unique(got)) <= {0.0, 1.0}
+        assert (got.sum(axis=1) >= 2).any()  # mock examples carry several labels
+        nested = data.load_tfds(
+            "voc", 16, "train", "", "", 25, 3, label_key="objects/label", multi_label=True
+        )
+        assert nested.class_names == dataset.class_names
+        with pytest.raises(UserError, match="several labels per image; pass --task=multi_label"):
+            data.load_tfds("voc", 16, "train", "", "", 25, 3, label_key="labels")
+        with pytest.raises(UserError, match="no feature 'objects/nope'"):
+            data.load_tfds(
+                "voc", 16, "train", "", "", 25, 3, label_key="objects/nope", multi_label=True
+            )
+
+
+def test_repeated_and_missing_labels_make_a_multi_hot_row():
+    rows = (
+        data.multi_hot_row(tf.constant([3, 1, 3]), 5),
+        data.multi_hot_row(tf.constant([], tf.int32), 5),
+    )
+    assert [r.numpy().tolist() for r in rows] == [[0, 1, 0, 1, 0], [0, 0, 0, 0, 0]]

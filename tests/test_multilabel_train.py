@@ -119,7 +119,7 @@ def test_thresholds_in_the_graph_are_the_card_s_in_label_order():
     [
         (["--head_solver=lbfgs"], "--head_solver=lbfgs with --task=multi_label"),
         (["--mixup=0.2"], "--mixup/--cutmix with --task=multi_label"),
-        (["--data=tfds:voc"], "TFDS multi-label data sets are not supported yet"),
+        (["--data="], "--task=multi_label needs --data"),
     ],
 )
 def test_what_multi_label_does_not_take_is_one_line(table, tmp_path, capsys, flags, message):

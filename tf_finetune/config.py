@@ -121,6 +121,12 @@ class Config:
         "joined by --label_separator).",
         "data",
     )
+    label_key: str = _field(
+        "label",
+        "TFDS image data: the class-label feature; nested ones with '/' (COCO's objects/label). "
+        "A Sequence of class labels (VOC's labels) needs --task=multi_label.",
+        "data",
+    )
     file_column: str = _field(
         "file",
         "Image CSV/TSV: the column naming each image file (relative to the CSV's folder). A "

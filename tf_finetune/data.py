@@ -838,6 +838,53 @@ def tfds_splits(
     return DataSet(class_names, train, val, test)
 
 
+def _label_feature(features, label_key: str, name: str):
+    """(the ClassLabel feature at `label_key`, whether it holds several labels per example).
+
+    `label_key` may name a nested feature with "/" (COCO's `objects/label`); a Sequence of
+    ClassLabel on the way (VOC's `labels`) makes it multi-label."""
+    import tensorflow_datasets as tfds
+
+    feature, several = features, False
+    for part in label_key.split("/"):
+        while isinstance(feature, tfds.features.Sequence):
+            feature, several = feature.feature, True
+        try:
+            feature = feature[part]
+        except (KeyError, TypeError):
+            raise UserError(
+                f"--data=tfds:{name} has no feature {label_key!r} (top-level features: "
+                f"{', '.join(features.keys())}); set --label_key."
+            ) from None
+    while isinstance(feature, tfds.features.Sequence):
+        feature, several = feature.feature, True
+    if not hasattr(feature, "names"):
+        raise UserError(
+            f"--data=tfds:{name}: --label_key={label_key} is not a class label feature."
+        )
+    return feature, several
+
+
+def multi_hot_row(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """float32 [num_classes]: 1 for each class id in `labels` (repeats count once; none: 0s)."""
+    return tf.minimum(tf.reduce_sum(tf.one_hot(labels, num_classes), axis=0), 1.0)
+
+
+def _nested_spec(label_key: str) -> dict:
+    """ "objects/label" -> {"objects": {"label": True}}: what PartialDecoding reads."""
+    spec: dict | bool = True
+    for part in reversed(label_key.split("/")):
+        spec = {part: spec}
+    return spec
+
+
+def _nested(example: dict, label_key: str) -> tf.Tensor:
+    value = example
+    for part in label_key.split("/"):
+        value = value[part]
+    return value
+
+
 def load_tfds(
     name: str,
     image_size: int,
@@ -847,24 +894,51 @@ def load_tfds(
     validation_percent: int,
     seed: int,
     data_dir: str | None = None,
+    label_key: str = "label",
+    multi_label: bool = False,
 ) -> DataSet:
-    """A TFDS image classification data set -> DataSet (class names from its info)."""
+    """A TFDS image classification data set -> DataSet (class names from its info).
+
+    `multi_label`: the label feature is a Sequence of ClassLabel (VOC's `labels`, COCO's
+    `objects/label`); each example gets a multi-hot vector, repeated labels counted once."""
     import tensorflow_datasets as tfds
 
     builder = open_tfds(name, data_dir)
     image_key = "image"
+    feature, several = _label_feature(builder.info.features, label_key, name)
+    if several != multi_label:
+        raise UserError(
+            f"--data=tfds:{name}: --label_key={label_key} holds "
+            + (
+                "several labels per image; pass --task=multi_label."
+                if several
+                else "one label per image; drop --task=multi_label."
+            )
+        )
+    num_classes = len(feature.names)
+
+    def to_pair(ex):
+        labels = tf.cast(_nested(ex, label_key), tf.int32)
+        if multi_label:
+            return ex[image_key], multi_hot_row(labels, num_classes)
+        return ex[image_key], labels
+
     return tfds_splits(
         builder,
-        lambda ex: (ex[image_key], tf.cast(ex["label"], tf.int32)),
+        to_pair,
         lambda encoded: decode_and_resize(encoded, image_size),
-        tuple(builder.info.features["label"].names),
+        tuple(feature.names),
         train_split,
         val_split,
         test_split,
         validation_percent,
         seed,
-        # Keep the images encoded until after the shuffle: the buffer then holds bytes.
-        decoders={image_key: tfds.decode.SkipDecoding()},
+        # Only the image and the label are read; the image stays encoded until after the
+        # shuffle, so the buffer holds bytes (and COCO's boxes are never decoded).
+        decoders=tfds.decode.PartialDecoding(
+            {image_key: True, **_nested_spec(label_key)},
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        ),
     )
 
 

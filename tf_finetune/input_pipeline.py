@@ -87,10 +87,6 @@ def _load_source(config: Config, folder: str | None, check: tuple[str, ...]) -> 
         validation.data_matches_backbone(config, text)
     if text:
         return text_data.load(config)
-    if config.task == "multi_label" or table_holds_images(
-        config.data, config.file_column, config.text_column
-    ):
-        return _load_tagged(config)
     if config.data.startswith("tfds:"):
         return data.load_tfds(
             config.data[len("tfds:") :],
@@ -100,7 +96,13 @@ def _load_source(config: Config, folder: str | None, check: tuple[str, ...]) -> 
             config.test_split,
             config.validation_percent,
             config.seed,
+            label_key=config.label_key,
+            multi_label=config.task == "multi_label",
         )
+    if config.task == "multi_label" or table_holds_images(
+        config.data, config.file_column, config.text_column
+    ):
+        return _load_tagged(config)
     return data.load_image_folder(
         config.data,
         config.image_size,

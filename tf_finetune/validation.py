@@ -252,11 +252,10 @@ def multi_label_sources(config: Config) -> None:
     """Multi-label reads an image CSV/TSV or a tag-folder tree (for now)."""
     if config.task != "multi_label":
         return
-    if not config.data or config.data.startswith("tfds:"):
+    if not config.data:
         raise UserError(
-            f"--task=multi_label reads an image CSV/TSV or a folder of label folders; "
-            f"--data={config.data or '(offline default)'} is not one (TFDS multi-label data "
-            "sets are not supported yet)."
+            "--task=multi_label needs --data: an image or text CSV/TSV, a folder of label "
+            "folders, or a TFDS data set with a Sequence of class labels (tfds:voc)."
         )
     if os.path.isdir(config.data) and splits.own_splits(config.data):
         raise UserError(
