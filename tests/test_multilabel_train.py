@@ -351,3 +351,39 @@ def test_a_frozen_backbone_trains_the_sigmoid_head_on_cached_features(table, tmp
     metrics = train.train_and_evaluate(config)
     assert metrics["timings"]["feature_images_per_second"] > 0  # the cached-feature path ran
     assert 0.0 <= metrics["val_map"] <= 1.0 and (tmp_path / "run" / rundir.THRESHOLDS).exists()
+
+
+def test_balanced_label_weights_and_the_weighted_loss():
+    from tf_finetune import data
+    from tf_finetune import model as model_lib
+
+    y = np.array([[1, 0, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]], np.float32)
+    split = data.Split(tf.data.Dataset.from_tensor_slices((tf.zeros(4), y)), lambda k: k, 4)
+    positive, negative = data.balanced_label_weights(split)
+    assert positive == pytest.approx([4 / 6, 4 / 2, 4 / 2])
+    assert negative == pytest.approx([4 / 2, 4 / 6, 4 / 6])
+    p = np.array([[0.9, 0.2, 0.6], [0.7, 0.1, 0.3], [0.8, 0.4, 0.2], [0.1, 0.3, 0.5]], np.float32)
+    loss = model_lib.WeightedBinaryCrossentropy(positive, negative)
+    want = -(positive * y * np.log(p) + negative * (1 - y) * np.log(1 - p)).mean(axis=1).mean()
+    assert float(loss(y, p)) == pytest.approx(want, rel=1e-5)
+    plain = model_lib.WeightedBinaryCrossentropy([1.0] * 3, [1.0] * 3)
+    assert float(plain(y, p)) == pytest.approx(
+        float(keras.losses.BinaryCrossentropy()(y, p)), rel=1e-5
+    )
+    again = model_lib.WeightedBinaryCrossentropy.from_config(loss.get_config())
+    assert float(again(y, p)) == pytest.approx(want, rel=1e-5)
+
+
+def test_class_weight_balanced_trains_multi_label_with_the_weighted_loss(table, tmp_path):
+    from tf_finetune import train
+
+    seen = {}
+
+    class Loss(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen["loss"] = type(self.model.loss).__name__
+
+    config = tiny(table, tmp_path / "run", task="multi_label", image_size=32, unfreeze="all")
+    config = dataclasses.replace(config, epochs=1, class_weight="balanced")
+    metrics = train.train_and_evaluate(config, extra_callbacks=(Loss(),))
+    assert seen["loss"] == "WeightedBinaryCrossentropy" and "val_map" in metrics

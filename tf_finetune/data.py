@@ -1019,6 +1019,19 @@ def class_counts(split: Split, num_classes: int) -> list[int]:
     return [int(c) for c in counts.numpy()]
 
 
+def balanced_label_weights(split: Split) -> tuple[list[float], list[float]]:
+    """Multi-label `--class_weight=balanced`: per label, n / (2 * positives) for its positives
+    and n / (2 * negatives) for its negatives (0 for a side with no example), from the
+    split's multi-hot targets alone (no image is decoded)."""
+    positives = split.source.reduce(
+        tf.zeros_like(next(iter(split.source))[1]), lambda total, pair: total + pair[1]
+    ).numpy()
+    n = float(split.count)
+    negatives = n - positives
+    weigh = lambda count: [n / (2 * c) if c else 0.0 for c in count]  # noqa: E731
+    return weigh(positives), weigh(negatives)
+
+
 def balanced_class_weights(counts: list[int]) -> dict[int, float]:
     """`--class_weight=balanced`: n / (k * n_c), so every class weighs the same in the loss
     (scikit-learn's "balanced"). A class without examples gets weight 0."""

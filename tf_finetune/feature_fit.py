@@ -175,6 +175,7 @@ def fit_head(
     verbose: int = 0,
     class_weight: dict | None = None,
     timings: Timings | None = None,
+    label_weights: tuple[list[float], list[float]] | None = None,
 ) -> keras.callbacks.History:
     """Trains the head of `model` for `phase`'s epochs on features computed once.
 
@@ -186,7 +187,7 @@ def fit_head(
     with strategy.scope():
         extractor, head = features.split_classifier(model)
         rate = model_lib.phase_learning_rate(config, phase, steps)
-        model_lib.compile_model(head, config, dataset.num_classes, rate)
+        model_lib.compile_model(head, config, dataset.num_classes, rate, None, label_weights)
     timings = timings or Timings()
     with timings.stage("features"):
         cached = extract_splits(extractor, config, dataset, mode, verbose)

@@ -139,15 +139,50 @@ def make_optimizer(
     return optimizer_class(**kwargs)
 
 
+@keras.saving.register_keras_serializable("tf_finetune")
+class WeightedBinaryCrossentropy(keras.losses.Loss):
+    """Binary cross-entropy with a weight per label for its positives and its negatives
+    (`--class_weight=balanced` on multi-label data: n / (2 * positives), n / (2 * negatives),
+    scikit-learn's "balanced" for each label on its own), averaged over the labels."""
+
+    def __init__(self, positive, negative, label_smoothing=0.0, name="weighted_bce", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.positive, self.negative = list(positive), list(negative)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        y = keras.ops.cast(y_true, "float32")
+        y = y * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        p = keras.ops.clip(keras.ops.cast(y_pred, "float32"), 1e-7, 1.0 - 1e-7)
+        positive = keras.ops.convert_to_tensor(self.positive, "float32")
+        negative = keras.ops.convert_to_tensor(self.negative, "float32")
+        loss = -(positive * y * keras.ops.log(p) + negative * (1.0 - y) * keras.ops.log(1.0 - p))
+        return keras.ops.mean(loss, axis=-1)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "positive": self.positive,
+            "negative": self.negative,
+            "label_smoothing": self.label_smoothing,
+        }
+
+
 def compile_model(
     model: keras.Model,
     config: Config,
     num_classes: int,
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
     multipliers: dict[str, float] | None = None,
+    label_weights: tuple[list[float], list[float]] | None = None,
 ) -> None:
+    """Compiles with the configured optimizer, loss and metrics. `label_weights`: a
+    multi-label run's (positive, negative) weights per label (`--class_weight=balanced`)."""
     if config.task == "multi_label":
-        loss = keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)
+        if label_weights is not None:
+            loss = WeightedBinaryCrossentropy(*label_weights, config.label_smoothing)
+        else:
+            loss = keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)
         # Keras' mAP estimate (per-label PR-AUC over 200 thresholds) for the epoch logs; the
         # reports compute exact average precision.
         metrics = [
@@ -183,6 +218,7 @@ def prepare_phase(
     num_classes: int,
     phase: phases.Phase,
     steps_per_epoch: int = 1,
+    label_weights: tuple[list[float], list[float]] | None = None,
 ) -> None:
     """Sets the phase's trainable layers and compiles; call inside `strategy.scope()`.
 
@@ -207,7 +243,7 @@ def prepare_phase(
         backbone = get_backbone(model)
         layers = [backbone.get_layer(name) for name in trainable]
         multipliers = schedules.layer_decay_multipliers(layers, config.layer_lr_decay)
-    compile_model(model, config, num_classes, rate, multipliers)
+    compile_model(model, config, num_classes, rate, multipliers, label_weights)
 
 
 def _one_layer_backbone(model: keras.Model) -> hub.HubLayer | None:
@@ -217,7 +253,11 @@ def _one_layer_backbone(model: keras.Model) -> hub.HubLayer | None:
 
 
 def build_model(
-    config: Config, num_classes: int, phase: phases.Phase | None = None, steps_per_epoch: int = 1
+    config: Config,
+    num_classes: int,
+    phase: phases.Phase | None = None,
+    steps_per_epoch: int = 1,
+    label_weights: tuple[list[float], list[float]] | None = None,
 ) -> keras.Model:
     """Builds and compiles the classifier for `phase` (default: the last, i.e. the final
     trainable layers); call inside `strategy.scope()`."""
@@ -250,7 +290,8 @@ def build_model(
             )
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    prepare_phase(model, config, num_classes, phase or phases.plan(config)[-1], steps_per_epoch)
+    phase = phase or phases.plan(config)[-1]
+    prepare_phase(model, config, num_classes, phase, steps_per_epoch, label_weights)
     return model
 
 

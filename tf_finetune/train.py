@@ -289,6 +289,7 @@ class _FitContext:
     class_weight: dict | None
     timer: callbacks.EpochTimer
     head_solver: dict | None = None
+    label_weights: tuple[list[float], list[float]] | None = None  # multi-label --class_weight
 
 
 def fit_phases(
@@ -328,8 +329,9 @@ def fit_phases(
         guard,
         fit_inputs,
         timings,
-        _class_weight(config, dataset),
+        None if config.task == "multi_label" else _class_weight(config, dataset),
         callbacks.EpochTimer(),
+        label_weights=_label_weights(config, dataset),
     )
     with timings.stage("build"):
         model = _build_for_phase(ctx, plan[state.phase - 1], resume_after=state.phase - 1)
@@ -385,12 +387,21 @@ def _class_weight(config: Config, dataset: data.DataSet) -> dict | None:
     return data.balanced_class_weights(data.class_counts(dataset.train, dataset.num_classes))
 
 
+def _label_weights(config: Config, dataset: data.DataSet):
+    """A multi-label run's (positive, negative) weight per label for --class_weight=balanced."""
+    if config.task != "multi_label" or config.class_weight != "balanced":
+        return None
+    return data.balanced_label_weights(dataset.train)
+
+
 def _build_for_phase(ctx: _FitContext, phase: phases.Phase, resume_after: int) -> keras.Model:
     """The classifier compiled for `phase`; a resumed later phase starts from the weights the
     previous phase ended with (its own backup, if any, then restores later epochs)."""
     config = ctx.config
     with ctx.strategy.scope():
-        model = model_lib.build_model(config, ctx.dataset.num_classes, phase, _steps(ctx))
+        model = model_lib.build_model(
+            config, ctx.dataset.num_classes, phase, _steps(ctx), ctx.label_weights
+        )
     if resume_after:
         rundir.load_weights_quietly(model, phases.phase_end_weights(config.model_dir, resume_after))
     return model
@@ -431,6 +442,7 @@ def _fit_phase(
             verbose=ctx.verbose,
             class_weight=ctx.class_weight,
             timings=ctx.timings,
+            label_weights=ctx.label_weights,
         )
     else:
         with ctx.timings.stage("fit"):

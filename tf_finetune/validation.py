@@ -271,7 +271,6 @@ def multi_label_options(config: Config) -> None:
     refused = {
         "--head_solver=lbfgs": config.head_solver == "lbfgs",
         "--mixup/--cutmix": bool(config.mixup or config.cutmix),
-        "--class_weight": config.class_weight != "none",
         "--sampling=balanced": config.sampling == "balanced",
         "--label_issues": config.label_issues,
     }
