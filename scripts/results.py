@@ -177,35 +177,62 @@ MEASURE = {
     "performance": measure_performance,
 }
 NEEDS_SHARED = set(MEASURE) - {"offline_default"}
+SHORTENED_BY_QUICK = set(MEASURE) - {"offline_default"}  # the offline default is one size
 
 
-def measure(name: str, quick: bool, require_idle: bool, head: str) -> dict:
+def cpu_busy_share(seconds: float = 2.0) -> float:
+    """The share of all CPU time that was busy over `seconds` (/proc/stat), 0..1."""
+
+    def sample():
+        fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split()[1:9]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle(max_wait: float) -> tuple[float, float]:
+    """The 1-minute load average and the busy CPU share before a section. The load average
+    decays over minutes, so after our own previous section it stays high on idle CPUs: while
+    the CPUs are idle now, wait (up to `max_wait` s) for it to fall below IDLE_LOAD."""
+    deadline = time.time() + max_wait
+    while True:
+        load, busy = os.getloadavg()[0], cpu_busy_share()
+        if load <= IDLE_LOAD or busy > 0.2 or time.time() > deadline:
+            return load, busy
+        time.sleep(5)
+
+
+def measure(name: str, quick: bool, require_idle: bool, head: str, max_wait: float = 0) -> dict:
     """One section, with where, when and under which load it was measured."""
-    load = os.getloadavg()[0]
+    load, cpu_busy = settle(max_wait)
     if require_idle and load > IDLE_LOAD:
         sys.exit(f"results.py: load average {load:.2f} > {IDLE_LOAD}: not idle (--require_idle)")
-    start = time.time()
+    start, date = time.time(), datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix=f"results_{name}_") as work:
         data = MEASURE[name](pathlib.Path(work), quick)
     return {
         "commit": head,
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": date.strftime("%Y-%m-%d %H:%M UTC"),
         **machine(),
         "load_before": round(load, 2),
+        "cpu_busy_before": round(cpu_busy, 2),
         "load_after": round(os.getloadavg()[0], 2),
         "busy": load > IDLE_LOAD,
-        "quick": quick,
+        "quick": quick and name in SHORTENED_BY_QUICK,
         "seconds": round(time.time() - start, 1),
         "data": data,
     }
 
 
 # ----------------------------------------------------------------------------- rendering
-def secs(value, busy: bool, fmt: str = ".1f") -> str:
-    """A timing cell: marked when measured under load."""
+def secs(value, busy: bool, fmt: str = ".1f", unit: str = "") -> str:
+    """A timing cell (or a ratio of timings): marked when measured under load."""
     if value is None:
         return "-"
-    return f"{value:{fmt}}" + (BUSY if busy else "")
+    return f"{value:{fmt}}{unit}" + (BUSY if busy else "")
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -218,9 +245,10 @@ def _mean_sd(values: list[float]) -> str:
 
 def provenance(name: str, s: dict) -> str:
     quick = " with `--quick` (shortened runs, not the README's full settings)" if s["quick"] else ""
+    cpu = f", CPUs {s['cpu_busy_before']:.0%} busy" if "cpu_busy_before" in s else ""
     lines = [
         f"Measured at commit `{s['commit']}` on {s['date']}{quick} ({s['cpu']}, {s['cores']} "
-        f"cores; 1-minute load average {s['load_before']} before, {s['load_after']} after; "
+        f"cores; 1-minute load average {s['load_before']} before{cpu}, {s['load_after']} after; "
         f"{s['seconds']:.0f} s). Rerun: `python scripts/results.py --only {name}`."
     ]
     if s["busy"]:
@@ -228,12 +256,16 @@ def provenance(name: str, s: dict) -> str:
             f"{BUSY} Measured under load (load average {s['load_before']} when the section "
             f"started; idle is <= {IDLE_LOAD}): times are slower than on idle cores."
         )
-    return "\n".join(lines)
+    return "\n\n".join(lines)
+
+
+STAGES = ("startup", "data", "prepare", "build", "features", "fit", "evaluate", "export")
 
 
 def _timings_line(timings: dict, busy: bool) -> str:
     skip = ("total", "feature_images_per_second")
-    return ", ".join(f"{k} {secs(v, busy)} s" for k, v in timings.items() if k not in skip)
+    order = sorted(timings, key=lambda k: STAGES.index(k) if k in STAGES else len(STAGES))
+    return ", ".join(f"{k} {secs(timings[k], busy)} s" for k in order if k not in skip)
 
 
 def render_offline_default(s: dict) -> str:
@@ -257,7 +289,7 @@ def render_offline_default(s: dict) -> str:
     table = "\n".join(f"  {a:42s} {b:>13s} {e:>8s}".rstrip() for a, b, e in rows)
     return (
         f"```\n{table}\n```\n\n`{d['command']}` took {secs(d['wall_seconds'], busy, '.0f')} s "
-        f"({_timings_line(d['timings'], busy)}).\n" + provenance("offline_default", s)
+        f"({_timings_line(d['timings'], busy)}).\n\n" + provenance("offline_default", s)
     )
 
 
@@ -306,7 +338,7 @@ def render_compare(name: str, s: dict) -> str:
     return (
         f"```\n$ {d['command']}\n{table}\n```\n\n{d['train_images']:,} train / "
         f"{d['val_images']:,} val images, seed {d['seed']}; the whole command took "
-        f"{secs(d['wall_seconds'], s['busy'], '.0f')} s.\n" + provenance(name, s)
+        f"{secs(d['wall_seconds'], s['busy'], '.0f')} s.\n\n" + provenance(name, s)
     )
 
 
@@ -333,7 +365,7 @@ def render_tflite(s: dict) -> str:
         "\n".join(lines)
         + f"\n\n{first['val_images']:,} validation images; the Keras model's val accuracy is "
         f"{d['keras_val_accuracy']:.3f}. The run: `{d['command']}`, then `tf-finetune export "
-        "--model_dir=RUN --format=tflite --quantize=Q` for each Q.\n" + provenance("tflite", s)
+        "--model_dir=RUN --format=tflite --quantize=Q` for each Q.\n\n" + provenance("tflite", s)
     )
 
 
@@ -363,7 +395,7 @@ def _jobs_table(jobs: dict, goals: dict, busy: bool) -> list[str]:
             f"| {JOB_LABELS.get(name, name)} | {n['train']:,} / {n['val']:,} / {n['test']:,} "
             f"| {j['epochs']} | {secs(mean['recipe'], busy)}, {accs['recipe']} "
             f"| {secs(mean['ours'], busy)}, {accs['ours']} "
-            f"| {secs(mean['recipe'] / mean['ours'], busy, '.2f')}×{target} |"
+            f"| {secs(mean['recipe'] / mean['ours'], busy, '.2f', '×')}{target} |"
         )
     return lines
 
@@ -375,7 +407,7 @@ def _limit_table(limit: dict, busy: bool) -> list[str]:
     ]
     for name, x in limit.items():
         ours = x["ours"]
-        share = f"{ours / x['limit']:.2f}" if ours else "-"
+        share = secs(ours / x["limit"], busy, ".2f") if ours else "-"
         lines.append(
             f"| {JOB_LABELS.get(name, name)} | {secs(x['decode'], busy, ',.0f')} "
             f"| {secs(x['forward'], busy, ',.0f')} | {secs(x['limit'], busy, ',.0f')} "
@@ -409,14 +441,17 @@ def render_performance(s: dict) -> str:
         parts.append("Also: " + "; ".join(extra) + ".")
     rows = ["| goal (issue 14) | target | measured | met |", "| --- | ---: | ---: | --- |"]
     for g in d.get("goals", []):
+        met = "yes" if g["met"] else "**no**"
+        rule = g.get("rule", ">=").replace(">=", "≥").replace("<=", "≤")
+        timed = busy and "accuracy" not in g["goal"]
         rows.append(
-            f"| {g['goal']} | {g['target']} | {g['measured']:.3f} | {'yes' if g['met'] else '**no**'} |"
+            f"| {g['goal']} | {rule} {g['target']} | {secs(g['measured'], timed, '.3f')} | {met} |"
         )
     parts.append("\n".join(rows))
     seeds = ", ".join(map(str, d["seeds"]))
     parts.append(
         f"Seeds {seeds} (accuracy: mean ± sd over them). "
-        "`python scripts/benchmark.py` alone prints the same.\n" + provenance("performance", s)
+        "`python scripts/benchmark.py` alone prints the same.\n\n" + provenance("performance", s)
     )
     return "\n\n".join(parts)
 
@@ -471,6 +506,12 @@ def parse_args(argv):
         "--require_idle", action="store_true", help=f"refuse above load {IDLE_LOAD}"
     )
     parser.add_argument("--results", default=str(RESULTS), help="the results file")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=150,
+        help="seconds to wait for the load average to fall after the previous section",
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(MEASURE)
     unknown = set(names) - set(MEASURE)
@@ -489,7 +530,7 @@ def main(argv=None) -> None:
         head = commit()
         for name in args.names:
             print(f"results.py: measuring {name} ...", flush=True)
-            section = measure(name, args.quick, args.require_idle, head)
+            section = measure(name, args.quick, args.require_idle, head, args.settle)
             results = merge(load_results(path), name, section)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(str(path), json.dumps(results, indent=1, ensure_ascii=False) + "\n")

@@ -101,6 +101,7 @@ def test_merging_a_section_keeps_the_others(results_py):
 
 def test_require_idle_refuses_on_a_busy_machine(results_py, monkeypatch):
     monkeypatch.setattr(results_py.os, "getloadavg", lambda: (3.0, 2.0, 1.0))
+    monkeypatch.setattr(results_py, "cpu_busy_share", lambda: 0.9)  # others are running
     with pytest.raises(SystemExit, match="not idle"):
         results_py.measure("tflite", quick=True, require_idle=True, head="abc")
 
@@ -117,8 +118,21 @@ def test_performance_goals_say_which_are_not_met(results_py):
                 "ours": [run],
             }
         },
-        "goals": [{"goal": "third: speed-up", "target": 2.0, "measured": 1.5, "met": False}],
+        "goals": [
+            {"goal": "third: speed-up", "rule": ">=", "target": 2.0, "measured": 1.5, "met": False}
+        ],
     }
     text = results_py.render_performance(_section(False, data))
     assert "1.50× (≥ 2.0: not met)" in text
-    assert "| third: speed-up | 2.0 | 1.500 | **no** |" in text
+    assert "| third: speed-up | ≥ 2.0 | 1.500 | **no** |" in text
+
+
+def test_settle_waits_out_our_own_load_but_not_other_processes(results_py, monkeypatch):
+    loads = iter([2.0, 1.2, 0.4])
+    monkeypatch.setattr(results_py.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(results_py.time, "sleep", lambda s: None)
+    monkeypatch.setattr(results_py, "cpu_busy_share", lambda: 0.01)  # idle now: an echo
+    assert results_py.settle(max_wait=60) == (0.4, 0.01)
+    monkeypatch.setattr(results_py.os, "getloadavg", lambda: (2.0, 0.0, 0.0))
+    monkeypatch.setattr(results_py, "cpu_busy_share", lambda: 0.8)  # someone else is running
+    assert results_py.settle(max_wait=60) == (2.0, 0.8)
