@@ -443,7 +443,7 @@ def render_performance(s: dict) -> str:
     for g in d.get("goals", []):
         met = "yes" if g["met"] else "**no**"
         rule = g.get("rule", ">=").replace(">=", "≥").replace("<=", "≤")
-        timed = busy and "accuracy" not in g["goal"]
+        timed = busy and not any(word in g["goal"] for word in ("accuracy", "RSS"))
         rows.append(
             f"| {g['goal']} | {rule} {g['target']} | {secs(g['measured'], timed, '.3f')} | {met} |"
         )
