@@ -1,52 +1,52 @@
-"""tf_finetune against the usual recipe, side by side in one run (a benchmark, not a test).
+"""tf-finetune against the Keras guide's recipe, like for like (a benchmark, not a test).
 
-The usual recipe is the Keras transfer-learning guide's: `image_dataset_from_directory` ->
-frozen backbone + head -> `model.fit`. Both sides use the same backbone, weights, image size,
-batch size and epochs on the same machine in the same run, so the ratios mean something even
-on a busy machine (the absolute numbers less so).
+Both sides train on the SAME files with the SAME 70/15/15 train/val/test split (a hash of each
+file's path, written as train/, val/, test/ class-folder trees of symlinks that both read) and
+are scored on the test split, which neither side used to choose anything:
+  - the recipe (the Keras transfer-learning guide): `image_dataset_from_directory` -> frozen
+    MobileNetV2-0.35 (ImageNet weights from ../shared) -> GAP -> Dropout(0.2) -> Dense, Adam 1e-3,
+    `model.fit`, no augmentation; selection: the model after the LAST epoch;
+  - tf-finetune: the `tf-finetune train` command, same backbone/weights/size/batch/epochs,
+    `--augment=none`; selection: the checkpoint with the lowest val_loss.
+Wall time is the whole process, each side in its own subprocess started from this one: start
+-> the recipe's model trained and in memory (its test scoring is not counted) / our command's
+exit (test scoring, report and the exported SavedModel are counted). Jobs (issue 14's goals):
 
-  python scripts/benchmark.py                     # full run (~25 min on 2 cores)
-  python scripts/benchmark.py --quick             # a smaller run (~8 min) to check it works
-  python scripts/benchmark.py --json out.json
+  all      all 4,317 flower photos, 10 epochs at 128 px          goal: speed-up >= 3.5, acc >= recipe
+  third    a hash-stable third of them (1,441), 8 epochs         goal: speed-up >= 2
+  two      a generated 2-class 400-image folder at 224 px, 8 ep  goal: speed-up >= 1.5
+  phone    300 phone-size photos (flowers upscaled bicubic to    goal: speed-up >= 2.5
+           3000x2000, JPEG q90; generated once), 8 ep at 128 px
+  lbfgs    `--head_solver=lbfgs` on the third                    goal: acc >= recipe + 0.02, >= 1.5x
+  limit    feature pass images/s vs the machine's limit 1/(1/decode + 1/forward), decode
+           (data.decode_and_resize, 2 parallel calls) and forward (in-memory batch of 64,
+           tf.function) each measured alone on the same files, here   goal: >= 80% of the limit
+  rss      peak RSS (VmHWM) of a head-only --cache=disk run on the third and on all the
+           photos                                                goal: flat in dataset size
+  export   serving_default latency (1 JPEG) and batch-of-32 throughput of the `all` run's export
 
-Sections:
-  a. input pipeline images/s: ours vs image_dataset_from_directory vs decode alone (all cores),
-     on generated 500x375 JPEGs and on ../shared/data/flowers_128;
-  b. head-only fine-tuning (frozen MobileNetV2-0.35, ImageNet weights from ../shared):
-     wall time and val accuracy, ours (feature cache) vs the recipe; and the feature pass's
-     images/s vs model.predict of the same extractor;
-  c. full fine-tuning throughput (images/s), ours vs the recipe;
-  d. the export: serving_default latency for one image and throughput for a batch of 32;
-  e. peak RSS of a head-only run with --cache=memory, disk and none (child processes), on N and
-     4N generated images: with disk and none it must not grow with the data;
-  f. precision on this CPU: mixed_bfloat16 vs float32 (throughput and accuracy).
+Accuracies are means over --seeds seeds (3; a 234-image test split has a standard error near 3
+points); speed-up = the recipe's mean wall time / ours.
+
+  python scripts/benchmark.py                       # everything (~13 min on 2 idle cores)
+  python scripts/benchmark.py --quick               # 1 seed, fewer epochs and photos (~5 min)
+  python scripts/benchmark.py --only third,limit --json out.json
 """
 
 import argparse
+import hashlib
 import json
 import os
 import pathlib
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-from tf_finetune import callbacks, data, feature_fit, input_pipeline, phases  # noqa: E402
-from tf_finetune import model as model_lib  # noqa: E402
-from tf_finetune.config import Config  # noqa: E402
-from tf_finetune.resolve import resolve  # noqa: E402
-
 SHARED = REPO.parent / "shared"
 FLOWERS = SHARED / "data" / "flowers_128"
 WEIGHTS = (
@@ -55,536 +55,405 @@ WEIGHTS = (
     / "keras"
     / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 )
-AUTOTUNE = tf.data.AUTOTUNE
+CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+SECTIONS = ("all", "third", "two", "phone", "lbfgs", "limit", "rss", "export")
+# job -> (tree, image size, epochs, extra flags of ours)
+JOBS = {
+    "all": ("all", 128, 10, ()),
+    "third": ("third", 128, 8, ()),
+    "two": ("two_class_224", 224, 8, ()),
+    "phone": ("phone", 128, 8, ()),
+    "lbfgs": ("third", 128, 8, ("--head_solver=lbfgs",)),
+}
+GOALS = {"all": 3.5, "third": 2.0, "two": 1.5, "phone": 2.5, "lbfgs": 1.5}
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- inputs
+def _hash(text: str) -> float:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 2**32
 
 
-def _fit_head(model, config, dataset, extra=()):
-    """tf-finetune's head-only phase on cached features (in memory), as train runs it."""
-    phase = phases.plan(config)[-1]
-    every = [*callbacks.make_callbacks(config, phase, 0, on_features=True), *extra]
-    return feature_fit.fit_head(
-        model, config, dataset, tf.distribute.get_strategy(), "memory", phase=phase, callbacks=every
-    )
+def split_of(rel: str) -> str:
+    """70/15/15 by a hash of the path: stable when files are added."""
+    u = _hash(rel)
+    return "test" if u < 0.15 else "val" if u < 0.30 else "train"
 
 
-def make_jpeg_folder(
-    root: pathlib.Path, count: int, classes: int = 5, size=(500, 375)
-) -> pathlib.Path:
-    """`count` photo-sized JPEGs (smooth noise, so they compress like photos) in class folders."""
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        folder = root / f"class_{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        small = rng.uniform(0, 255, (size[1] // 25, size[0] // 25, 3)).astype("float32")
-        image = tf.cast(tf.image.resize(small, (size[1], size[0])), tf.uint8)
-        (folder / f"img_{i:05d}.jpg").write_bytes(tf.io.encode_jpeg(image, quality=90).numpy())
+def flower_files() -> list[tuple[pathlib.Path, str]]:
+    return [(p, str(p.relative_to(FLOWERS))) for p in sorted(FLOWERS.rglob("*.jpg"))]
+
+
+def write_tree(root: pathlib.Path, files) -> pathlib.Path:
+    """train/, val/, test/ class folders of symlinks to `files` ((path, 'class/name'))."""
+    shutil.rmtree(root, ignore_errors=True)
+    for path, rel in files:
+        link = root / split_of(rel) / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path.resolve())
     return root
 
 
-def _count_images(ds: tf.data.Dataset) -> tuple[int, float]:
-    start = time.perf_counter()
-    n = 0
-    for x, _ in ds:
-        n += int(x.shape[0])
-    return n, time.perf_counter() - start
+def _resized_copies(dest: pathlib.Path, files, size: tuple[int, int]) -> list:
+    """Bicubic resizes of `files` to `size` (JPEG quality 90), made once into `dest`."""
+    from PIL import Image
+
+    from tf_finetune import atomic
+
+    out = []
+    for path, rel in files:
+        target = dest / rel
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image = Image.open(path).convert("RGB").resize(size, Image.BICUBIC)
+            atomic.write(str(target), lambda tmp, im=image: im.save(tmp, "JPEG", quality=90))
+        out.append((target, rel))
+    return out
 
 
-def bench_input(
-    folder: pathlib.Path, image_size: int, batch: int, rounds: int = 5, epochs: int = 3
-) -> dict:
-    """Steady-state images/s through each pipeline: `epochs` passes over the folder per
-    measurement, best of `rounds` interleaved measurements.
+def make_trees(work: pathlib.Path, phone_count: int) -> dict[str, pathlib.Path]:
+    files = flower_files()
+    by_hash = sorted(files, key=lambda f: _hash("pick:" + f[1]))
+    two = [f for f in by_hash if f[1].split("/")[0] == "daisy"][:200]
+    two += [f for f in by_hash if f[1].split("/")[0] == "dandelion"][:200]
+    generated = CACHE / "tf_finetune_benchmark"
+    return {
+        "all": write_tree(work / "all", files),
+        "third": write_tree(work / "third", [f for f in files if _hash("third:" + f[1]) < 1 / 3]),
+        "two_class_224": write_tree(
+            work / "two", _resized_copies(generated / "two_class_224", two, (224, 224))
+        ),
+        "phone": write_tree(
+            work / "phone",
+            _resized_copies(generated / "phone_3000x2000", by_hash[:phone_count], (3000, 2000)),
+        ),
+    }
 
-    Several epochs per measurement because tf.data's AUTOTUNE needs a second or so to settle:
-    a single pass over 4,317 small images (~0.4 s) measured AUTOTUNE's warm-up, and about one
-    in three such passes ran at half speed, for the recipe's pipeline as for ours (with fixed
-    parallelism and AUTOTUNE off the half-speed passes disappear). Best-of as `timeit` does.
-    """
-    paths = [str(p) for p in sorted(folder.rglob("*.jpg"))]
 
-    def decode_only():
-        ds = tf.data.Dataset.from_tensor_slices(paths).map(
-            lambda p: (tf.io.decode_jpeg(tf.io.read_file(p)), 0), num_parallel_calls=AUTOTUNE
-        )
-        return ds.map(lambda x, y: (tf.shape(x)[None], y)).batch(batch)
+# ----------------------------------------------------------------------------- the two sides
+def _env(work: pathlib.Path) -> dict:
+    home = pathlib.Path(tempfile.mkdtemp(prefix="keras_home_", dir=work))  # no warm caches
+    return {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(home)}
 
-    def ours():
-        dataset = data.load_image_folder(str(folder), image_size, 1)  # 1%: nearly all in train
-        return data.make_pipeline(dataset.train, dataset.num_classes, batch, True, 0)
 
-    def recipe():
+def run_recipe(tree, size, epochs, seed, work) -> dict:
+    """The recipe in a subprocess: wall = start -> trained model in memory."""
+    cmd = [sys.executable, __file__, "recipe", str(tree), str(size), str(epochs), str(seed)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(work), timeout=3600)
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.splitlines()}
+    if proc.returncode or "RESULT" not in lines:
+        raise RuntimeError(f"recipe failed: {proc.stderr[-2000:]}")
+    return {"seed": seed, "wall": float(lines["READY"]) - start, **json.loads(lines["RESULT"])}
+
+
+def run_ours(tree, size, epochs, seed, work, extra=(), wrap_rss=False) -> dict:
+    """`tf-finetune train` in a subprocess: wall = start -> the command's exit (export done)."""
+    model_dir = pathlib.Path(tempfile.mkdtemp(prefix="ours_", dir=work))
+    flags = [
+        f"--data={tree}",
+        "--backbone=mobilenet_v2",
+        "--backbone_alpha=0.35",
+        f"--weights={WEIGHTS}",
+        f"--image_size={size}",
+        f"--epochs={epochs}",
+        "--batch_size=32",
+        "--augment=none",
+        f"--seed={seed}",
+        "--nodeterministic",  # the default run's pipeline; --seed alone would turn it on
+        f"--model_dir={model_dir}",
+        *extra,
+    ]
+    prefix = [sys.executable, "-c", RSS_WRAPPER] if wrap_rss else [sys.executable, "-m"]
+    start = time.time()
+    proc = subprocess.run(
+        [*prefix, "tf_finetune", "train", *flags],
+        capture_output=True,
+        text=True,
+        env=_env(work),
+        timeout=3600,
+    )
+    wall = time.time() - start
+    if proc.returncode:
+        raise RuntimeError(f"tf-finetune failed: {proc.stderr[-2000:]}")
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    row = {
+        "seed": seed,
+        "wall": wall,
+        "test_accuracy": metrics["test_accuracy"],
+        "val_accuracy": metrics["val_accuracy"],
+        "timings": metrics.get("timings", {}),
+        "model_dir": str(model_dir),
+    }
+    peak = [line for line in proc.stdout.splitlines() if line.startswith("VMHWM_KB")]
+    if peak:
+        row["peak_rss_mb"] = int(peak[-1].split()[1]) / 1024
+    return row
+
+
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+RSS_WRAPPER = r"""
+import runpy, sys
+sys.argv = ["tf-finetune", *sys.argv[2:]]
+try:
+    runpy.run_module("tf_finetune", run_name="__main__")
+finally:
+    peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    print("VMHWM_KB", peak, flush=True)
+"""
+
+
+def recipe_child(tree: str, size: int, epochs: int, seed: int) -> None:
+    """The Keras guide's recipe; prints READY <time> after fit, then RESULT <json>."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+
+    def load(split, shuffle):
         return keras.utils.image_dataset_from_directory(
-            folder, image_size=(image_size, image_size), batch_size=batch, seed=1337, verbose=False
-        ).prefetch(AUTOTUNE)
+            f"{tree}/{split}",
+            image_size=(size, size),
+            batch_size=32,
+            shuffle=shuffle,
+            seed=seed,
+            verbose=False,
+        ).prefetch(tf.data.AUTOTUNE)
 
-    _count_images(decode_only())  # warm the page cache so nobody pays the first disk read
-    results = {}
-    for _ in range(rounds):
-        for name, make in (("decode_only", decode_only), ("ours", ours), ("recipe", recipe)):
-            build_start = time.perf_counter()
-            ds = make()
-            build = time.perf_counter() - build_start
-            n, seconds = _count_images(ds.repeat(epochs))
-            entry = results.setdefault(name, {"images": n, "passes_images_per_s": []})
-            entry["setup_seconds"] = build
-            entry["passes_images_per_s"].append(n / seconds)
-    for entry in results.values():
-        entry["images_per_s"] = max(entry["passes_images_per_s"])
-        entry["median_images_per_s"] = statistics.median(entry["passes_images_per_s"])
-    return results
-
-
-# ----------------------------------------------------------------------------- models
-def recipe_model(image_size: int, num_classes: int, weights: str) -> keras.Model:
-    """The Keras guide's model: preprocess_input -> frozen base(training=False) -> GAP -> Dropout -> Dense."""
+    train_ds, val_ds = load("train", True), load("val", False)
     base = keras.applications.MobileNetV2(
-        input_shape=(image_size, image_size, 3), include_top=False, weights=weights, alpha=0.35
+        input_shape=(size, size, 3), include_top=False, weights=str(WEIGHTS), alpha=0.35
     )
     base.trainable = False
-    inputs = keras.Input((image_size, image_size, 3))
+    inputs = keras.Input((size, size, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)  # = mobilenet_v2.preprocess_input
-    x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(base(x, training=False))
     x = keras.layers.Dropout(0.2)(x)
-    model = keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+    model = keras.Model(inputs, keras.layers.Dense(len(os.listdir(f"{tree}/train")))(x))
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    return model
-
-
-def recipe_datasets(folder, image_size, batch):
-    train_ds, val_ds = keras.utils.image_dataset_from_directory(
-        folder,
-        validation_split=0.2,
-        subset="both",
-        seed=1337,
-        image_size=(image_size, image_size),
-        batch_size=batch,
-        verbose=False,
-    )
-    return train_ds.prefetch(AUTOTUNE), val_ds.prefetch(AUTOTUNE)
-
-
-def ours_config(folder, image_size, batch, epochs, model_dir, **overrides) -> Config:
-    values = dict(
-        data=str(folder),
-        backbone="mobilenet_v2",
-        backbone_alpha=0.35,
-        weights=str(WEIGHTS),
-        image_size=image_size,
-        batch_size=batch,
-        epochs=epochs,
-        model_dir=str(model_dir),
-        seed=1337,
-    )
-    values.update(overrides)
-    return resolve(Config(**values))
-
-
-def bench_head_only(folder, image_size, batch, epochs, workdir) -> dict:
-    """Wall time from a folder path to a trained head, and val accuracy, both sides."""
-    keras.utils.set_random_seed(1337)
-    start = time.perf_counter()
-    train_ds, val_ds = recipe_datasets(folder, image_size, batch)
-    model = recipe_model(image_size, 5, str(WEIGHTS))
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0)
-    recipe = {
-        "seconds": time.perf_counter() - start,
+    print("READY", time.time(), flush=True)
+    test = model.evaluate(load("test", False), return_dict=True, verbose=0)
+    result = {
+        "test_accuracy": test["accuracy"],
         "val_accuracy": history.history["val_accuracy"][-1],
     }
-
-    keras.utils.set_random_seed(1337)
-    config = ours_config(folder, image_size, batch, epochs, workdir / "head_only", cache="memory")
-    start = time.perf_counter()
-    dataset = input_pipeline.load_data(config)
-    model = model_lib.build_model(config, dataset.num_classes)
-    epoch_times = _EpochTimes()
-    history = _fit_head(model, config, dataset, extra=(epoch_times,))
-    seconds = time.perf_counter() - start
-    val = data.make_pipeline(dataset.val, dataset.num_classes, batch, False, 0)
-    ours = {
-        "seconds": seconds,
-        # The full model, pixels in, on the best checkpoint: what gets exported.
-        "val_accuracy": model.evaluate(val, return_dict=True, verbose=0)["accuracy"],
-        "last_head_val_accuracy": history.history["val_accuracy"][-1],
-        "cached_epoch_seconds": statistics.median(epoch_times.seconds[1:] or epoch_times.seconds),
-    }
-    return {"recipe": recipe, "ours": ours}
+    print("RESULT", json.dumps(result), flush=True)
 
 
-def bench_extract(folder, image_size, batch, workdir, rounds: int = 5) -> dict:
-    """The feature pass (features.extract) vs `model.predict` of the same extractor on the same
-    pipeline: images/s, best of `rounds` interleaved passes. The pass should run at inference
-    speed."""
-    from tf_finetune import features
+def run_job(
+    name: str, trees: dict, seeds: list[int], epochs_scale: float, work, reuse=None
+) -> dict:
+    """Both sides, interleaved seed by seed (so a load change hits both alike). `reuse`: a job
+    whose recipe runs were the same (tree, size, epochs, seeds): lbfgs reuses the third's."""
+    tree_name, size, epochs, extra = JOBS[name]
+    epochs = max(1, round(epochs * epochs_scale))
+    tree = trees[tree_name]
+    recipe, ours = [], []
+    for i, seed in enumerate(seeds):
+        recipe.append(reuse["recipe"][i] if reuse else run_recipe(tree, size, epochs, seed, work))
+        ours.append(run_ours(tree, size, epochs, seed, work, extra))
+        print(
+            f"  {name} seed {seed}: recipe {recipe[-1]['wall']:.1f} s, ours {ours[-1]['wall']:.1f} s"
+        )
+    counts = {s: sum(1 for _ in (tree / s).rglob("*.jpg")) for s in ("train", "val", "test")}
+    return {"size": size, "epochs": epochs, "flags": list(extra), "images": counts,
+            "recipe": recipe, "ours": ours}  # fmt: skip
 
-    config = ours_config(folder, image_size, batch, 1, workdir / "extract")
-    dataset = input_pipeline.load_data(config)
-    extractor, _ = features.split_classifier(model_lib.build_model(config, dataset.num_classes))
-    n = dataset.train.count
 
-    def pipeline():
-        return data.make_pipeline(dataset.train, dataset.num_classes, batch, False, 0)
-
-    def ours():
-        features.extract(extractor, pipeline(), n, verbose=0)
-
-    def predict():
-        extractor.predict(pipeline(), verbose=0)
-
-    ours(), predict()  # trace both
-    rates = {"ours": [], "predict": []}
+# ----------------------------------------------------------------------------- machine limit
+def _best_rate(run, count: int, rounds: int = 3) -> float:
+    """Images/s of `run()` over `count` images: best of `rounds` (the first warms up)."""
+    run()
+    seconds = []
     for _ in range(rounds):
-        for name, run in (("ours", ours), ("predict", predict)):
-            start = time.perf_counter()
-            run()
-            rates[name].append(n / (time.perf_counter() - start))
-    return {f"{k}_images_per_s": max(v) for k, v in rates.items()} | {"passes": rates}
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return count / min(seconds)
 
 
-class _EpochTimes(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
+def decode_rate(tree: pathlib.Path, size: int) -> float:
+    """data.decode_and_resize alone over the tree's files, tf.data with 2 parallel calls."""
+    import tensorflow as tf
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+    from tf_finetune import data
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-class _StepTimes(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-def bench_full_finetune(folder, image_size, batch, steps, workdir) -> dict:
-    """Images/s of training steps with the whole backbone trainable (median step, no tracing)."""
-    train_ds, _ = recipe_datasets(folder, image_size, batch)
-    model = recipe_model(image_size, 5, str(WEIGHTS))
-    model.layers[2].trainable = True  # the base
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+    paths = [str(p) for p in sorted(tree.rglob("*.jpg"))]
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: data.decode_and_resize(tf.io.read_file(p), size), num_parallel_calls=2
     )
-    times = _StepTimes()
-    model.fit(train_ds.take(steps), epochs=1, verbose=0, callbacks=[times])
-    recipe = batch / statistics.median(times.seconds[2:])
-
-    config = ours_config(folder, image_size, batch, 1, workdir / "full", unfreeze="all")
-    dataset = input_pipeline.load_data(config)
-    model = model_lib.build_model(config, dataset.num_classes)
-    pipeline = data.make_pipeline(dataset.train, dataset.num_classes, batch, True, 0)
-    times = _StepTimes()
-    model.fit(pipeline.take(steps), epochs=1, verbose=0, callbacks=[times])
-    ours = batch / statistics.median(times.seconds[2:])
-    return {"recipe_images_per_s": recipe, "ours_images_per_s": ours}
+    ds = ds.batch(64)
+    return _best_rate(lambda: [None for _ in ds], len(paths))
 
 
-def bench_export(folder, image_size, workdir) -> dict:
-    """serving_default latency (1 JPEG) and throughput (batch of 32), from a fresh export."""
-    config = ours_config(folder, image_size, 32, 1, workdir / "export_run")
-    dataset = input_pipeline.load_data(config)
-    model = model_lib.build_model(config, dataset.num_classes)
-    from tf_finetune import export
+def forward_rate(size: int, batch: int = 64, steps: int = 20) -> float:
+    """MobileNetV2-0.35 + GAP forward alone: an in-memory batch, tf.function."""
+    import keras
+    import tensorflow as tf
 
-    path = export.export_saved_model(
-        model, list(dataset.class_names), image_size, str(workdir / "export")
+    base = keras.applications.MobileNetV2(
+        input_shape=(size, size, 3), include_top=False, weights=str(WEIGHTS), alpha=0.35
     )
-    serve = tf.saved_model.load(path).signatures["serving_default"]
-    jpegs = [p.read_bytes() for p in sorted(pathlib.Path(folder).rglob("*.jpg"))[:32]]
-    one = tf.constant(jpegs[:1])
-    batch = tf.constant(jpegs)
-    serve(image_bytes=one)
-    serve(image_bytes=batch)  # trace both shapes first
+    pool = keras.layers.GlobalAveragePooling2D()
+    images = tf.random.uniform((batch, size, size, 3), -1, 1)
+    forward = tf.function(lambda x: pool(base(x, training=False)))
+
+    def run():
+        for _ in range(steps):
+            forward(images).numpy()
+
+    return _best_rate(run, batch * steps)
+
+
+def machine_limit(trees: dict, jobs: dict) -> dict:
+    """Per file set: decode alone, forward alone, their limit, and our feature pass (from the
+    job's metrics.json timings, first seed)."""
+    out = {}
+    forward = forward_rate(128)
+    for job, tree_name in (("all", "all"), ("phone", "phone")):
+        decode = decode_rate(trees[tree_name], 128)
+        limit = 1 / (1 / decode + 1 / forward)
+        ours = None
+        if job in jobs:
+            ours = jobs[job]["ours"][0]["timings"].get("feature_images_per_second")
+        out[job] = {"decode": decode, "forward": forward, "limit": limit, "ours": ours}
+        print(f"  limit {job}: decode {decode:.0f}/s, forward {forward:.0f}/s, limit {limit:.0f}/s")
+    return out
+
+
+def peak_rss(trees: dict, work, epochs: int) -> dict:
+    """Peak RSS of a head-only --cache=disk run on the third and on all the photos."""
+    out = {}
+    for name in ("third", "all"):
+        row = run_ours(trees[name], 128, epochs, 42, work, ("--cache=disk",), wrap_rss=True)
+        out[name] = {"images": sum(1 for _ in trees[name].rglob("*.jpg")), "mb": row["peak_rss_mb"]}
+        print(f"  rss {name}: {out[name]['mb']:.0f} MB")
+    return out
+
+
+def export_latency(model_dir: str, tree: pathlib.Path) -> dict:
+    """serving_default of an export: 1-JPEG latency (p50/p90) and batch-of-32 images/s."""
+    import tensorflow as tf
+
+    export = sorted((pathlib.Path(model_dir) / "export").iterdir())[-1]
+    serve = tf.saved_model.load(str(export)).signatures["serving_default"]
+    jpegs = [p.read_bytes() for p in sorted(tree.rglob("*.jpg"))[:32]]
+    one, batch = tf.constant(jpegs[:1]), tf.constant(jpegs)
+    serve(image_bytes=one), serve(image_bytes=batch)  # trace both shapes
     latencies = []
     for _ in range(30):
         start = time.perf_counter()
         serve(image_bytes=one)
-        latencies.append(time.perf_counter() - start)
-    batch_times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        serve(image_bytes=batch)
-        batch_times.append(time.perf_counter() - start)
+        latencies.append(1000 * (time.perf_counter() - start))
+    rate = _best_rate(lambda: serve(image_bytes=batch), 32, rounds=5)
     return {
-        "latency_ms_p50": 1000 * statistics.median(latencies),
-        "latency_ms_p90": 1000 * sorted(latencies)[int(0.9 * len(latencies))],
-        "batch32_images_per_s": 32 / statistics.median(batch_times),
+        "latency_ms_p50": statistics.median(latencies),
+        "latency_ms_p90": sorted(latencies)[int(0.9 * len(latencies))],
+        "batch32_images_per_s": rate,
     }
 
 
-def bench_precision(folder, image_size, batch, steps, epochs, workdir) -> dict:
-    """float32 vs mixed_bfloat16 on this CPU: full fine-tune and feature-extraction images/s,
-    and the val accuracy of a cached head-only run."""
-    results = {}
-    for policy in ("float32", "mixed_bfloat16"):
-        keras.mixed_precision.set_global_policy(policy)
-        try:
-            keras.utils.set_random_seed(1337)
-            config = ours_config(
-                folder, image_size, batch, epochs, workdir / f"p_{policy}", cache="memory"
-            )
-            dataset = input_pipeline.load_data(config)
-            model = model_lib.build_model(config, dataset.num_classes)
-            start = time.perf_counter()
-            _fit_head(model, config, dataset)
-            head_only_seconds = time.perf_counter() - start
-            val = data.make_pipeline(dataset.val, dataset.num_classes, batch, False, 0)
-            accuracy = model.evaluate(val, return_dict=True, verbose=0)["accuracy"]
-
-            config = ours_config(
-                folder, image_size, batch, 1, workdir / f"pf_{policy}", unfreeze="all"
-            )
-            model = model_lib.build_model(config, dataset.num_classes)
-            times = _StepTimes()
-            pipeline = data.make_pipeline(dataset.train, dataset.num_classes, batch, True, 0)
-            model.fit(pipeline.take(steps), epochs=1, verbose=0, callbacks=[times])
-            results[policy] = {
-                "head_only_seconds": head_only_seconds,
-                "head_only_val_accuracy": accuracy,
-                "full_finetune_images_per_s": batch / statistics.median(times.seconds[2:]),
-            }
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
-    return results
+# ----------------------------------------------------------------------------- goals
+def _mean(runs: list[dict], key: str) -> float:
+    return statistics.mean(r[key] for r in runs)
 
 
-RSS_CHILD = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-from tf_finetune import train
-from tf_finetune.config import Config
-from tf_finetune.resolve import resolve
-config = resolve(Config(data=sys.argv[2], backbone="mobilenet_v2", backbone_alpha=0.35,
-    weights=sys.argv[3], image_size=int(sys.argv[4]), epochs=2, cache=sys.argv[5],
-    model_dir=sys.argv[6]))
-train.train_and_evaluate(config)
-# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
-# fork + exec, so every child would report the benchmark's own peak.
-peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-print("MAXRSS_KB", peak)
-"""
+def _goal(goal: str, target: float, measured: float, rule: str = ">=") -> dict:
+    met = measured >= target if rule == ">=" else measured <= target
+    return {"goal": goal, "rule": rule, "target": target, "measured": measured, "met": met}
 
 
-def bench_rss(folders: dict, image_size: int, workdir) -> dict:
-    """Peak RSS (MB) of a whole head-only `train_and_evaluate` in a child, per cache mode and
-    data set size: with disk or none it must not grow with the data (nothing is held whole)."""
-    results = {}
-    env = {**os.environ, "KERAS_HOME": str(workdir / "keras_home")}
-    for count, folder in folders.items():
-        decoded_mb = count * image_size * image_size * 3 / 2**20
-        row = results[f"{count}_images"] = {"decoded_uint8_mb": decoded_mb}
-        for mode in ("memory", "disk", "none"):
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    RSS_CHILD,
-                    str(REPO),
-                    str(folder),
-                    str(WEIGHTS),
-                    str(image_size),
-                    mode,
-                    str(workdir / f"rss_{mode}_{count}"),
-                ],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=3600,
-            )
-            line = [l for l in proc.stdout.splitlines() if l.startswith("MAXRSS_KB")]
-            row[mode] = int(line[-1].split()[1]) / 1024 if line else f"failed: {proc.stderr[-300:]}"
-    return results
+def goals(r: dict) -> list[dict]:
+    """Goal vs measured, one row per goal of issue 14 that this run measured."""
+    jobs, rows = r.get("jobs", {}), []
+
+    def speedup(j):
+        return _mean(j["recipe"], "wall") / _mean(j["ours"], "wall")
+
+    def gap(j):
+        return _mean(j["ours"], "test_accuracy") - _mean(j["recipe"], "test_accuracy")
+
+    for name in ("all", "third", "two", "phone"):
+        if name in jobs:
+            rows.append(_goal(f"{name}: speed-up", GOALS[name], speedup(jobs[name])))
+    if "all" in jobs:
+        rows.append(_goal("all: test accuracy - recipe's", 0.0, gap(jobs["all"])))
+    if "lbfgs" in jobs:
+        rows.append(_goal("lbfgs: test accuracy - recipe's", 0.02, gap(jobs["lbfgs"])))
+        rows.append(_goal("lbfgs: speed-up", GOALS["lbfgs"], speedup(jobs["lbfgs"])))
+    for name, x in r.get("limit", {}).items():
+        if x["ours"]:
+            rows.append(_goal(f"{name}: feature pass / machine limit", 0.8, x["ours"] / x["limit"]))
+    if "rss" in r:
+        growth = r["rss"]["all"]["mb"] / r["rss"]["third"]["mb"]
+        rows.append(_goal("disk cache: peak RSS all / third", 1.1, growth, "<="))
+    return rows
+
+
+def print_goals(rows: list[dict]) -> None:
+    print(f"\n{'goal':40s} {'target':>8s} {'measured':>9s}  met")
+    for row in rows:
+        target = f"{row['rule']} {row['target']}"
+        print(f"{row['goal']:40s} {target:>8s} {row['measured']:9.3f}  {row['met']}")
 
 
 # ----------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, to check it runs")
+    parser.add_argument("--quick", action="store_true", help="1 seed, fewer epochs and photos")
     parser.add_argument("--json", default="benchmark.json", help="where to write the results")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip (a,b,c,d,e,f)")
-    args = parser.parse_args()
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per job [3; --quick 1]")
+    args = parser.parse_args(argv)
+    wanted = set(args.only.split(",")) - {""} or set(SECTIONS)
+    unknown = (wanted | set(args.skip.split(","))) - set(SECTIONS) - {""}
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
+    args.sections = [s for s in SECTIONS if s in wanted and s not in args.skip.split(",")]
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if not WEIGHTS.exists() or not FLOWERS.is_dir():
         sys.exit(f"benchmark.py needs {SHARED} (real weights and photos) beside the checkout.")
-    skip = set(args.skip.split(","))
     work = pathlib.Path(tempfile.mkdtemp(prefix="tf_finetune_bench_"))
-    n_generated = 400 if args.quick else 2000
-    epochs = 2 if args.quick else 5
-    generated = make_jpeg_folder(work / "generated", n_generated)
-    results = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-        }
-    }
-    if "a" not in skip:
-        results["a_input_generated_500x375"] = bench_input(generated, 224, 32)
-        results["a_input_flowers_128"] = bench_input(FLOWERS, 128, 32)
-    if "b" not in skip:
-        results["b_head_only_flowers_128"] = bench_head_only(FLOWERS, 128, 32, epochs, work)
-        results["b_feature_pass_flowers_128"] = bench_extract(FLOWERS, 128, 32, work)
-    if "c" not in skip:
-        results["c_full_finetune_flowers_128"] = bench_full_finetune(
-            FLOWERS, 128, 32, 8 if args.quick else 20, work
-        )
-    if "d" not in skip:
-        results["d_export_flowers_128"] = bench_export(FLOWERS, 128, work)
-    if "f" not in skip:
-        results["f_precision_flowers_128"] = bench_precision(
-            FLOWERS, 128, 32, 8 if args.quick else 20, epochs, work
-        )
-    if "e" not in skip:
-        bigger = make_jpeg_folder(work / "generated_x4", 4 * n_generated)
-        results["e_peak_rss_mb_generated"] = bench_rss(
-            {n_generated: generated, 4 * n_generated: bigger}, 224, work
-        )
-    results["benchmark_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
-    print_table(results, epochs)
-    print(f"\nJSON: {args.json}   (work dir {work})")
+    trees = make_trees(work, phone_count=60 if args.quick else 300)
+    seeds = [42 + i for i in range(args.seeds)]
+    scale = 0.5 if args.quick else 1.0
+    r = {"quick": args.quick, "seeds": seeds, "sections": args.sections, "jobs": {}}
+    for name in [s for s in args.sections if s in JOBS]:
+        reuse = r["jobs"].get("third") if name == "lbfgs" else None
+        r["jobs"][name] = run_job(name, trees, seeds, scale, work, reuse)
+    if "limit" in args.sections:
+        r["limit"] = machine_limit(trees, r["jobs"])
+    if "rss" in args.sections:
+        r["rss"] = peak_rss(trees, work, epochs=2)
+    if "export" in args.sections:
+        source = r["jobs"].get("all") or r["jobs"].get("third")
+        model_dir = source["ours"][0]["model_dir"] if source else None
+        if model_dir is None:
+            model_dir = run_ours(trees["third"], 128, 1, 42, work)["model_dir"]
+        r["export"] = export_latency(model_dir, trees["all"])
+    r["goals"] = goals(r)
+    from tf_finetune import atomic
 
+    atomic.write_text(args.json, json.dumps(r, indent=2))
+    print_goals(r["goals"])
+    print(f"\nJSON: {args.json}   (work dir {work}, removed)")
+    shutil.rmtree(work, ignore_errors=True)
 
-def print_table(r: dict, epochs: int) -> None:
-    rows = []
-    for key, label in (
-        ("a_input_generated_500x375", "generated 500x375 JPEG -> 224"),
-        ("a_input_flowers_128", "flowers_128 -> 128"),
-    ):
-        if key in r:
-            a = r[key]
-            ratio_of_medians = a["ours"]["median_images_per_s"] / a["recipe"]["median_images_per_s"]
-            rows.append(
-                (
-                    f"input images/s, {label}",
-                    f"{a['ours']['images_per_s']:.0f}",
-                    f"{a['recipe']['images_per_s']:.0f}",
-                    f"{a['ours']['images_per_s'] / a['recipe']['images_per_s']:.2f}x",
-                    f"median {ratio_of_medians:.2f}x; "
-                    f"decode-only ceiling {a['decode_only']['images_per_s']:.0f}/s",
-                )
-            )
-    if "b_head_only_flowers_128" in r:
-        b = r["b_head_only_flowers_128"]
-        rows.append(
-            (
-                f"head-only, {epochs} epochs: wall s",
-                f"{b['ours']['seconds']:.1f}",
-                f"{b['recipe']['seconds']:.1f}",
-                f"{b['recipe']['seconds'] / b['ours']['seconds']:.2f}x faster",
-                f"cached epoch {b['ours']['cached_epoch_seconds']:.2f} s",
-            )
-        )
-        rows.append(
-            (
-                "head-only: val accuracy",
-                f"{b['ours']['val_accuracy']:.3f}",
-                f"{b['recipe']['val_accuracy']:.3f}",
-                f"{b['ours']['val_accuracy'] - b['recipe']['val_accuracy']:+.3f}",
-                "ours: full model on pixels",
-            )
-        )
-    if "b_feature_pass_flowers_128" in r:
-        x = r["b_feature_pass_flowers_128"]
-        rows.append(
-            (
-                "feature pass images/s",
-                f"{x['ours_images_per_s']:.0f}",
-                f"{x['predict_images_per_s']:.0f}",
-                f"{x['ours_images_per_s'] / x['predict_images_per_s']:.2f}x",
-                "'recipe' column = model.predict of the same extractor",
-            )
-        )
-    if "c_full_finetune_flowers_128" in r:
-        c = r["c_full_finetune_flowers_128"]
-        rows.append(
-            (
-                "full fine-tune images/s",
-                f"{c['ours_images_per_s']:.1f}",
-                f"{c['recipe_images_per_s']:.1f}",
-                f"{c['ours_images_per_s'] / c['recipe_images_per_s']:.2f}x",
-                "median step",
-            )
-        )
-    if "d_export_flowers_128" in r:
-        d = r["d_export_flowers_128"]
-        rows.append(
-            (
-                "export: 1-image latency ms (p50)",
-                f"{d['latency_ms_p50']:.1f}",
-                "-",
-                "-",
-                f"p90 {d['latency_ms_p90']:.1f} ms",
-            )
-        )
-        rows.append(
-            (
-                "export: batch-32 images/s",
-                f"{d['batch32_images_per_s']:.0f}",
-                "-",
-                "-",
-                "serving_default, JPEG bytes",
-            )
-        )
-    if "f_precision_flowers_128" in r:
-        f32, bf16 = (
-            r["f_precision_flowers_128"]["float32"],
-            r["f_precision_flowers_128"]["mixed_bfloat16"],
-        )
-        rows.append(
-            (
-                "bf16 vs f32: full fine-tune img/s",
-                f"{bf16['full_finetune_images_per_s']:.1f}",
-                f"{f32['full_finetune_images_per_s']:.1f}",
-                f"{bf16['full_finetune_images_per_s'] / f32['full_finetune_images_per_s']:.2f}x",
-                "ours both; 'recipe' column = float32",
-            )
-        )
-        rows.append(
-            (
-                "bf16 vs f32: head-only s / val acc",
-                f"{bf16['head_only_seconds']:.1f} / {bf16['head_only_val_accuracy']:.3f}",
-                f"{f32['head_only_seconds']:.1f} / {f32['head_only_val_accuracy']:.3f}",
-                f"{f32['head_only_seconds'] / bf16['head_only_seconds']:.2f}x",
-                "cached features",
-            )
-        )
-    if "e_peak_rss_mb_generated" in r:
-        for size, e in r["e_peak_rss_mb_generated"].items():
-            modes = [e[m] for m in ("memory", "disk", "none")]
-            rows.append(
-                (
-                    f"peak RSS MB, {size.replace('_', ' ')} (memory/disk/none)",
-                    " / ".join(f"{v:.0f}" if isinstance(v, float) else "fail" for v in modes),
-                    "-",
-                    "-",
-                    f"decoded 224px uint8: {e['decoded_uint8_mb']:.0f} MB; head-only run",
-                )
-            )
-    widths = [max(len(str(row[i])) for row in rows + [HEADER]) for i in range(5)]
-    for row in [HEADER, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-
-
-HEADER = ("measure", "ours", "recipe", "ratio", "note")
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["recipe"]:
+        recipe_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        main()
