@@ -167,9 +167,9 @@ def test_cli_reports_a_signal_in_one_line_with_exit_128_plus_signal(folder, tmp_
     argv = ["train", *tiny_flags(folder, tmp_path)]
     real = input_pipeline.load_data
 
-    def load_then_term(config, folder=None):
+    def load_then_term(config, folder=None, **options):
         os.kill(os.getpid(), signal.SIGTERM)
-        return real(config, folder)
+        return real(config, folder, **options)
 
     try:
         input_pipeline.load_data = load_then_term
