@@ -387,3 +387,19 @@ def test_class_weight_balanced_trains_multi_label_with_the_weighted_loss(table, 
     config = dataclasses.replace(config, epochs=1, class_weight="balanced")
     metrics = train.train_and_evaluate(config, extra_callbacks=(Loss(),))
     assert seen["loss"] == "WeightedBinaryCrossentropy" and "val_map" in metrics
+
+
+@pytest.mark.slow
+def test_two_phase_under_two_replicas_and_compare_report_val_map(table, tmp_path, capsys):
+    flags = [f for f in tiny_flags(table, tmp_path / "cmp", *FLAGS) if f != "--image_size=16"]
+    flags = [f for f in flags if not f.startswith(("--epochs", "--unfreeze"))]
+    argv = ["compare", *flags, "--epochs=3", "--warmup_epochs=1", "--unfreeze=0,all"]
+    argv += ["--cpu_replicas=2", "--strategy=mirrored"]
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["variants"]
+    assert [r["unfreeze"] for r in rows] == ["0", "all"]
+    assert all(0.0 <= r["val_map"] <= 1.0 for r in rows)
+    header = capsys.readouterr().out
+    assert "val_map" in header
+    two_phase = _json(tmp_path / "cmp" / "compare" / "unfreeze_all" / "checkpoints" / "best.json")
+    assert two_phase["monitor"] == "val_map"

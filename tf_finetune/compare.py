@@ -76,6 +76,7 @@ def run_variant(config: Config, dataset, strategy) -> dict:
         "unfreeze": config.unfreeze,
         "val_accuracy": scores["val_accuracy"],
         "val_loss": scores["val_loss"],
+        **({"val_map": scores["val_map"]} if "val_map" in scores else {}),  # multi-label
         "trainable_parameters": train.count_parameters(fit.model.trainable_weights),
         "seconds_per_epoch": round(sum(seconds) / len(seconds), 2) if seconds else None,
         "epoch_seconds": {str(e): t for e, t in sorted(fit.epoch_seconds.items())},
@@ -102,17 +103,24 @@ def compare(config: Config) -> dict:
         "variants": [{k: v for k, v in row.items() if k != "flags"} for row in rows],
     }
     atomic.write_json(os.path.join(config.model_dir, RESULTS), results)
+    score = "val_map" if config.task == "multi_label" else "val_accuracy"
     page = report.write_index(
         config.model_dir,
-        f"tf-finetune compare: {len(rows)} --unfreeze variants, ranked by val accuracy",
-        INDEX_COLUMNS,
-        sorted(rows, key=lambda r: (-r["val_accuracy"], r["val_loss"])),
+        f"tf-finetune compare: {len(rows)} --unfreeze variants, ranked by "
+        + score.replace("_", " "),
+        INDEX_COLUMNS + ([("val_map", "val mAP")] if score == "val_map" else []),
+        sorted(rows, key=lambda r: (-r[score], r["val_loss"])),
     )
     return {"rows": rows, "table": format_table(rows), "report": page}
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [("--unfreeze", "val_accuracy", "val_loss", "trainable params", "s/epoch")]
+    """One line per variant; a multi-label comparison adds its val mAP."""
+    with_map = all("val_map" in row for row in rows)
+    lines = [
+        ("--unfreeze", "val_accuracy", "val_loss", "trainable params", "s/epoch")
+        + (("val_map",) if with_map else ())
+    ]
     for row in rows:
         seconds = row["seconds_per_epoch"]
         lines.append(
@@ -123,6 +131,7 @@ def format_table(rows: list[dict]) -> str:
                 f"{row['trainable_parameters']:,}",
                 "-" if seconds is None else f"{seconds:.1f}",
             )
+            + ((f"{row['val_map']:.4f}",) if with_map else ())
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
