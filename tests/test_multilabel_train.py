@@ -403,3 +403,21 @@ def test_two_phase_under_two_replicas_and_compare_report_val_map(table, tmp_path
     assert "val_map" in header
     two_phase = _json(tmp_path / "cmp" / "compare" / "unfreeze_all" / "checkpoints" / "best.json")
     assert two_phase["monitor"] == "val_map"
+
+
+@pytest.mark.slow
+def test_a_killed_multi_label_run_resumes_with_its_best_val_map(table, tmp_path):
+    from tests.helpers import Crash, Epochs, history_epochs
+    from tf_finetune import train
+
+    config = tiny(table, tmp_path, task="multi_label", image_size=32, unfreeze="all")
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, extra_callbacks=(Crash(),))
+    before = _json(tmp_path / "checkpoints" / "best.json")
+    assert before["monitor"] == "val_map" and before["epoch"] == 0
+    epochs = Epochs()
+    metrics = train.train_and_evaluate(config, extra_callbacks=(epochs,))
+    assert epochs.seen == [1, 2] and history_epochs(tmp_path) == [0, 1, 2]
+    after = _json(tmp_path / "checkpoints" / "best.json")
+    assert after["best"] >= before["best"]  # only a better val mAP replaced it
+    assert metrics["task"] == "multi_label" and (tmp_path / rundir.THRESHOLDS).exists()
