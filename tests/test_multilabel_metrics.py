@@ -114,3 +114,15 @@ def test_label_confusion_rows_are_shares_of_each_true_label():
     predicted = np.array([[1, 1], [0, 1], [0, 1], [1, 0]])
     shares = mlm.label_confusion(y, predicted)
     assert shares.tolist() == [[2 / 3, 2 / 3], [0.0, 1.0]]
+
+
+def test_the_min_accuracy_gate_reads_map_for_multi_label():
+    from tf_finetune import selection
+
+    single = {"val_accuracy": 0.9, "test_accuracy": 0.8}
+    multi = {"task": "multi_label", "val_accuracy": 0.1, "val_map": 0.7, "test_accuracy": 0.2}
+    multi["test_map"] = 0.6
+    assert selection.gate_accuracy(single) == ("test", 0.8)
+    assert selection.gate_accuracy(multi) == ("test", 0.6)
+    del multi["test_accuracy"], multi["test_map"]
+    assert selection.gate_accuracy(multi) == ("val", 0.7)

@@ -227,7 +227,12 @@ def _passes_gate(metrics: dict, config: Config) -> bool:
     if not config.min_accuracy:
         return True
     split, accuracy = selection.gate_accuracy(metrics)
-    metrics["min_accuracy"] = {"split": split, "accuracy": accuracy, "bar": config.min_accuracy}
+    metrics["min_accuracy"] = {
+        "split": split,
+        "accuracy": accuracy,
+        "bar": config.min_accuracy,
+        "score": "mAP" if config.task == "multi_label" else "accuracy",
+    }
     return accuracy >= config.min_accuracy
 
 
@@ -235,7 +240,8 @@ def _check_gate(metrics: dict, config: Config) -> None:
     gate = metrics.get("min_accuracy")
     if gate and gate["accuracy"] < gate["bar"]:
         raise BelowMinAccuracy(
-            f"{gate['split']} accuracy {gate['accuracy']:.4f} is below --min_accuracy="
+            f"{gate['split']} {gate.get('score', 'accuracy')} {gate['accuracy']:.4f} is below "
+            "--min_accuracy="
             f"{gate['bar']}: not exported; the run is kept in {config.model_dir}."
         )
 
