@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny
-from tf_finetune import data, evaluate_run, feature_fit, features, phases, rundir, train
+from tf_finetune import data, evaluate, evaluate_run, feature_fit, features, phases, rundir, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
@@ -130,3 +130,28 @@ def test_cache_key_follows_a_hub_modules_files(folder, tmp_path):
     key = feature_fit.cache_key(config, split, "train")
     os.utime(os.path.join(module, "saved_model.pb"), ns=(1, 1))  # the module was replaced
     assert feature_fit.cache_key(config, split, "train") != key
+
+
+def test_reports_of_a_head_only_run_come_from_the_cached_features(folder, tmp_path, monkeypatch):
+    """val and test are scored by the head on their features (no pass of the whole model over
+    their pixels), and score as the whole model does on pixels (`evaluate` reads pixels)."""
+    config = frozen(folder, tmp_path, test_percent=20)
+
+    def no_pixel_pass(*args, **kwargs):
+        raise AssertionError("a head-only run decoded val/test again for its reports")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate.__name__ + ".predict_split", no_pixel_pass)
+        metrics = train.train_and_evaluate(config)
+    assert metrics["test_images"] > 0
+    assert (tmp_path / "mistakes_test.png").stat().st_size > 0
+    with open(tmp_path / "predictions_test.csv") as f:
+        cached_csv = f.read()
+    on_pixels = evaluate_run.evaluate_run(config, "test")
+    assert on_pixels["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    # evaluate rewrote the CSV from its pixel pass: the same rows, probabilities within float
+    # noise of the features' (compare the predicted class column).
+    with open(tmp_path / "predictions_test.csv") as f:
+        pixel_csv = f.read()
+    column = lambda text: [row.split(",")[2] for row in text.splitlines()]  # noqa: E731
+    assert column(cached_csv) == column(pixel_csv)

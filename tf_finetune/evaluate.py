@@ -23,6 +23,7 @@ from tf_finetune import atomic, predictions
 
 DEFAULT_TOP_K = (1, 5)
 DEFAULT_KEPT_IMAGES = 256
+MISTAKES_SHOWN = 16  # images in mistakes_<split>.png
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -373,7 +374,7 @@ def _is_text(inputs: np.ndarray) -> bool:
     return inputs.dtype.kind in ("O", "S", "U")
 
 
-def _keep(inputs) -> np.ndarray:
+def keep_inputs(inputs) -> np.ndarray:
     """What is kept of misclassified inputs: uint8 pixels, or the texts (bytes) as they are."""
     inputs = np.asarray(inputs)
     return inputs.astype(object) if _is_text(inputs) else _to_uint8(inputs)
@@ -509,7 +510,7 @@ class _WorstMistakes:
         full = self.confidence is not None and len(self.confidence) >= self.limit
         if not wrong.size or (full and confidence.max() < self.confidence.min()):
             return  # nothing in this batch beats the mistakes kept (skips copying its inputs)
-        inputs = _keep(np.asarray(x)[wrong])
+        inputs = keep_inputs(np.asarray(x)[wrong])
         if self.inputs is None:
             self.inputs, self.indices, self.confidence = inputs, wrong + offset, confidence
         else:
@@ -725,7 +726,7 @@ def plot_mistakes(
     probabilities: np.ndarray,
     class_names: Sequence[str],
     out_png: str,
-    max_images: int = 16,
+    max_images: int = MISTAKES_SHOWN,
     total_mistakes: int | None = None,
 ) -> str:
     """A grid of the most confidently misclassified images, titled "true: X / pred: Y (0.93)".

@@ -163,6 +163,25 @@ def extract_splits(
     return cached
 
 
+def test_features(
+    model: keras.Model, config: Config, dataset: data.DataSet, mode: str
+) -> features.Features | None:
+    """The test split's backbone features (None without a test split), for its report: the
+    pass is the run's first decode of these images (a file that fails is left out, named and
+    dropped from `dataset`), and the disk cache serves a rerun."""
+    if dataset.test is None:
+        return None
+    extractor, _ = features.split_classifier(model)
+    cache_dir = features_dir(mode)
+    pipeline = data.feature_pipeline(dataset.test, dataset.num_classes, features.INFERENCE_BATCH)
+    key = cache_key(config, dataset.test, "test") if cache_dir else ""
+    cached = features.cached_extract(
+        extractor, pipeline, dataset.test.count, cache_dir, key, verbose=0
+    )
+    data.forget_undecodable(dataset, "test", data.undecodable(dataset.test, cached.dropped))
+    return cached
+
+
 def fit_head(
     model: keras.Model,
     config: Config,
@@ -176,12 +195,15 @@ def fit_head(
     class_weight: dict | None = None,
     timings: Timings | None = None,
     label_weights: tuple[list[float], list[float]] | None = None,
-) -> keras.callbacks.History:
+) -> tuple[keras.callbacks.History, dict[str, features.Features]]:
     """Trains the head of `model` for `phase`'s epochs on features computed once.
 
     Leaves `model` (which shares the head's layers) with the best head weights, written as the
     run's best checkpoint so `evaluate`, `export` and a following fine-tuning phase find the
     usual file. `callbacks` come from `callbacks.make_callbacks(on_features=True)`.
+
+    Returns:
+      (the History, the train and val features).
     """
     steps = phases.steps_per_epoch(dataset.train.count, config.batch_size)
     with strategy.scope():
@@ -215,7 +237,7 @@ def fit_head(
             shuffle=False,
         )
     _publish_best(model, head, config.model_dir)
-    return history
+    return history, cached
 
 
 def _publish_best(model: keras.Model, head: keras.Model, model_dir: str) -> None:
@@ -243,7 +265,7 @@ def solve_head(
     phase: phases.Phase,
     verbose: int = 0,
     timings: Timings | None = None,
-) -> tuple[keras.callbacks.History, float, dict]:
+) -> tuple[keras.callbacks.History, float, dict, dict[str, features.Features]]:
     """`--head_solver=lbfgs`: the head of `model` solved once on features computed once.
 
     One `linear_probe.solve_head` (L2 strength chosen on validation loss; label smoothing and
@@ -253,7 +275,8 @@ def solve_head(
     numbered as the phase's first epoch.
 
     Returns:
-      (a History of that one row, the val_loss, the solver's facts for metrics.json).
+      (a History of that one row, the val_loss, the solver's facts for metrics.json, the train
+      and val features).
     """
     with strategy.scope():
         extractor, head = features.split_classifier(model)
@@ -278,7 +301,7 @@ def solve_head(
     history = keras.callbacks.History()
     history.epoch = [phase.initial_epoch]
     history.history = {k: [v] for k, v in logs.items()}
-    return history, logs["val_loss"], solver_facts(solution)
+    return history, logs["val_loss"], solver_facts(solution), cached
 
 
 def _solve(cached: dict[str, features.Features], config: Config, num_classes: int):

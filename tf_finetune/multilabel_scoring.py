@@ -34,10 +34,18 @@ def binary_cross_entropy(targets: np.ndarray, probabilities: np.ndarray) -> floa
     return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)))
 
 
-def evaluate_and_report(model, config: Config, dataset, pipelines: dict) -> dict:
+def evaluate_and_report(
+    model, config: Config, dataset, pipelines: dict, passed: dict | None = None
+) -> dict:
     """Thresholds from val, then each split's report and predictions CSV; metrics.json's flat
-    scores."""
-    passes = {s: predict(model, ds) for s, ds in pipelines.items() if s != "train"}
+    scores. `passed`: (targets, probabilities) of the splits already predicted (e.g. from
+    cached features); the others get a pass of `model`."""
+    passed = passed or {}
+    passes = {
+        s: passed[s] if s in passed else predict(model, ds)
+        for s, ds in pipelines.items()
+        if s != "train"
+    }
     thresholds = mlm.choose_thresholds(
         *passes["val"], metric=config.threshold_metric, fixed=config.threshold
     )

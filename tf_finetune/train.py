@@ -30,6 +30,7 @@ from tf_finetune import (
     export,
     faults,
     feature_fit,
+    features,
     hub_model,
     input_pipeline,
     offline_default,
@@ -205,7 +206,9 @@ def run_metrics(model, config, dataset, pipelines, fit, replicas: int) -> dict:
     boundary = scoring.phase_boundary(config)
     return {
         **rundir.last_epoch(fit.histories[-1], config.model_dir),
-        **scoring.evaluate_and_report(model, config, dataset, pipelines),
+        **scoring.evaluate_and_report(
+            model, config, dataset, pipelines, _cached_splits(model, config, dataset, fit)
+        ),
         "class_names": list(dataset.class_names),
         "train_images": dataset.train.count,
         "val_images": dataset.val.count,
@@ -220,6 +223,21 @@ def run_metrics(model, config, dataset, pipelines, fit, replicas: int) -> dict:
         # This call's epochs only (a resumed run did not time the earlier ones).
         "epoch_seconds": {str(e): t for e, t in sorted(fit.epoch_seconds.items())},
     }
+
+
+def _cached_splits(model, config: Config, dataset: data.DataSet, fit: "Fit"):
+    """The reports' features when the last phase fit the head on cached features: val's from
+    the fit, test's computed now (one pass, instead of decoding val and test for a pass of the
+    whole model); None otherwise (the backbone changed, or no cache)."""
+    if fit.features is None:
+        return None
+    mode, cached = fit.features
+    splits = {"val": cached["val"]}
+    test = feature_fit.test_features(model, config, dataset, mode)
+    if test is not None:
+        splits["test"] = test
+    _, head = features.split_classifier(model)
+    return scoring.Cached(head, splits, text=export.is_text_model(model))
 
 
 def _passes_gate(metrics: dict, config: Config) -> bool:
@@ -271,6 +289,8 @@ class Fit:
     epoch_seconds: dict[int, float]
     epochs_before: int = 0
     head_solver: dict | None = None  # --head_solver=lbfgs: the solve's facts (this call's)
+    # The last phase fit the head on cached features: (cache mode, train and val features).
+    features: tuple[str, dict] | None = None
 
     @property
     def epochs(self) -> int:
@@ -296,6 +316,7 @@ class _FitContext:
     timer: callbacks.EpochTimer
     head_solver: dict | None = None
     label_weights: tuple[list[float], list[float]] | None = None  # multi-label --class_weight
+    features: tuple[str, dict] | None = None  # the last phase's, see Fit
 
 
 def fit_phases(
@@ -358,7 +379,7 @@ def fit_phases(
     if not keep_backups:
         phases.remove_backups(config.model_dir)
     before = epochs_done if state.resumed and state.phase == plan[-1].index else 0
-    return Fit(model, histories, ctx.timer.seconds, before, ctx.head_solver)
+    return Fit(model, histories, ctx.timer.seconds, before, ctx.head_solver, ctx.features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +446,7 @@ def _fit_phase(
     if mode != "none" and ctx.fit_inputs is not None:
         logging.info("--cache=%s is not used with multi_worker / --data_service.", mode)
         mode = "none"
+    ctx.features = None
     if config.head_solver == "lbfgs" and phase.unfreeze == 0:
         return _solve_phase(ctx, model, phase, mode)
     phase_callbacks = callbacks.make_callbacks(
@@ -437,7 +459,7 @@ def _fit_phase(
     )
     every = [ctx.timer, *phase_callbacks, *ctx.extra_callbacks]
     if mode != "none":
-        history = feature_fit.fit_head(
+        history, cached = feature_fit.fit_head(
             model,
             config,
             ctx.dataset,
@@ -450,6 +472,7 @@ def _fit_phase(
             timings=ctx.timings,
             label_weights=ctx.label_weights,
         )
+        ctx.features = (mode, cached)
     else:
         with ctx.timings.stage("fit"):
             history = _fit_on_pixels(ctx, model, phase, every)
@@ -465,7 +488,7 @@ def _solve_phase(
     if mode == "none":
         raise UserError("--head_solver=lbfgs needs the feature cache; use --head_solver=fit.")
     start = time.perf_counter()
-    history, val_loss, ctx.head_solver = feature_fit.solve_head(
+    history, val_loss, ctx.head_solver, cached = feature_fit.solve_head(
         model,
         ctx.config,
         ctx.dataset,
@@ -476,6 +499,7 @@ def _solve_phase(
         timings=ctx.timings,
     )
     ctx.timer.seconds[phase.initial_epoch] = round(time.perf_counter() - start, 2)
+    ctx.features = (mode, cached)
     return history, val_loss
 
 
