@@ -7,6 +7,8 @@ no warm caches), scored on the test split:
 
   N views   --cache_views=N for N in --views (0 = --augment=none), with each --solvers
             (fit: Adam for --epochs, an epoch passing over every view; lbfgs: one solve)
+  steps     fit, N=0 for --epochs x (1 + the largest N): as many Adam steps as that N's run
+            takes (its epochs pass over every view), to tell the views' gain from more steps
   pixels    --augment=light (flip, rotation, zoom on pixels: the backbone runs every epoch),
             fit, the same epochs
 
@@ -30,27 +32,42 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import benchmark  # noqa: E402  (scripts/benchmark.py: trees, weights, the subprocess run)
 
-PIXELS = "pixels"
+PIXELS, STEPS = "pixels", "steps"
 
 
-def settings(views: list[int], solvers: list[str], pixels: bool) -> list[dict]:
-    """(name, solver, views, extra flags) of every run per seed, in order."""
+def settings(
+    views: list[int], solvers: list[str], epochs: int, pixels: bool, steps: bool
+) -> list[dict]:
+    """(name, solver, views, epochs, extra flags) of every run per seed, in order."""
     out = [
         {
             "name": f"{solver}, N={n}",
             "solver": solver,
             "views": n,
+            "epochs": epochs,
             "flags": [f"--head_solver={solver}", f"--cache_views={n}"],
         }
         for solver in solvers
         for n in views
     ]
+    most = max(views)
+    if steps and "fit" in solvers and most > 0:
+        out.append(
+            {
+                "name": f"fit, N=0, {epochs * (1 + most)} epochs (steps of N={most})",
+                "solver": "fit",
+                "views": STEPS,
+                "epochs": epochs * (1 + most),
+                "flags": ["--head_solver=fit", "--cache_views=0"],
+            }
+        )
     if pixels:
         out.append(
             {
                 "name": "fit, --augment=light (pixels)",
                 "solver": "fit",
                 "views": PIXELS,
+                "epochs": epochs,
                 "flags": ["--head_solver=fit", "--augment=light"],
             }
         )
@@ -82,13 +99,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def print_table(rows: list[dict], seeds: list[int]) -> None:
     print(f"\nseeds {seeds}; test accuracy mean ± sd; gain vs N=0 of the same solver")
-    header = f"{'setting':32s} {'test accuracy':>15s} {'gain':>7s} {'per view':>9s} "
+    header = f"{'setting':44s} {'test accuracy':>15s} {'gain':>7s} {'per view':>9s} "
     print(header + f"{'wall s':>13s} {'features s':>10s}")
     for r in rows:
         gain = "" if r["gain_vs_none"] is None else f"{r['gain_vs_none']:+.3f}"
         per_view = "" if r["gain_per_view"] is None else f"{r['gain_per_view']:+.3f}"
         print(
-            f"{r['name']:32s} {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
+            f"{r['name']:44s} {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
             f"{gain:>7s} {per_view:>9s} {r['wall_mean']:6.1f} ± {r['wall_sd']:4.1f} "
             f"{r['feature_seconds_mean']:10.1f}"
         )
@@ -105,6 +122,7 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, default=8, help="epochs of fit [8]")
     parser.add_argument("--size", type=int, default=128, help="image size [128]")
     parser.add_argument("--no_pixels", action="store_true", help="skip the --augment=light run")
+    parser.add_argument("--no_steps", action="store_true", help="skip the N=0 many-epochs run")
     parser.add_argument("--json", default="cache_views.json", help="where to write the results")
     args = parser.parse_args(argv)
     try:
@@ -127,10 +145,13 @@ def main(argv=None) -> None:
     try:
         tree = benchmark.make_trees(work, phone_count=0)[args.tree]
         seeds = [42 + i for i in range(args.seeds)]
-        rows = [{**s, "runs": []} for s in settings(args.views, args.solvers, not args.no_pixels)]
+        chosen = settings(
+            args.views, args.solvers, args.epochs, not args.no_pixels, not args.no_steps
+        )
+        rows = [{**s, "runs": []} for s in chosen]
         for seed in seeds:  # seed by seed, so a change of load hits every setting alike
             for row in rows:
-                run = benchmark.run_ours(tree, args.size, args.epochs, seed, work, row["flags"])
+                run = benchmark.run_ours(tree, args.size, row["epochs"], seed, work, row["flags"])
                 shutil.rmtree(run.pop("model_dir"), ignore_errors=True)
                 row["runs"].append(run)
                 print(

@@ -8,6 +8,10 @@ leaves this phase trained, and its best checkpoint is written where the pixel pa
 
 The head is trained by `fit_head` (Keras fit for the phase's epochs) or, with
 `--head_solver=lbfgs`, by `solve_head` (one linear-probe solve, linear_probe.py).
+
+`--cache_views=N` is augmentation at cached speed: the pass also puts N augmented views of each
+training image (data.augmented_view, made from its one decode) through the backbone, cached
+with the clean view; either way of training the head sees all of them.
 """
 
 import math
