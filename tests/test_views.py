@@ -23,3 +23,10 @@ def test_views_are_seeded_per_image_and_view_and_keep_the_size():
         for x in (data.augmented_view(ramp, 7, tf.constant(i), 1) for i in range(24))
     ]
     assert 4 <= sum(mirrored) <= 20
+
+
+def test_a_view_is_never_the_clean_image():
+    # At 16 px some crops keep the whole image; those views are mirrored.
+    noise = tf.random.stateless_uniform([16, 16, 3], seed=[0, 1], maxval=255.0)
+    for i in range(200):
+        assert not np.array_equal(data.augmented_view(noise, 42, tf.constant(i), 1), noise), i

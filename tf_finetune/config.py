@@ -301,6 +301,17 @@ class Config:
         "training",
         ("fit", "lbfgs"),
     )
+    cache_views: int = _field(
+        0,
+        "Augmentation at cached speed: N augmented views of each training image (horizontal "
+        "flip and random-resized-crop jitter, seeded per image and view, made from its one "
+        "decode) go through the frozen backbone once each and are cached with the clean view; "
+        "the head (either --head_solver) trains on all of them, an epoch passing over every "
+        "view. val and test stay clean. Needs a head-only phase on cached features. 0: off.",
+        "training",
+        at_least=0,
+        at_most=16,
+    )
     smoke: bool = _field(
         False,
         "Shrink every size so the run finishes in seconds: at most 16 training and 8 val/test "

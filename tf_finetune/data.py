@@ -680,11 +680,16 @@ def _targets(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
     return labels if labels.dtype.is_floating else tf.one_hot(labels, num_classes)
 
 
-def feature_pipeline(split: Split, num_classes: int, batch_size: int) -> tf.data.Dataset:
+def feature_pipeline(
+    split: Split, num_classes: int, batch_size: int, views: int = 0, seed: int = 0
+) -> tf.data.Dataset:
     """Batches of (int64 index in the split, pixels, one-hot) for the feature pass, in order.
 
     Each image is decoded once; one that fails to decode yields nothing, so the indices
     missing from the pass are exactly the undecodable files (`undecodable` names them).
+    `views` (--cache_views): each image yields its clean pixels, then `views` augmented views
+    of them (`augmented_view` with `seed`), made from that one decode; every row carries its
+    image's index and label, and a file that fails to decode yields none of them.
     """
     load = split.load
 
@@ -692,8 +697,23 @@ def feature_pipeline(split: Split, num_classes: int, batch_size: int) -> tf.data
         key, label = key_label
         return index, load(key), _targets(label, num_classes)
 
-    ds = split.source.enumerate().map(one, num_parallel_calls=FEATURE_PARALLEL_CALLS)
-    return ds.ignore_errors().batch(batch_size).with_options(_alternating())
+    def with_views(index, key_label):
+        index, pixels, target = one(index, key_label)
+        rows = [pixels] + [augmented_view(pixels, seed, index, v) for v in range(1, views + 1)]
+        rows = [tf.ensure_shape(r, pixels.shape) for r in rows]
+        return (
+            tf.fill([views + 1], index),
+            tf.stack(rows),
+            tf.tile(target[None], [views + 1, 1]),
+        )
+
+    ds = split.source.enumerate().map(
+        with_views if views else one, num_parallel_calls=FEATURE_PARALLEL_CALLS
+    )
+    ds = ds.ignore_errors()  # before the views are split up: a failed decode drops them all
+    if views:
+        ds = ds.unbatch()
+    return ds.batch(batch_size).with_options(_alternating())
 
 
 def _key_name(key, index: int) -> str:
@@ -1057,15 +1077,17 @@ def decode_images(
 
 
 # ----------------------------------------------------------------------------- cached views
-# --cache_views (issue 14 item 5, in progress): augmented views of each training image, made
-# from its one decode, seeded per image and view so a rerun caches the same views.
+# --cache_views (issue 14 item 5): augmented views of each training image, made from its one
+# decode in the feature pass (`feature_pipeline`), seeded per image and view so a rerun caches
+# the same views.
 VIEW_AREA = (0.5, 1.0)  # random-resized-crop: share of the image kept
 VIEW_ASPECT = (3 / 4, 4 / 3)
 
 
 def augmented_view(pixels: tf.Tensor, seed: int, index: tf.Tensor, view: int) -> tf.Tensor:
     """View `view` (>= 1) of decoded float32 [s, s, 3] pixels: a random-resized crop
-    (VIEW_AREA, VIEW_ASPECT) resized back to s, mirrored left-right half the time.
+    (VIEW_AREA, VIEW_ASPECT) resized back to s, mirrored left-right half the time (always
+    when the crop is the whole image).
 
     Stateless: the same (seed, index, view) always gives the same view, in any order.
     """
@@ -1081,5 +1103,8 @@ def augmented_view(pixels: tf.Tensor, seed: int, index: tf.Tensor, view: int) ->
         use_image_if_no_bounding_boxes=True,
     )
     crop = tf.image.resize(tf.slice(pixels, begin, extent), size, method="bilinear")
-    flip = tf.random.stateless_uniform([], seed=key + [0, 1]) < 0.5
+    # Mirrored half the time, and always when the crop kept the whole image (rare but
+    # possible at small sizes): a view is never the clean view again.
+    whole = tf.reduce_all(tf.equal(extent[:2], size))
+    flip = (tf.random.stateless_uniform([], seed=key + [0, 1]) < 0.5) | whole
     return tf.where(flip, tf.image.flip_left_right(crop), crop)

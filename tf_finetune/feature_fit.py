@@ -8,6 +8,10 @@ leaves this phase trained, and its best checkpoint is written where the pixel pa
 
 The head is trained by `fit_head` (Keras fit for the phase's epochs) or, with
 `--head_solver=lbfgs`, by `solve_head` (one linear-probe solve, linear_probe.py).
+
+`--cache_views=N` is augmentation at cached speed: the pass also puts N augmented views of each
+training image (data.augmented_view, made from its one decode) through the backbone, cached
+with the clean view; either way of training the head sees all of them.
 """
 
 import math
@@ -60,7 +64,8 @@ def cache_mode(config: Config, feature_dim: int, count: int, phase: phases.Phase
             logging.info("Phase %s trains end to end on pixels (no feature cache).", phase.name)
         return "none"
     if config.cache == "auto":
-        return "memory" if feature_dim * count * 4 <= MEMORY_CACHE_BYTES else "disk"
+        rows = count * (1 + config.cache_views)
+        return "memory" if feature_dim * rows * 4 <= MEMORY_CACHE_BYTES else "disk"
     return config.cache
 
 
@@ -120,9 +125,14 @@ def _backbone_facts(config: Config) -> dict:
     return {"alpha": config.backbone_alpha, "weights": weights, "preprocessing": spec.preprocessing}
 
 
-def cache_key(config: Config, split: data.Split, name: str) -> str:
+def cache_key(config: Config, split: data.Split, name: str, views: int = 0) -> str:
     """The disk cache's folder name for `split`: a hash of every fact that changes a feature
-    (safe for any backbone string: URLs, paths), and of every input file."""
+    (safe for any backbone string: URLs, paths), and of every input file.
+
+    `views` (--cache_views, train only): the augmented views cached with the clean one; they
+    depend on the seed and the views' ranges, so those are part of the key then (a clean
+    cache does not depend on the seed, and keeps its key).
+    """
     parts = {
         "backbone": config.backbone,
         **_backbone_facts(config),
@@ -132,6 +142,13 @@ def cache_key(config: Config, split: data.Split, name: str) -> str:
         "split": name,
         "format": CACHE_FORMAT,
     }
+    if views:
+        parts["views"] = {
+            "count": views,
+            "seed": config.seed,
+            "area": data.VIEW_AREA,
+            "aspect": data.VIEW_ASPECT,
+        }
     return f"{name}_" + features.fingerprint(parts, split.source.map(lambda key, _: key))
 
 
@@ -147,17 +164,26 @@ def extract_splits(
     """Backbone features of train and val (one pass each; disk mode reuses a cache).
 
     The pass is the run's first decode of these images: a file that fails to decode is left
-    out, named and dropped from `dataset` (`data.forget_undecodable`).
+    out, named and dropped from `dataset` (`data.forget_undecodable`). With --cache_views=N
+    each training image also gives N augmented views (made from that decode); val stays clean.
     """
     cache_dir = features_dir(mode)
-    logging.info("Computing backbone features once (--cache=%s)", mode)
+    views = config.cache_views
+    logging.info(
+        "Computing backbone features once (--cache=%s%s)",
+        mode,
+        f", {views} augmented views of each training image" if views else "",
+    )
     cached = {}
     for name in ("train", "val"):
         split = getattr(dataset, name)
-        pipeline = data.feature_pipeline(split, dataset.num_classes, features.INFERENCE_BATCH)
-        key = cache_key(config, split, name) if cache_dir else ""
+        n = views if name == "train" else 0
+        pipeline = data.feature_pipeline(
+            split, dataset.num_classes, features.INFERENCE_BATCH, n, config.seed
+        )
+        key = cache_key(config, split, name, n) if cache_dir else ""
         cached[name] = features.cached_extract(
-            extractor, pipeline, split.count, cache_dir, key, verbose=1 if verbose == 1 else 0
+            extractor, pipeline, split.count, cache_dir, key, 1 if verbose == 1 else 0, n
         )
         data.forget_undecodable(dataset, name, data.undecodable(split, cached[name].dropped))
     return cached
@@ -205,7 +231,9 @@ def fit_head(
     Returns:
       (the History, the train and val features).
     """
-    steps = phases.steps_per_epoch(dataset.train.count, config.batch_size)
+    # An epoch passes over every cached row: with --cache_views, 1 + N per image.
+    rows = dataset.train.count * (1 + config.cache_views)
+    steps = phases.steps_per_epoch(rows, config.batch_size)
     with strategy.scope():
         extractor, head = features.split_classifier(model)
         rate = model_lib.phase_learning_rate(config, phase, steps)
@@ -213,7 +241,7 @@ def fit_head(
     timings = timings or Timings()
     with timings.stage("features"):
         cached = extract_splits(extractor, config, dataset, mode, verbose)
-    timings.feature_images += dataset.train.count + dataset.val.count
+    timings.feature_images += cached["train"].count + cached["val"].count  # views too
     head._initial_epoch = None  # see train.fit_phases
     replicas = strategy.num_replicas_in_sync
     train = distribute.skip_batches_smaller_than(
@@ -284,7 +312,7 @@ def solve_head(
     timings = timings or Timings()
     with timings.stage("features"):
         cached = extract_splits(extractor, config, dataset, mode, verbose)
-    timings.feature_images += dataset.train.count + dataset.val.count
+    timings.feature_images += cached["train"].count + cached["val"].count  # views too
     with timings.stage("fit"):
         solution = _solve(cached, config, dataset.num_classes)
         linear_probe.assign_to_dense(model.get_layer(features.PREDICTIONS), solution)

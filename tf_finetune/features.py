@@ -33,15 +33,21 @@ POOLER, DROPOUT, PREDICTIONS = "pooler", "output_dropout", "predictions"
 
 @dataclasses.dataclass(frozen=True)
 class Features:
-    """Features and one-hot labels of one split (arrays may be memory-mapped)."""
+    """Features and one-hot labels of one split (arrays may be memory-mapped).
+
+    With `views` (--cache_views) each kept example has 1 + views rows in a row: its clean
+    view, then its augmented views, all with its label.
+    """
 
     features: np.ndarray  # float32 [n, dim]
     labels: np.ndarray  # float32 [n, classes]
     # Indices (in the split's order) of examples that failed to decode: not in the arrays.
     dropped: tuple[int, ...] = ()
+    views: int = 0
 
     @property
     def count(self) -> int:
+        """Rows: examples kept x (1 + views)."""
         return len(self.labels)
 
 
@@ -117,6 +123,7 @@ def extract(
     count: int,
     path: str | None = None,
     verbose: int = 1,
+    views: int = 0,
 ) -> Features:
     """Runs the extractor over a batched, unshuffled pipeline once.
 
@@ -128,8 +135,13 @@ def extract(
       count: number of examples (for the progress bar and the arrays' size).
       path: a folder to write `features.npy`/`labels.npy` into (memory-mapped, never all in
         RAM); None keeps them in memory.
+      views: augmented views per example in the pipeline (`data.feature_pipeline(...,
+        views)`): it yields 1 + views rows per example, each with the example's index.
     """
-    progress = keras.utils.Progbar(count, unit_name="image") if verbose else _Silent()
+    if views and len(pipeline.element_spec) != 3:
+        raise ValueError("views need a pipeline of (index, pixels, labels)")
+    rows = count * (1 + views)
+    progress = keras.utils.Progbar(rows, unit_name="image") if verbose else _Silent()
     tmp = None
     if path is not None:
         tmp = f"{path}.tmp{os.getpid()}"
@@ -137,22 +149,22 @@ def extract(
         os.makedirs(tmp)
     # Filled in place: no list of batches, no concatenation.
     classes = pipeline.element_spec[-1].shape[-1]
-    feats, labels = _arrays(tmp, count, extractor.output_shape[-1], classes)
+    feats, labels = _arrays(tmp, rows, extractor.output_shape[-1], classes)
     start, seen = 0, []
     for index, f, y in _batches(pipeline, extractor):
-        if start + len(y) > count:
-            raise ValueError(f"expected {count} examples, the pipeline gave more")
+        if start + len(y) > rows:
+            raise ValueError(f"expected {rows} rows, the pipeline gave more")
         feats[start : start + len(y)] = f
         labels[start : start + len(y)] = y
         seen.append(index if index is not None else np.arange(start, start + len(y)))
         start += len(y)
         progress.add(len(y))
     dropped = _dropped(np.concatenate(seen) if seen else np.zeros(0, int), count)
-    if start + len(dropped) != count:
-        raise ValueError(f"expected {count} examples, the pipeline gave {start}")
+    if start != (count - len(dropped)) * (1 + views):
+        raise ValueError(f"expected {rows} rows, the pipeline gave {start}")
     if tmp is None:
-        return Features(feats[:start], labels[:start], dropped)
-    return _publish(tmp, path, feats, labels, start, dropped)
+        return Features(feats[:start], labels[:start], dropped, views)
+    return _publish(tmp, path, feats, labels, start, dropped, views)
 
 
 def _arrays(tmp: str | None, count: int, dim: int, classes: int):
@@ -168,7 +180,7 @@ def _arrays(tmp: str | None, count: int, dim: int, classes: int):
     )
 
 
-def _publish(tmp: str, path: str, feats, labels, rows: int, dropped: tuple) -> Features:
+def _publish(tmp: str, path: str, feats, labels, rows: int, dropped: tuple, views: int) -> Features:
     """The written arrays (cut to `rows` when examples were dropped) and `dropped.json`, moved
     into `path` at once."""
     feats.flush()
@@ -181,10 +193,11 @@ def _publish(tmp: str, path: str, feats, labels, rows: int, dropped: tuple) -> F
     with open(os.path.join(tmp, "dropped.json"), "w", encoding="utf-8") as f:
         json.dump(list(dropped), f)
     os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)
-    return load(path)
+    return load(path, views)
 
 
-def load(path: str) -> Features:
+def load(path: str, views: int = 0) -> Features:
+    """Features written by `extract` (`views`: as extracted; the cache key names them)."""
     dropped = os.path.join(path, "dropped.json")
     skipped = ()
     if os.path.exists(dropped):
@@ -194,6 +207,7 @@ def load(path: str) -> Features:
         np.load(os.path.join(path, "features.npy"), mmap_mode="r"),
         np.load(os.path.join(path, "labels.npy"), mmap_mode="r"),
         skipped,
+        views,
     )
 
 
@@ -204,16 +218,18 @@ def cached_extract(
     cache_dir: str | None,
     key: str,
     verbose: int = 1,
+    views: int = 0,
 ) -> Features:
-    """`extract`, reusing `<cache_dir>/<key>` when it is there (disk mode)."""
+    """`extract`, reusing `<cache_dir>/<key>` when it is there (disk mode; `key` must name
+    the views)."""
     if cache_dir is None:
-        return extract(extractor, pipeline, count, verbose=verbose)
+        return extract(extractor, pipeline, count, verbose=verbose, views=views)
     path = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(path, "labels.npy")):
         logging.info("Reusing cached features %s", path)
-        return load(path)
+        return load(path, views)
     os.makedirs(cache_dir, exist_ok=True)
-    return extract(extractor, pipeline, count, path, verbose)
+    return extract(extractor, pipeline, count, path, verbose, views)
 
 
 def dataset(

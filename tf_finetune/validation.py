@@ -85,6 +85,37 @@ def lbfgs_needs_the_feature_cache(config: Config) -> None:
             raise UserError(f"{_LBFGS}; {flag} {reason}: drop it, or use --head_solver=fit.")
 
 
+# --cache_views=N caches augmented views of the training images as features of the frozen
+# backbone: only a head-only phase on cached features can train on them.
+_VIEWS = "--cache_views augments the cached features of a frozen backbone's head-only phase"
+
+
+def cache_views_need_cached_features(config: Config) -> None:
+    if not config.cache_views:
+        return
+    unfreezes = any(config_lib.parse_unfreeze(v) != 0 for v in config.unfreeze.split(","))
+    if unfreezes and not config.warmup_epochs:
+        raise UserError(
+            f"{_VIEWS}; --unfreeze={config.unfreeze} trains the backbone in the only phase: "
+            "use --unfreeze=0, add --warmup_epochs (the views then train its head phase), or "
+            "--augment for augmentation on pixels."
+        )
+    pixels = "every step, on pixels (no feature cache)"
+    conflicts = (
+        (f"--augment={config.augment}", config.augment != "none", f"augments images {pixels}"),
+        ("--mixup", config.mixup, f"mixes images {pixels}"),
+        ("--cutmix", config.cutmix, f"mixes images {pixels}"),
+        ("--ema", config.ema, "needs the whole model at every step (no feature cache)"),
+        ("--average_checkpoints", config.average_checkpoints, "averages whole-model epochs"),
+        ("--cache=none", config.cache == "none", "turns the feature cache off"),
+        ("--strategy=multi_worker", config.strategy == "multi_worker", "trains on pixels"),
+        ("--data_service", config.data_service, "trains on pixels"),
+    )
+    for flag, value, reason in conflicts:
+        if value:
+            raise UserError(f"{_VIEWS}; {flag} {reason}: drop one of them.")
+
+
 def weight_decay_needs_adamw(config: Config) -> None:
     if config.weight_decay != Config.weight_decay and config.optimizer != "adamw":
         raise UserError(
@@ -288,6 +319,7 @@ RULES: tuple[Callable[[Config], None], ...] = (
     cache_needs_frozen_features,
     lbfgs_keeps_the_backbone_frozen,
     lbfgs_needs_the_feature_cache,
+    cache_views_need_cached_features,
     weight_decay_needs_adamw,
     schedule_or_plateau,
     cpu_replicas_need_mirrored,
@@ -350,8 +382,10 @@ def keras_backbone_options(config: Config) -> None:
 
 
 def text_takes_no_augmentation(config: Config) -> None:
-    if config.augment != "none" or config.mixup or config.cutmix:
-        raise UserError("--augment, --mixup and --cutmix transform images; text data takes none.")
+    if config.augment != "none" or config.mixup or config.cutmix or config.cache_views:
+        raise UserError(
+            "--augment, --mixup, --cutmix and --cache_views transform images; text data takes none."
+        )
 
 
 def data_matches_backbone(config: Config, text_data: bool) -> None:
