@@ -759,7 +759,6 @@ def plot_mistakes(
     ]
     fig = _image_grid([images[i] for i in order], titles)
     fig.suptitle(f"Most confident mistakes: {len(order)} shown of {total}")
-    fig.tight_layout()
     return _save_figure(fig, out_png)
 
 
@@ -774,21 +773,50 @@ def _message_figure(message: str):
     return fig
 
 
-def _image_grid(images: Sequence[np.ndarray], titles: Sequence[str]):
-    """A near-square grid of `images`, each with its title; spare cells stay blank."""
+def _image_grid(images: Sequence[np.ndarray], titles: Sequence[str], top: float = 0.5):
+    """A near-square grid of `images`, each with its title above it; spare cells stay blank.
+    `top`: inches left free above the grid (for a suptitle).
+
+    One axes showing one mosaic, the titles as text: an axes per image (with its tick
+    machinery) plus tight_layout took ~0.6 s of a 16-image grid's ~1 s on 2 cores.
+    """
     from matplotlib.figure import Figure
 
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    fig = Figure(figsize=(2.6 * cols, 2.9 * rows + 0.5))
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, image, title in zip(axes, images, titles):
-        pixels, cmap = _display_image(image)
-        ax.imshow(pixels, cmap=cmap, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
+    shown = [_display_rgb(image) for image in images]
+    height = max(im.shape[0] for im in shown)
+    width = max(im.shape[1] for im in shown)
+    band = max(1, round(height * 0.3))  # above each image: its two-line title
+    gap = max(1, round(width * 0.08))
+    mosaic = np.ones((rows * (band + height), cols * (width + gap) - gap, 3), np.float32)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows + top))
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.98 - top / (2.9 * rows + top)))
+    ax.axis("off")
+    for n, (image, title) in enumerate(zip(shown, titles)):
+        row, col = divmod(n, cols)
+        y = row * (band + height) + band + (height - image.shape[0]) // 2
+        x = col * (width + gap) + (width - image.shape[1]) // 2
+        mosaic[y : y + image.shape[0], x : x + image.shape[1]] = image
+        ax.text(
+            col * (width + gap) + width / 2,
+            row * (band + height) + band * 0.95,
+            title,
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.imshow(mosaic, interpolation="nearest")
     return fig
+
+
+def _display_rgb(image: np.ndarray) -> np.ndarray:
+    """`_display_image`'s pixels as float32 RGB in [0, 1] (grey repeated), for a mosaic."""
+    pixels, _ = _display_image(image)
+    pixels = pixels.astype(np.float32) / (255.0 if pixels.dtype == np.uint8 else 1.0)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=-1)
+    return pixels[..., :3]
 
 
 def write_text_mistakes(
