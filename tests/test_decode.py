@@ -88,13 +88,33 @@ def test_a_head_only_run_decodes_once_and_names_corrupt_files(
         data, "find_unreadable", lambda paths, *a: decoded.extend(paths) or real(paths, *a)
     )
     config = tiny(corrupt_folder, tmp_path / "run", unfreeze="0", epochs=2, cache=cache)
-    assert input_pipeline.decode_check(config) == ("test",)
+    assert input_pipeline.decode_check(config) == ()
     metrics = train.train_and_evaluate(config)
     assert decoded == []  # no decoding pre-pass: the feature pass was the first decode
     skipped = {os.path.basename(s["file"]): s["reason"] for s in metrics["skipped_files"]}
     assert set(skipped) == {"truncated.jpg", "garbage.png"}, skipped
     assert "corrupt or truncated JPEG" in skipped["truncated.jpg"]
     assert metrics["train_images"] + metrics["val_images"] == 48  # 50 files, 2 undecodable
+
+
+def test_a_head_only_run_finds_a_corrupt_test_file_in_the_test_feature_pass(tmp_path, monkeypatch):
+    for split, per_class in (("train", 10), ("val", 4), ("test", 4)):
+        write_class_folders(tmp_path / "tree" / split, num_classes=3, per_class=per_class)
+    good = (tmp_path / "tree" / "test" / "class_1" / "img_000.jpg").read_bytes()
+    (tmp_path / "tree" / "test" / "class_1" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    monkeypatch.setattr(data, "find_unreadable", lambda *a: pytest.fail("decoded up front"))
+    config = tiny(tmp_path / "tree", tmp_path / "run", unfreeze="0", epochs=2)
+    assert input_pipeline.decode_check(config) == ()
+    metrics = train.train_and_evaluate(config)
+    assert [os.path.basename(s["file"]) for s in metrics["skipped_files"]] == ["truncated.jpg"]
+    assert metrics["test_images"] == 12
+    with open(tmp_path / "run" / "predictions_test.csv") as f:
+        assert len(f.read().splitlines()) == 1 + 12
+
+
+def test_two_phases_decode_test_up_front(corrupt_folder, tmp_path):
+    config = tiny(corrupt_folder, tmp_path / "run", unfreeze="all", warmup_epochs=1)
+    assert input_pipeline.decode_check(config) == ("test",)
 
 
 def test_a_pixel_run_still_checks_every_file_up_front(corrupt_folder, tmp_path):

@@ -71,9 +71,18 @@ def feature_pass_first(config: Config) -> bool:
     )
 
 
+def feature_pass_last(config: Config) -> bool:
+    """The run ends with a head-only phase on cached features: its reports score val and test
+    from features (train.py `_cached_splits`), so a feature pass decodes test first too."""
+    return feature_pass_first(config) and config.unfreeze == "0"
+
+
 def decode_check(config: Config) -> tuple[str, ...]:
     """The splits a training run decodes up front to find corrupt files: all of them, but
-    train and val when the feature pass decodes them first (and finds those files then)."""
+    those a feature pass decodes first (and finds those files then): train and val, and test
+    too when the last phase trains on cached features."""
+    if feature_pass_last(config):
+        return ()
     return ("test",) if feature_pass_first(config) else data.ALL_SPLITS
 
 

@@ -17,9 +17,10 @@ def best_checkpoint_scores(model: keras.Model, config: Config, pipelines: dict) 
     return scoring.evaluate_splits(model, {"val": pipelines["val"]})
 
 
-def _candidates(model: keras.Model, config: Config) -> dict[str, list]:
+def _candidates(model: keras.Model, config: Config, holds_best: bool) -> dict[str, list]:
     """Each candidate's weights: the EMA (in `model` when fit ends), the best-K average and
-    the best checkpoint, as the flags ask; leaves the best checkpoint in `model`."""
+    the best checkpoint, as the flags ask; leaves the best checkpoint in `model` (read from
+    its file unless `holds_best`: the model holds it already)."""
     weights = {}
     if config.ema:  # fit has just swapped the EMA into the model
         weights["ema"] = model.get_weights()
@@ -34,15 +35,19 @@ def _candidates(model: keras.Model, config: Config) -> dict[str, list]:
             weights[f"average_of_best_{len(keeper.paths())}"] = model.get_weights()
     best = os.path.join(config.model_dir, rundir.BEST_WEIGHTS)
     if os.path.exists(best):
-        rundir.load_weights_quietly(model, best)  # the exported model is the best on val_loss
+        if not holds_best or weights:  # the EMA / average replaced the model's weights
+            rundir.load_weights_quietly(model, best)  # the exported model: best on val_loss
         weights["best_checkpoint"] = model.get_weights()
     return weights
 
 
 def choose_weights(
-    model: keras.Model, config: Config, pipelines: dict
+    model: keras.Model, config: Config, pipelines: dict, holds_best: bool = False
 ) -> tuple[str, dict[str, dict[str, float]]]:
     """Evaluates the best checkpoint, the EMA and the best-K average side by side.
+
+    `holds_best`: `model` holds the best checkpoint's weights already (a head fit on cached
+    features leaves it so): it is not read again.
 
     Leaves the winner (lowest val_loss; highest val mAP for multi-label) in `model`; when it is not the best checkpoint, also
     writes it to final.weights.h5, which `evaluate` and `export` then read.
@@ -52,7 +57,7 @@ def choose_weights(
     """
     final = os.path.join(config.model_dir, rundir.FINAL_WEIGHTS)
     atomic.remove(final)  # an earlier run's choice; rewritten below if this run's differs
-    weights = _candidates(model, config)
+    weights = _candidates(model, config, holds_best)
     if len(weights) < 2:
         return "best_checkpoint", {}
     evaluated = {k: v for k, v in pipelines.items() if k != "train"}

@@ -117,7 +117,9 @@ def _run(
             return {"epochs": fit.epochs, "replicas": replicas, "chief": False}
         strategy = tf.distribute.get_strategy()  # evaluate alone, on a plain copy
     with timings.stage("evaluate"):
-        chosen, candidates = selection.choose_weights(model, config, pipelines)
+        # A head fit on cached features leaves the model holding its best checkpoint.
+        holds_best = fit.features is not None
+        chosen, candidates = selection.choose_weights(model, config, pipelines, holds_best)
         metrics = run_metrics(model, config, dataset, pipelines, fit, replicas)
         if candidates:
             metrics.update(candidates=candidates, exported_weights=chosen)
