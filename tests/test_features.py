@@ -155,3 +155,25 @@ def test_reports_of_a_head_only_run_come_from_the_cached_features(folder, tmp_pa
         pixel_csv = f.read()
     column = lambda text: [row.split(",")[2] for row in text.splitlines()]  # noqa: E731
     assert column(cached_csv) == column(pixel_csv)
+
+
+def test_a_head_only_export_reuses_the_traced_backbone_and_equals_the_model(
+    folder, tmp_path, monkeypatch
+):
+    import tensorflow as tf
+
+    reused = []
+    real = features.traced_forward
+    monkeypatch.setattr(
+        features, "traced_forward", lambda *a: reused.append(real(*a)) or reused[-1]
+    )
+    config = frozen(folder, tmp_path)
+    metrics = train.train_and_evaluate(config)
+    assert reused and reused[0] is not None  # the feature pass's compiled forward
+    model = model_lib.build_model(config, 3)
+    model.load_weights(tmp_path / rundir.BEST_WEIGHTS)
+    pixels = np.random.default_rng(1).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    served = tf.saved_model.load(metrics["export_path"]).signatures["predict_images"]
+    np.testing.assert_allclose(
+        served(images=tf.constant(pixels))["probabilities"], model(pixels), atol=1e-5
+    )

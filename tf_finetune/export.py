@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_finetune import atomic, backbone_table, faults, hub, rundir
+from tf_finetune import atomic, backbone_table, faults, features, hub, rundir
 from tf_finetune import data as data_lib
 from tf_finetune.config import Config
 from tf_finetune.data import MAX_IMAGE_PIXELS, decode_images, resize
@@ -115,17 +115,21 @@ def image_endpoints(
     k = min(top_k, len(class_names))
     names = tf.constant(list(class_names))
     num_classes = len(class_names)
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
+    # A head-only run's feature pass traced the backbone already: its graph is reused.
+    traced = features.traced_forward(model, spec)
+    if traced is None:
+        forward = lambda pixels: model(pixels, training=False)  # noqa: E731
+    else:
+        forward = lambda pixels: traced[1](traced[0](pixels), training=False)  # noqa: E731
 
     # One trace of the model, shared by both endpoints.
-    @tf.function(
-        input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
-        autograph=False,
-    )
+    @tf.function(input_signature=[spec], autograph=False)
     def classify(pixels):
         # An empty batch skips the model: TF's CPU Conv2D fails on a zero-size batch.
         probabilities = tf.cond(
             tf.shape(pixels)[0] > 0,
-            lambda: tf.cast(model(pixels, training=False), tf.float32),
+            lambda: tf.cast(forward(pixels), tf.float32),
             lambda: tf.zeros([0, num_classes], tf.float32),
         )
         return _outputs(tf.ensure_shape(probabilities, [None, num_classes]), names, k, thresholds)

@@ -52,12 +52,30 @@ class Features:
 
 
 def split_classifier(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """(extractor: pixels -> pooled features, head: features -> probabilities), sharing layers."""
+    """(extractor: pixels -> pooled features, head: features -> probabilities), sharing layers.
+
+    The same pair for the same model every time: the extractor's compiled forward (traced by
+    the feature pass) serves the test split's pass and the export (`traced_forward`).
+    """
+    if model in _SPLITS:
+        return _SPLITS[model]
     extractor = keras.Model(model.inputs, model.get_layer(POOLER).output, name="feature_extractor")
     features_in = keras.Input(shape=extractor.output_shape[1:], name="features")
     x = model.get_layer(DROPOUT)(features_in)
     head = keras.Model(features_in, model.get_layer(PREDICTIONS)(x), name="head")
+    _SPLITS[model] = extractor, head
     return extractor, head
+
+
+def traced_forward(model: keras.Model, spec: tf.TensorSpec):
+    """`model`'s forward as (compiled extractor forward, head) when a feature pass has traced
+    the extractor for inputs of `spec` in this process, else None: calling that forward inside
+    another tf.function reuses its graph instead of tracing the backbone again."""
+    if model not in _SPLITS:
+        return None
+    extractor, head = _SPLITS[model]
+    forward = _FORWARD.get(extractor, {}).get((tuple(spec.shape), spec.dtype))
+    return (forward, head) if forward is not None else None
 
 
 def fingerprint(parts: dict, split_keys: tf.data.Dataset) -> str:
@@ -83,6 +101,7 @@ class _Silent:
 # extractor -> its compiled forward pass, so train, val and test share one trace (tracing a
 # backbone takes seconds: a quarter of a feature pass over a few thousand small images).
 _FORWARD = weakref.WeakKeyDictionary()
+_SPLITS = weakref.WeakKeyDictionary()  # model -> split_classifier(model)
 
 
 # The feature pass's batch: chosen for inference throughput, not the training batch size. A
