@@ -168,6 +168,16 @@ def measure_performance(work, quick) -> dict:
     return _json(out)
 
 
+def measure_cache_views(work, quick) -> dict:
+    out = work / "cache_views.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "cache_views.py"), f"--json={out}"]
+    quick_flags = ["--seeds=1", "--views=0,1", "--no_steps", "--no_pixels"] if quick else []
+    proc = subprocess.run([*cmd, *quick_flags], cwd=REPO, text=True)
+    if proc.returncode:
+        sys.exit("results.py: scripts/cache_views.py failed (its output is above)")
+    return _json(out)
+
+
 MEASURE = {
     "offline_default": measure_offline_default,
     "real_photos": measure_real_photos,
@@ -175,6 +185,7 @@ MEASURE = {
     "compare_warm": measure_compare_warm,
     "tflite": measure_tflite,
     "performance": measure_performance,
+    "cache_views": measure_cache_views,
 }
 NEEDS_SHARED = set(MEASURE) - {"offline_default"}
 SHORTENED_BY_QUICK = set(MEASURE) - {"offline_default"}  # the offline default is one size
@@ -463,6 +474,30 @@ def render_performance(s: dict) -> str:
     return "\n\n".join(parts)
 
 
+def render_cache_views(s: dict) -> str:
+    d, busy = s["data"], s["busy"]
+    lines = [
+        "| setting | **test** accuracy | gain over N=0 | per view | wall s | feature pass s |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in d["settings"]:
+        gain = "-" if r["gain_vs_none"] is None else f"{r['gain_vs_none']:+.3f}"
+        per_view = "-" if r["gain_per_view"] is None else f"{r['gain_per_view']:+.3f}"
+        lines.append(
+            f"| {r['name']} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
+            f"| {gain} | {per_view} | {secs(r['wall_mean'], busy)} "
+            f"| {secs(r['feature_seconds_mean'], busy)} |"
+        )
+    images = d["images"]
+    return (
+        "\n".join(lines)
+        + f"\n\nThe {d['tree']} of the flower photos ({images['train']:,} / {images['val']:,} / "
+        f"{images['test']:,} train / val / test), {d['size']} px, {d['epochs']} epochs, seeds "
+        f"{d['seeds']} (mean ± sd). `python scripts/cache_views.py` alone prints the same.\n\n"
+        + provenance("cache_views", s)
+    )
+
+
 RENDER = {
     "offline_default": render_offline_default,
     "real_photos": render_real_photos,
@@ -470,6 +505,7 @@ RENDER = {
     "compare_warm": lambda s: render_compare("compare_warm", s),
     "tflite": render_tflite,
     "performance": render_performance,
+    "cache_views": render_cache_views,
 }
 
 

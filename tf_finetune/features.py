@@ -5,8 +5,10 @@ through the same backbone to get the same features. Computing them once (one pas
 speed) and training only the head on them makes later epochs cost ~1% of an uncached epoch.
 
 The head trained here is made of the *same layer objects* as the full classifier
-(`output_dropout`, `predictions`), so the full model is trained too: evaluation and export run
-the full model, pixels in, exactly as without the cache.
+(`output_dropout`, `predictions`), so the full model is trained too and is what is exported.
+A run that ends head-only scores its val and test reports from their features (scoring.Cached)
+and exports with the feature pass's compiled backbone (`traced_forward`): the same function as
+the full model on pixels, without decoding val/test or tracing the backbone again.
 
 Modes: `memory` keeps the features in RAM (the default: they are small, e.g. 1,280 floats per
 image for MobileNetV2); `disk` writes them as .npy files keyed by a fingerprint of backbone,
