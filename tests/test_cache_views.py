@@ -157,6 +157,7 @@ class _Batches(keras.callbacks.Callback):
         self.per_epoch[-1] += 1
 
 
+@pytest.mark.slow
 def test_fit_trains_on_every_view_and_the_run_exports_and_evaluates(folder, tmp_path):
     config = views_config(folder, tmp_path, epochs=2, sampling="balanced", test_percent=20)
     batches = _Batches()
@@ -167,6 +168,7 @@ def test_fit_trains_on_every_view_and_the_run_exports_and_evaluates(folder, tmp_
     assert metrics["export_path"] and os.path.isdir(metrics["export_path"])
 
 
+@pytest.mark.slow
 def test_lbfgs_solves_on_every_view_and_the_run_exports_and_evaluates(
     folder, tmp_path, monkeypatch
 ):

@@ -97,6 +97,7 @@ def test_a_head_only_run_decodes_once_and_names_corrupt_files(
     assert metrics["train_images"] + metrics["val_images"] == 48  # 50 files, 2 undecodable
 
 
+@pytest.mark.slow
 def test_a_head_only_run_finds_a_corrupt_test_file_in_the_test_feature_pass(tmp_path, monkeypatch):
     for split, per_class in (("train", 10), ("val", 4), ("test", 4)):
         write_class_folders(tmp_path / "tree" / split, num_classes=3, per_class=per_class)

@@ -157,6 +157,7 @@ def test_reports_of_a_head_only_run_come_from_the_cached_features(folder, tmp_pa
     assert column(cached_csv) == column(pixel_csv)
 
 
+@pytest.mark.slow
 def test_a_head_only_export_reuses_the_traced_backbone_and_equals_the_model(
     folder, tmp_path, monkeypatch
 ):
