@@ -48,6 +48,19 @@ def folder(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture
+def corrupt_folder(tmp_path) -> pathlib.Path:
+    """3 solid-colour classes x 16 images, plus a truncated JPEG (class_1) and a PNG whose
+    header passes but whose data does not decode (class_2)."""
+    from tests.images import write_class_folders
+
+    root = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
+    good = (root / "class_1" / "img_000.jpg").read_bytes()
+    (root / "class_1" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "class_2" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    return root
+
+
+@pytest.fixture
 def tf_serving():
     """Starts fake TF Serving (tests/fake_tf_serving.py, a test double) on an export base dir.
 

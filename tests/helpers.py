@@ -51,6 +51,17 @@ def tiny_flags(folder, model_dir, *flags: str) -> list[str]:
     ]
 
 
+def train_error(capsys, *argv) -> str:
+    """The stderr of `tf-finetune train ARGV`, checked to be one line, exit 2, no traceback."""
+    from tf_finetune import cli
+
+    code = cli.main(["train", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def history_epochs(run_dir) -> list[int]:
     """The epoch column of a run's history.csv."""
     with open(os.path.join(run_dir, "history.csv")) as f:

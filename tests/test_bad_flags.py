@@ -2,20 +2,13 @@
 
 import pytest
 
+from tests.helpers import train_error
 from tf_finetune import cli
-
-
-def _error(capsys, *argv) -> str:
-    code = cli.main(["train", *argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def test_empty_data_folder_is_explained(capsys, tmp_path):
     (tmp_path / ".DS_Store").write_bytes(b"\0")  # hidden files do not count
-    err = _error(capsys, f"--data={tmp_path}")
+    err = train_error(capsys, f"--data={tmp_path}")
     assert "is an empty folder; put one subfolder of images per class" in err
 
 
@@ -24,7 +17,7 @@ def test_flagfile_unknown_flag_names_file_and_line_even_when_nested(capsys, tmp_
     inner.write_text("# preset\n--epochs=2\n\n--learnig_rate=0.1\n")
     outer = tmp_path / "outer.cfg"
     outer.write_text(f"--batch_size=4\n--flagfile={inner}\n")
-    err = _error(capsys, f"--flagfile={outer}")
+    err = train_error(capsys, f"--flagfile={outer}")
     assert f"{inner} line 4: Unknown command line flag 'learnig_rate'" in err
     assert "Did you mean: learning_rate" in err
 
@@ -40,7 +33,7 @@ def test_flagfile_unknown_flag_names_file_and_line_even_when_nested(capsys, tmp_
     ],
 )
 def test_conflicting_flags_are_explained(capsys, folder, argv, expected):
-    assert expected in _error(capsys, f"--data={folder}", *argv)
+    assert expected in train_error(capsys, f"--data={folder}", *argv)
 
 
 def test_conflict_free_values_pass(folder):
@@ -54,15 +47,15 @@ def test_conflict_free_values_pass(folder):
 
 def test_multi_worker_needs_a_valid_tf_config_before_anything_starts(capsys, folder, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    err = _error(capsys, f"--data={folder}", "--strategy=multi_worker")
+    err = train_error(capsys, f"--data={folder}", "--strategy=multi_worker")
     assert "TF_CONFIG is not set" in err and '"cluster"' in err
     monkeypatch.setenv("TF_CONFIG", "{not json")
-    assert "TF_CONFIG is not valid JSON" in _error(
+    assert "TF_CONFIG is not valid JSON" in train_error(
         capsys, f"--data={folder}", "--strategy=multi_worker"
     )
 
 
 def test_data_service_address_is_checked(capsys, folder):
-    assert "must look like grpc://HOST:PORT" in _error(
+    assert "must look like grpc://HOST:PORT" in train_error(
         capsys, f"--data={folder}", "--data_service=localhost:5050"
     )

@@ -68,15 +68,6 @@ def test_the_feature_cache_key_names_the_decode():
     assert feature_fit.CACHE_FORMAT >= 4
 
 
-@pytest.fixture
-def corrupt_folder(tmp_path):
-    root = write_class_folders(tmp_path / "photos", num_classes=3, per_class=16)
-    good = (root / "class_1" / "img_000.jpg").read_bytes()
-    (root / "class_1" / "truncated.jpg").write_bytes(good[: len(good) // 2])
-    (root / "class_2" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    return root
-
-
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_a_head_only_run_decodes_once_and_names_corrupt_files(
     corrupt_folder, tmp_path, monkeypatch, cache

@@ -3,6 +3,7 @@ test report -> an export that returns the labels above their thresholds."""
 
 import dataclasses
 import json
+import os
 
 import keras
 import numpy as np
@@ -11,7 +12,7 @@ import tensorflow as tf
 
 from tests import images
 from tests.helpers import run_python, tiny, tiny_flags
-from tf_finetune import cli, export_run, rundir
+from tf_finetune import cli, data, export_run, rundir
 from tf_finetune import multilabel_metrics as mlm
 
 NAMES = ["blue", "green", "red"]
@@ -421,3 +422,24 @@ def test_a_killed_multi_label_run_resumes_with_its_best_val_map(table, tmp_path)
     after = _json(tmp_path / "checkpoints" / "best.json")
     assert after["best"] >= before["best"]  # only a better val mAP replaced it
     assert metrics["task"] == "multi_label" and (tmp_path / rundir.THRESHOLDS).exists()
+
+
+@pytest.mark.slow
+def test_a_head_only_multi_label_run_decodes_once_and_scores_from_features(tmp_path, monkeypatch):
+    """Tagged sources decode nothing up front in a head-only run (the feature passes name the
+    corrupt file), and the reports' scores from features equal `evaluate`'s on pixels."""
+    from tf_finetune import evaluate_run, train
+
+    table = images.write_tagged_csv(tmp_path / "t", count=60)
+    (tmp_path / "t" / "images" / "img_007.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    config = tiny(
+        table, tmp_path / "run", task="multi_label", image_size=32, unfreeze="0", test_percent=20
+    )
+    config = dataclasses.replace(config, epochs=2)
+    with monkeypatch.context() as m:
+        m.setattr(data, "find_unreadable", lambda *a: pytest.fail("decoded up front"))
+        metrics = train.train_and_evaluate(config)
+    assert [os.path.basename(s["file"]) for s in metrics["skipped_files"]] == ["img_007.png"]
+    assert metrics["train_images"] + metrics["val_images"] + metrics["test_images"] == 59
+    on_pixels = evaluate_run.evaluate_run(config, "test")
+    assert on_pixels["map"] == pytest.approx(metrics["test_map"], abs=1e-5)

@@ -377,7 +377,7 @@ def printable_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _class_dirs(root: str) -> list[str]:
+def class_dirs(root: str) -> list[str]:
     return sorted(
         d
         for d in os.listdir(root)
@@ -385,7 +385,7 @@ def _class_dirs(root: str) -> list[str]:
     )
 
 
-def _files_by_class(
+def files_by_class(
     root: str, class_names, unusable: list | None = None
 ) -> tuple[list[str], list[int]]:
     """Image files under each class folder, nested folders and symlinks included.
@@ -457,20 +457,20 @@ def list_image_folder(root: str, validation_percent: int, test_percent: int = 0)
     folder with train/).
     """
     splits_lib.check_test_percent(root, validation_percent, test_percent)
-    subdirs = _class_dirs(root)
+    subdirs = class_dirs(root)
     unusable: list[tuple[str, str]] = []
     if "train" in subdirs:
-        class_names = tuple(_class_dirs(os.path.join(root, "train")))
-        splits = {"train": _files_by_class(os.path.join(root, "train"), class_names, unusable)}
+        class_names = tuple(class_dirs(os.path.join(root, "train")))
+        splits = {"train": files_by_class(os.path.join(root, "train"), class_names, unusable)}
         val_dir = next((d for d in VALIDATION_DIRS if d in subdirs), None)
         if val_dir:
-            splits["val"] = _files_by_class(os.path.join(root, val_dir), class_names, unusable)
+            splits["val"] = files_by_class(os.path.join(root, val_dir), class_names, unusable)
         if "test" in subdirs:
-            splits["test"] = _files_by_class(os.path.join(root, "test"), class_names, unusable)
+            splits["test"] = files_by_class(os.path.join(root, "test"), class_names, unusable)
         source_root = os.path.join(root, "train")
     else:
         class_names = tuple(subdirs)
-        splits = {"train": _files_by_class(root, class_names, unusable)}
+        splits = {"train": files_by_class(root, class_names, unusable)}
         source_root = root
     if not class_names:
         raise UserError(

@@ -111,7 +111,7 @@ def _load_source(config: Config, folder: str | None, check: tuple[str, ...]) -> 
     if config.task == "multi_label" or table_holds_images(
         config.data, config.file_column, config.text_column
     ):
-        return _load_tagged(config)
+        return _load_tagged(config, check)
     return data.load_image_folder(
         config.data,
         config.image_size,
@@ -122,9 +122,10 @@ def _load_source(config: Config, folder: str | None, check: tuple[str, ...]) -> 
     )
 
 
-def _load_tagged(config: Config) -> data.DataSet:
-    """An image CSV/TSV (either task) or a multi-label class folder."""
+def _load_tagged(config: Config, check: tuple[str, ...]) -> data.DataSet:
+    """An image CSV/TSV (either task) or a multi-label class folder; `check`: decode_check."""
     options = {
+        "decode_check": check,
         "image_size": config.image_size,
         "validation_percent": config.validation_percent,
         "test_percent": config.test_percent,

@@ -13,13 +13,12 @@ Multi-label examples carry float32 multi-hot vectors [labels]; single-label ones
 every other source.
 """
 
-import csv
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from tf_finetune import data
+from tf_finetune import data, tables
 from tf_finetune.errors import UserError
 
 
@@ -33,20 +32,6 @@ def parse_labels(cell: str, separator: str) -> list[str]:
     return names
 
 
-def _header(reader, path: str, wanted: list[str]) -> list[str]:
-    header = next(reader, None)
-    if not header:
-        raise UserError(f"{path}: empty file; the first line must name the columns.")
-    header = [h.strip() for h in header]
-    missing = [c for c in wanted if c not in header]
-    if missing:
-        raise UserError(
-            f"{path}:1: no column {', '.join(missing)} in the header (columns are {header}); "
-            "set --file_column/--label_column."
-        )
-    return header
-
-
 def read_image_table(
     path: str, file_column: str, label_column: str, separator: str | None
 ) -> tuple[list[str], list[list[str]]]:
@@ -55,36 +40,21 @@ def read_image_table(
     Paths are relative to the table's folder (absolute ones are kept). A row naming a file
     twice, a missing file name, or (single-label) a missing label is a UserError at file:line.
     """
-    delimiter = "\t" if path.lower().endswith(".tsv") else ","
     base = os.path.dirname(os.path.abspath(path))
     files, labels, seen = [], [], {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = _header(reader, path, [file_column, label_column])
-        file_idx, label_idx = header.index(file_column), header.index(label_column)
-        for row in reader:
-            line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if len(row) != len(header):
-                raise UserError(
-                    f"{path}:{line}: {len(row)} field(s) where the header has {len(header)}."
-                )
-            name = row[file_idx].strip()
-            if not name:
-                raise UserError(f"{path}:{line}: missing file name in column {file_column}.")
-            if name in seen:
-                raise UserError(
-                    f"{path}:{line}: {name} is listed again (first at line {seen[name]})."
-                )
-            seen[name] = line
-            names = (
-                parse_labels(row[label_idx], separator) if separator else [row[label_idx].strip()]
-            )
-            if separator is None and not names[0]:
-                raise UserError(f"{path}:{line}: missing label in column {label_column}.")
-            files.append(os.path.join(base, name))
-            labels.append(names)
+    wanted = [file_column, label_column]
+    for line, row in tables.rows(path, wanted, "--file_column/--label_column"):
+        name = row[file_column]
+        if not name:
+            raise UserError(f"{path}:{line}: missing file name in column {file_column}.")
+        if name in seen:
+            raise UserError(f"{path}:{line}: {name} is listed again (first at line {seen[name]}).")
+        seen[name] = line
+        names = parse_labels(row[label_column], separator) if separator else [row[label_column]]
+        if separator is None and not names[0]:
+            raise UserError(f"{path}:{line}: missing label in column {label_column}.")
+        files.append(os.path.join(base, name))
+        labels.append(names)
     if not files:
         raise UserError(f"{path}: no rows after the header.")
     return files, labels
@@ -93,14 +63,10 @@ def read_image_table(
 def folder_tags(root: str) -> tuple[tuple[str, ...], dict[str, tuple[str, list[str]]]]:
     """(label names, {identity: (a path of the image, its labels)}) of a multi-label folder:
     an image under several class folders (same path below each) carries each of them."""
-    names = tuple(
-        d
-        for d in sorted(os.listdir(root))
-        if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
-    )
+    names = tuple(data.class_dirs(root))
     if len(names) < 2:
         raise UserError(f"--data={root}: a multi-label folder needs at least two label folders.")
-    paths, label_ids = data._files_by_class(root, names)
+    paths, label_ids = data.files_by_class(root, names)
     images: dict[str, tuple[str, list[str]]] = {}
     for path, label in zip(paths, label_ids):
         identity = os.path.relpath(path, os.path.join(root, names[label])).replace(os.sep, "/")
@@ -117,10 +83,13 @@ def multi_hot(label_lists: list[list[str]], names: tuple[str, ...]) -> np.ndarra
     return out
 
 
-def _split(paths: list[str], labels: np.ndarray, image_size: int) -> data.Split:
+def _split(paths: list[str], labels: np.ndarray, image_size: int, checked: bool) -> data.Split:
     source = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels)))
     return data.Split(
-        source, lambda p: data.decode_and_resize(tf.io.read_file(p), image_size), len(paths)
+        source,
+        lambda p: data.decode_and_resize(tf.io.read_file(p), image_size),
+        len(paths),
+        checked,
     )
 
 
@@ -134,9 +103,14 @@ def build_dataset(
 ) -> data.DataSet:
     """Skips unreadable images, carves train/val/test by identity hash, and wraps the splits.
 
-    `options`: image_size, validation_percent, test_percent, max_image_pixels.
+    `options`: image_size, validation_percent, test_percent, max_image_pixels, and
+    decode_check: the splits whose files are decoded here to find corrupt ones (default all);
+    the others get the header check here and are checked by the run's first decode of them,
+    the feature pass (as data.load_image_folder does), so no image is decoded twice.
     """
-    skipped = data.find_unreadable(paths, options["max_image_pixels"])
+    check = options.get("decode_check", data.ALL_SPLITS)
+    max_pixels = options["max_image_pixels"]
+    skipped = [(p, r) for p in paths if (r := data.precheck(p, max_pixels))]
     bad = {p for p, _ in skipped}
     keep = [i for i, p in enumerate(paths) if p not in bad]
     positions = [data.hash_percent(identities[i]) for i in keep]
@@ -145,11 +119,20 @@ def build_dataset(
     )
     splits = {}
     for split, (rows, _) in carved.items():
+        if split in check and rows:
+            failed = data.find_unreadable(
+                [paths[i] for i in rows], max_pixels, options["image_size"]
+            )
+            skipped += failed
+            gone = {p for p, _ in failed}
+            rows = [i for i in rows if paths[i] not in gone]
         if not rows:
             if split == "test" and not options["test_percent"]:
                 continue
             raise UserError(f"--data={where}: no image fell in the {split} split; add images.")
-        splits[split] = _split([paths[i] for i in rows], targets[rows], options["image_size"])
+        splits[split] = _split(
+            [paths[i] for i in rows], targets[rows], options["image_size"], split in check
+        )
     return data.DataSet(names, splits["train"], splits["val"], splits.get("test"), tuple(skipped))
 
 

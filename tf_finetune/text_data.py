@@ -13,13 +13,12 @@ value). A missing value, an unknown label (in val/test) or a row that does not s
 header's columns is a UserError naming the file and line.
 """
 
-import csv
 import hashlib
 import os
 
 import tensorflow as tf
 
-from tf_finetune import data, multilabel_data
+from tf_finetune import data, multilabel_data, tables
 from tf_finetune import splits as splits_lib
 from tf_finetune.config import is_table_file, table_holds_images
 from tf_finetune.errors import UserError
@@ -65,53 +64,18 @@ def read_table(
     """(texts, labels, line numbers) of a CSV/TSV file; UserError with file:line on bad rows.
 
     `empty_label`: an empty label cell is kept (multi-label: "none of these")."""
-    tsv = path.lower().endswith(".tsv")
-    delimiter, other = ("\t", ",") if tsv else (",", "\t")
-    hint = (
-        "it looks comma-separated: name the file .csv"
-        if tsv
-        else ("it looks tab-separated: name the file .tsv")
-    )
     texts, labels, lines = [], [], []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if not header:
-            raise UserError(f"{path}: empty file; the first line must name the columns.")
-        header = [h.strip() for h in header]
-        wanted = _columns(text_column) + [label_column]
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            why = hint if len(header) == 1 and other in header[0] else f"columns are {header}"
-            raise UserError(
-                f"{path}:1: no column {', '.join(missing)} in the header ({why}); "
-                "set --text_column/--label_column."
-            )
-        text_idx = [header.index(c) for c in _columns(text_column)]
-        label_idx = header.index(label_column)
-        for row in reader:
-            line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
-            if len(row) != len(header):
-                why = (
-                    hint
-                    if len(row) == 1 and other in row[0]
-                    else f"quote fields that contain {delimiter!r}"
-                )
-                raise UserError(
-                    f"{path}:{line}: {len(row)} field(s) where the header has {len(header)} "
-                    f"({why})."
-                )
-            text = " ".join(row[i].strip() for i in text_idx if row[i].strip())
-            label = row[label_idx].strip()
-            if not text:
-                raise UserError(f"{path}:{line}: missing text in column {text_column}.")
-            if not label and not empty_label:
-                raise UserError(f"{path}:{line}: missing label in column {label_column}.")
-            texts.append(text)
-            labels.append(label)
-            lines.append(line)
+    wanted = _columns(text_column) + [label_column]
+    for line, row in tables.rows(path, wanted, "--text_column/--label_column"):
+        text = " ".join(row[c] for c in _columns(text_column) if row[c])
+        label = row[label_column]
+        if not text:
+            raise UserError(f"{path}:{line}: missing text in column {text_column}.")
+        if not label and not empty_label:
+            raise UserError(f"{path}:{line}: missing label in column {label_column}.")
+        texts.append(text)
+        labels.append(label)
+        lines.append(line)
     if not texts:
         raise UserError(f"{path}: no rows after the header.")
     return texts, labels, lines

@@ -58,8 +58,7 @@ def lbfgs_keeps_the_backbone_frozen(config: Config) -> None:
             f"{_LBFGS}; --unfreeze=all trains the hub module (e.g. a text encoder): use "
             "--unfreeze=0 with it, or --head_solver=fit."
         )
-    unfreezes = any(config_lib.parse_unfreeze(v) != 0 for v in config.unfreeze.split(","))
-    if unfreezes and not config.warmup_epochs:
+    if _only_phase_trains_the_backbone(config):
         raise UserError(
             f"{_LBFGS}; --unfreeze={config.unfreeze} trains the backbone in the only phase: "
             "use --unfreeze=0, add --warmup_epochs (lbfgs then solves the head phase), or "
@@ -67,22 +66,35 @@ def lbfgs_keeps_the_backbone_frozen(config: Config) -> None:
         )
 
 
-def lbfgs_needs_the_feature_cache(config: Config) -> None:
-    if config.head_solver != "lbfgs":
-        return
+def _only_phase_trains_the_backbone(config: Config) -> bool:
+    """No head-only phase: the run's one phase unfreezes some of the backbone."""
+    unfreezes = any(config_lib.parse_unfreeze(v) != 0 for v in config.unfreeze.split(","))
+    return unfreezes and not config.warmup_epochs
+
+
+def _without_feature_cache(config: Config) -> list[tuple[str, str]]:
+    """(flag, why) for each flag that keeps a head-only phase off cached features."""
+    pixels = "every step, on pixels (no feature cache)"
     conflicts = (
+        (f"--augment={config.augment}", config.augment != "none", f"augments images {pixels}"),
+        ("--mixup", config.mixup, f"mixes images {pixels}"),
+        ("--cutmix", config.cutmix, f"mixes images {pixels}"),
         ("--ema", config.ema, "averages the weights of every training step"),
         ("--average_checkpoints", config.average_checkpoints, "averages the weights of epochs"),
-        ("--mixup", config.mixup, "changes the training images every step"),
-        ("--cutmix", config.cutmix, "changes the training images every step"),
-        (f"--augment={config.augment}", config.augment != "none", "changes the images every step"),
         ("--cache=none", config.cache == "none", "turns the feature cache off"),
         ("--strategy=multi_worker", config.strategy == "multi_worker", "trains on pixels"),
         ("--data_service", config.data_service, "trains on pixels"),
     )
-    for flag, value, reason in conflicts:
-        if value:
-            raise UserError(f"{_LBFGS}; {flag} {reason}: drop it, or use --head_solver=fit.")
+    return [(flag, why) for flag, value, why in conflicts if value]
+
+
+def lbfgs_needs_the_feature_cache(config: Config) -> None:
+    if config.head_solver != "lbfgs":
+        return
+    conflicts = _without_feature_cache(config)
+    if conflicts:
+        flag, reason = conflicts[0]
+        raise UserError(f"{_LBFGS}; {flag} {reason}: drop it, or use --head_solver=fit.")
 
 
 # --cache_views=N caches augmented views of the training images as features of the frozen
@@ -93,27 +105,16 @@ _VIEWS = "--cache_views augments the cached features of a frozen backbone's head
 def cache_views_need_cached_features(config: Config) -> None:
     if not config.cache_views:
         return
-    unfreezes = any(config_lib.parse_unfreeze(v) != 0 for v in config.unfreeze.split(","))
-    if unfreezes and not config.warmup_epochs:
+    if _only_phase_trains_the_backbone(config):
         raise UserError(
             f"{_VIEWS}; --unfreeze={config.unfreeze} trains the backbone in the only phase: "
             "use --unfreeze=0, add --warmup_epochs (the views then train its head phase), or "
             "--augment for augmentation on pixels."
         )
-    pixels = "every step, on pixels (no feature cache)"
-    conflicts = (
-        (f"--augment={config.augment}", config.augment != "none", f"augments images {pixels}"),
-        ("--mixup", config.mixup, f"mixes images {pixels}"),
-        ("--cutmix", config.cutmix, f"mixes images {pixels}"),
-        ("--ema", config.ema, "needs the whole model at every step (no feature cache)"),
-        ("--average_checkpoints", config.average_checkpoints, "averages whole-model epochs"),
-        ("--cache=none", config.cache == "none", "turns the feature cache off"),
-        ("--strategy=multi_worker", config.strategy == "multi_worker", "trains on pixels"),
-        ("--data_service", config.data_service, "trains on pixels"),
-    )
-    for flag, value, reason in conflicts:
-        if value:
-            raise UserError(f"{_VIEWS}; {flag} {reason}: drop one of them.")
+    conflicts = _without_feature_cache(config)
+    if conflicts:
+        flag, reason = conflicts[0]
+        raise UserError(f"{_VIEWS}; {flag} {reason}: drop one of them.")
 
 
 def weight_decay_needs_adamw(config: Config) -> None:
