@@ -124,6 +124,30 @@ def measure_real_photos(work, quick) -> dict:
     return {"rows": rows}
 
 
+def measure_head_solver(work, quick) -> dict:
+    """fit against lbfgs on the same features: the flowers (70/15/15) and the offline default
+    with a frozen backbone, the same seeds for both solvers."""
+    seeds = (42,) if quick else (42, 43, 44)
+    jobs = {
+        "flowers": (FLOWERS, *SPLIT_70_15_15),
+        "offline default, `--unfreeze=0`": ("--unfreeze=0",),
+    }
+    out = {}
+    for job, flags in jobs.items():
+        out[job] = {
+            solver: [
+                _train_row(
+                    f"{job[:7]}_{solver}_{seed}",
+                    (*flags, f"--seed={seed}", f"--head_solver={solver}"),
+                    work,
+                )
+                for seed in seeds
+            ]
+            for solver in ("fit", "lbfgs")
+        }
+    return {"seeds": list(seeds), "jobs": out}
+
+
 def _compare(work, name, extra) -> dict:
     run = work / name
     args = ["compare", FLOWERS, "--seed=42", "--unfreeze=0,20,all", *extra]
@@ -186,6 +210,7 @@ MEASURE = {
     "tflite": measure_tflite,
     "performance": measure_performance,
     "cache_views": measure_cache_views,
+    "head_solver": measure_head_solver,
 }
 NEEDS_SHARED = set(MEASURE) - {"offline_default"}
 SHORTENED_BY_QUICK = set(MEASURE) - {"offline_default"}  # the offline default is one size
@@ -474,6 +499,31 @@ def render_performance(s: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _average(runs: list[dict], key: str) -> float:
+    return sum(r[key] or 0.0 for r in runs) / len(runs)
+
+
+def render_head_solver(s: dict) -> str:
+    d, busy = s["data"], s["busy"]
+    lines = [
+        "| job | solver | **test** accuracy | val accuracy | head s (`fit` stage) | wall s |",
+        "| --- | --- | --- | --- | ---: | ---: |",
+    ]
+    for job, solvers in d["jobs"].items():
+        for solver, runs in solvers.items():
+            lines.append(
+                f"| {job} | {solver} | {_mean_sd([r['test_accuracy'] for r in runs])} "
+                f"| {_mean_sd([r['val_accuracy'] for r in runs])} "
+                f"| {secs(_average(runs, 'fit_seconds'), busy)} "
+                f"| {secs(_average(runs, 'wall_seconds'), busy)} |"
+            )
+    return (
+        "\n".join(lines) + f"\n\nSeeds {d['seeds']} for both solvers (mean ± sd); flowers: "
+        f"`tf-finetune train {FLOWERS} {' '.join(SPLIT_70_15_15)} --head_solver=fit|lbfgs`.\n\n"
+        + provenance("head_solver", s)
+    )
+
+
 def render_cache_views(s: dict) -> str:
     d, busy = s["data"], s["busy"]
     lines = [
@@ -506,6 +556,7 @@ RENDER = {
     "tflite": render_tflite,
     "performance": render_performance,
     "cache_views": render_cache_views,
+    "head_solver": render_head_solver,
 }
 
 
