@@ -722,21 +722,32 @@ def _key_name(key, index: int) -> str:
     return f"example {index}"
 
 
+def keys_at(split: Split, indices) -> dict[int, bytes]:
+    """{index: key} of `split`'s examples at `indices` (positions in its source), in source
+    order; reads the source only as far as the last one."""
+    wanted, keys = {int(i) for i in indices}, {}
+    if not wanted:
+        return keys
+    for i, (key, _) in enumerate(split.source.as_numpy_iterator()):
+        if i in wanted:
+            keys[i] = key
+            if len(keys) == len(wanted):
+                break
+    return keys
+
+
 def undecodable(split: Split, indices) -> list[tuple[str, str]]:
     """(file, reason) for the examples of `split` at `indices` (those a pass could not
     decode): only these are decoded again, one by one, to learn why."""
-    wanted, found = set(int(i) for i in indices), []
-    if not wanted:
-        return found
-    for i, (key, _) in enumerate(split.source.as_numpy_iterator()):
-        if i in wanted:
-            name = _key_name(key, i)
-            try:
-                split.load(tf.constant(key)).numpy()
-                reason = "could not be decoded"
-            except (tf.errors.OpError, OSError) as e:
-                reason = _decode_error(e, name) if name != f"example {i}" else str(e)[:160]
-            found.append((name, reason))
+    found = []
+    for i, key in keys_at(split, indices).items():
+        name = _key_name(key, i)
+        try:
+            split.load(tf.constant(key)).numpy()
+            reason = "could not be decoded"
+        except (tf.errors.OpError, OSError) as e:
+            reason = _decode_error(e, name) if name != f"example {i}" else str(e)[:160]
+        found.append((name, reason))
     return found
 
 

@@ -167,7 +167,6 @@ def extract_splits(
     out, named and dropped from `dataset` (`data.forget_undecodable`). With --cache_views=N
     each training image also gives N augmented views (made from that decode); val stays clean.
     """
-    cache_dir = features_dir(mode)
     views = config.cache_views
     logging.info(
         "Computing backbone features once (--cache=%s%s)",
@@ -176,16 +175,32 @@ def extract_splits(
     )
     cached = {}
     for name in ("train", "val"):
-        split = getattr(dataset, name)
         n = views if name == "train" else 0
-        pipeline = data.feature_pipeline(
-            split, dataset.num_classes, features.INFERENCE_BATCH, n, config.seed
-        )
-        key = cache_key(config, split, name, n) if cache_dir else ""
-        cached[name] = features.cached_extract(
-            extractor, pipeline, split.count, cache_dir, key, 1 if verbose == 1 else 0, n
-        )
-        data.forget_undecodable(dataset, name, data.undecodable(split, cached[name].dropped))
+        cached[name] = _extract_split(extractor, config, dataset, name, mode, n, verbose)
+    return cached
+
+
+def _extract_split(
+    extractor: keras.Model,
+    config: Config,
+    dataset: data.DataSet,
+    name: str,
+    mode: str,
+    views: int = 0,
+    verbose: int = 0,
+) -> features.Features:
+    """One split's pass (disk mode reuses a cache); its undecodable files are named and
+    dropped from `dataset`."""
+    split = getattr(dataset, name)
+    cache_dir = features_dir(mode)
+    pipeline = data.feature_pipeline(
+        split, dataset.num_classes, features.INFERENCE_BATCH, views, config.seed
+    )
+    key = cache_key(config, split, name, views) if cache_dir else ""
+    cached = features.cached_extract(
+        extractor, pipeline, split.count, cache_dir, key, 1 if verbose == 1 else 0, views
+    )
+    data.forget_undecodable(dataset, name, data.undecodable(split, cached.dropped))
     return cached
 
 
@@ -198,14 +213,7 @@ def test_features(
     if dataset.test is None:
         return None
     extractor, _ = features.split_classifier(model)
-    cache_dir = features_dir(mode)
-    pipeline = data.feature_pipeline(dataset.test, dataset.num_classes, features.INFERENCE_BATCH)
-    key = cache_key(config, dataset.test, "test") if cache_dir else ""
-    cached = features.cached_extract(
-        extractor, pipeline, dataset.test.count, cache_dir, key, verbose=0
-    )
-    data.forget_undecodable(dataset, "test", data.undecodable(dataset.test, cached.dropped))
-    return cached
+    return _extract_split(extractor, config, dataset, "test", mode)
 
 
 def fit_head(

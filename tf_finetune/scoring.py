@@ -70,14 +70,8 @@ def predict_features(
 
 def _load(split: data.Split, indices: np.ndarray) -> list:
     """The loaded inputs of `split` at `indices` (positions in its source), in that order."""
-    position = {int(i): n for n, i in enumerate(indices)}
-    inputs: list = [None] * len(position)
-    for i, (key, _) in enumerate(split.source.as_numpy_iterator()):
-        if i in position:
-            inputs[position.pop(i)] = split.load(tf.constant(key)).numpy()
-            if not position:
-                break
-    return inputs
+    keys = data.keys_at(split, indices)
+    return [split.load(tf.constant(keys[int(i)])).numpy() for i in indices]
 
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
