@@ -273,3 +273,21 @@ def test_summary_counts_texts_for_text_data(capsys, tmp_path):
     assert "2 classes, 137 train / 23 val / 0 test texts, " in capsys.readouterr().out
     cli._print_train_summary(config.Config(data=str(tmp_path), backbone="x"), metrics)
     assert "137 train / 23 val / 0 test images, " in capsys.readouterr().out
+
+
+_AFTER_TF_COMMAND = """
+import gc, sys
+from tf_finetune import cli
+code = cli.main(["evaluate", "--model_dir={run}"])  # imports TensorFlow, then fails
+print(code, "sklearn" in sys.modules, gc.get_freeze_count() > 100_000)
+import sklearn.base  # importable as usual afterwards
+from sklearn.datasets import load_digits
+print(load_digits().images.shape)
+"""
+
+
+@pytest.mark.slow
+def test_a_command_imports_tensorflow_without_sklearn_and_freezes_it(tmp_path):
+    proc = _run([sys.executable, "-c", _AFTER_TF_COMMAND.format(run=tmp_path)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["2 False True", "(1797, 8, 8)"], proc.stdout

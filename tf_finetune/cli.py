@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 from absl import flags, logging  # noqa: E402
 
 from tf_finetune import config as config_lib  # noqa: E402
-from tf_finetune import quiet_start  # noqa: E402
+from tf_finetune import quiet_start, tf_import  # noqa: E402
 from tf_finetune.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -402,7 +402,9 @@ def main(argv: list[str]) -> int:
         # Until the strategy exists (distribute.make_strategy ends it) or the command returns.
         quiet_start.begin()
     try:
+        tf_import.defer_sklearn()
         config = config_from_flags()
+        tf_import.freeze()  # TensorFlow is in by now
         return chosen.run(config, positional) if chosen.takes_inputs else chosen.run(config)
     except UserError as e:
         # Stopped (signal) and NonFiniteLoss carry their own exit codes.
@@ -411,6 +413,7 @@ def main(argv: list[str]) -> int:
         return _fail("interrupted; rerun the same command to resume from the last epoch.", 130)
     finally:
         quiet_start.end()
+        tf_import.freeze()  # the interpreter's exit then skips what the command made
 
 
 def run() -> None:
