@@ -279,7 +279,7 @@ _AFTER_TF_COMMAND = """
 import gc, sys
 from tf_finetune import cli
 code = cli.main(["evaluate", "--model_dir={run}"])  # imports TensorFlow, then fails
-print(code, "sklearn" in sys.modules, gc.get_freeze_count() > 100_000)
+print(code, "sklearn" in sys.modules, gc.get_freeze_count() > 100_000, gc.get_threshold()[0])
 import sklearn.base  # importable as usual afterwards
 from sklearn.datasets import load_digits
 print(load_digits().images.shape)
@@ -290,4 +290,4 @@ print(load_digits().images.shape)
 def test_a_command_imports_tensorflow_without_sklearn_and_freezes_it(tmp_path):
     proc = _run([sys.executable, "-c", _AFTER_TF_COMMAND.format(run=tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["2 False True", "(1797, 8, 8)"], proc.stdout
+    assert proc.stdout.splitlines() == ["2 False True 10000", "(1797, 8, 8)"], proc.stdout

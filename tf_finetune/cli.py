@@ -403,6 +403,7 @@ def main(argv: list[str]) -> int:
         quiet_start.begin()
     try:
         tf_import.defer_sklearn()
+        tf_import.collect_less()
         config = config_from_flags()
         tf_import.freeze()  # TensorFlow is in by now
         return chosen.run(config, positional) if chosen.takes_inputs else chosen.run(config)
