@@ -93,3 +93,22 @@ def write_json(path: str, payload, what: str | None = None) -> None:
 def save_weights(model, path: str, what: str | None = None) -> None:
     """`model.save_weights(path)` (a `.weights.h5` file), atomically."""
     write(path, model.save_weights, what)
+
+
+# zlib level 1, not PIL's default 6: a 16-photo mistakes grid (1040x1210 px) saves in ~0.09 s
+# instead of ~0.25 s on 2 cores, for a file about the same size (photos barely compress).
+PNG_COMPRESS_LEVEL = 1
+
+
+def save_figure(figure, path: str, dpi: int = 100) -> str:
+    """A matplotlib `figure` as a PNG at `path`, atomically; returns `path`."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    write(
+        path,
+        lambda tmp: figure.savefig(
+            tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL}
+        ),
+    )
+    return path

@@ -530,15 +530,6 @@ class _WorstMistakes:
 
 
 # ----------------------------------------------------------------------------- plots
-def _save_figure(fig, out_png: str) -> str:
-    """Writes `fig` to `out_png` atomically (a temporary file, then os.replace)."""
-    directory = os.path.dirname(out_png)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    atomic.write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return out_png
-
-
 def _float(value: str) -> float:
     try:
         return float(value)
@@ -620,7 +611,7 @@ def plot_curves(
         if handles:
             ax.legend()
     fig.tight_layout()
-    return _save_figure(fig, out_png)
+    return atomic.save_figure(fig, out_png)
 
 
 def plot_confusion_matrix(report: dict, class_names: Sequence[str], out_png: str) -> str:
@@ -680,7 +671,7 @@ def plot_confusion_matrix(report: dict, class_names: Sequence[str], out_png: str
                     fontsize=count_size,
                 )
     fig.tight_layout()
-    return _save_figure(fig, out_png)
+    return atomic.save_figure(fig, out_png)
 
 
 def _display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -750,7 +741,7 @@ def plot_mistakes(
     total = int(np.sum(predicted != y)) if total_mistakes is None else total_mistakes
     if len(order) == 0:
         message = "No misclassified images" if total == 0 else "No misclassified images kept"
-        return _save_figure(_message_figure(f"{message}\n({n} examples)"), out_png)
+        return atomic.save_figure(_message_figure(f"{message}\n({n} examples)"), out_png)
 
     titles = [
         f"true: {_truncate(names[y[i]], 14)}\npred: {_truncate(names[predicted[i]], 14)} "
@@ -759,7 +750,7 @@ def plot_mistakes(
     ]
     fig = _image_grid([images[i] for i in order], titles)
     fig.suptitle(f"Most confident mistakes: {len(order)} shown of {total}")
-    return _save_figure(fig, out_png)
+    return atomic.save_figure(fig, out_png)
 
 
 def _message_figure(message: str):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tf_finetune import linear_probe
+from tf_finetune import atomic, linear_probe
 
 RANKINGS = ("margin", "self_confidence")
 
@@ -244,5 +244,4 @@ def plot_label_issues(
             fontsize=9,
         )
     figure.tight_layout()
-    figure.savefig(path, format="png")
-    return path
+    return atomic.save_figure(figure, path, dpi=figure.dpi)

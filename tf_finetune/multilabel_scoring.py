@@ -103,11 +103,6 @@ def write_split_report(passed, run_dir: str, dataset, split: str, thresholds) ->
     return report
 
 
-def _save(fig, path: str) -> str:
-    atomic.write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return path
-
-
 def plot_pr_curves(targets, probabilities, names, thresholds, path: str) -> str:
     """Each label's precision-recall curve, its AP in the legend and its threshold marked."""
     from matplotlib.figure import Figure
@@ -131,7 +126,7 @@ def plot_pr_curves(targets, probabilities, names, thresholds, path: str) -> str:
     ax.set_ylabel("precision")
     ax.set_title("Precision-recall per label (dots: the thresholds chosen on val)")
     ax.legend(fontsize=8, loc="lower left")
-    return _save(fig, path)
+    return atomic.save_figure(fig, path)
 
 
 def plot_label_confusion(targets, probabilities, names, thresholds, path: str) -> str:
@@ -156,4 +151,4 @@ def plot_label_confusion(targets, probabilities, names, thresholds, path: str) -
                 ax.text(
                     j, i, f"{shares[i, j]:.2f}", ha="center", va="center", color=colour, fontsize=7
                 )
-    return _save(fig, path)
+    return atomic.save_figure(fig, path)
