@@ -25,7 +25,8 @@ on the raw features.
 The grid is the L2 strength `l2` above, 10 .. 1e-6 by decades (`DEFAULT_L2_GRID`); walking it
 stops once the val loss has risen `patience` points in a row past its minimum.
 
-No TensorFlow here: numpy and scipy only (keras is imported lazily by `assign_to_dense`).
+No TensorFlow here: numpy and scipy only (keras is imported lazily by `assign_to_dense`, and
+scipy by the solve: ~0.2 s that a run with `--head_solver=fit` does not pay).
 """
 
 import contextlib
@@ -34,7 +35,6 @@ import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from scipy import optimize
 
 # Strong to weak: 10 .. 1e-6, one point per decade. For ~3,000 examples this spans scikit-learn's
 # C from ~3e-5 to ~300, which brackets the optimum of every feature set we have tried.
@@ -143,6 +143,8 @@ def _initial(problem: _Problem, t: np.ndarray) -> np.ndarray:
 
 
 def _minimize(problem: _Problem, theta0: np.ndarray, tol: float, max_iter: int):
+    from scipy import optimize
+
     result = optimize.minimize(
         problem,
         theta0,
