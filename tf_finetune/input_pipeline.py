@@ -6,8 +6,10 @@ text_data.py and multilabel_data.py; this module picks one
 and batches it for a strategy. It never imports the model, the trainer or the export.
 """
 
+import collections.abc
 import dataclasses
 import os
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -146,7 +148,7 @@ def trains_on_pixels(config: Config) -> bool:
 
 def make_pipelines(
     config: Config, dataset: data.DataSet, replicas: int = 1, *, endless: bool = False
-) -> dict[str, tf.data.Dataset]:
+) -> "Pipelines":
     """train (shuffled, augmented per the flags), val and, if any, test batches.
 
     Args:
@@ -176,21 +178,46 @@ def make_pipelines(
         )
         return ds.with_options(_shard_by_data()) if endless else ds
 
-    train = augment.augment_training_pipeline(
-        pipeline(dataset.train, True, keep),
-        config.augment,
-        config.mixup,
-        config.cutmix,
-        config.seed,
-    )
-    if not endless:  # skip_batches_smaller_than drops the few examples left over
-        train = distribute.skip_batches_smaller_than(
-            train, replicas, dataset.train.count, config.batch_size
+    def train() -> tf.data.Dataset:
+        ds = augment.augment_training_pipeline(
+            pipeline(dataset.train, True, keep),
+            config.augment,
+            config.mixup,
+            config.cutmix,
+            config.seed,
         )
-    pipelines = {"train": train, "val": pipeline(dataset.val, False, keep)}
+        if endless:
+            return ds
+        # skip_batches_smaller_than drops the few examples left over
+        return distribute.skip_batches_smaller_than(
+            ds, replicas, dataset.train.count, config.batch_size
+        )
+
+    builders = {"train": train, "val": lambda: pipeline(dataset.val, False, keep)}
     if dataset.test and not endless:
-        pipelines["test"] = pipeline(dataset.test, False)
-    return pipelines
+        builders["test"] = lambda: pipeline(dataset.test, False)
+    return Pipelines(builders)
+
+
+class Pipelines(collections.abc.Mapping):
+    """{split: its batches}, each pipeline built when first looked up: a head-only run reads
+    none of them (its feature passes make their own), and building one traces its decode
+    (~0.1 s each)."""
+
+    def __init__(self, builders: dict[str, Callable[[], tf.data.Dataset]]):
+        self._builders = builders
+        self._built: dict[str, tf.data.Dataset] = {}
+
+    def __getitem__(self, split: str) -> tf.data.Dataset:
+        if split not in self._built:
+            self._built[split] = self._builders[split]()
+        return self._built[split]
+
+    def __iter__(self):
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
 
 
 def balanced_split(split: data.Split, num_classes: int, seed: int, endless: bool) -> data.Split:

@@ -42,8 +42,8 @@ def evaluate_and_report(
     cached features); the others get a pass of `model`."""
     passed = passed or {}
     passes = {
-        s: passed[s] if s in passed else predict(model, ds)
-        for s, ds in pipelines.items()
+        s: passed[s] if s in passed else predict(model, pipelines[s])
+        for s in pipelines
         if s != "train"
     }
     thresholds = mlm.choose_thresholds(

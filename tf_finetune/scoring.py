@@ -160,9 +160,8 @@ def evaluate_and_report(
     for n, split in enumerate(s for s in pipelines if s != "train"):
         passed = cached.predictions(dataset, split) if cached else None
         # curves.png (from history.csv) once, with the first split's report.
-        report = write_split_report(
-            model, pipelines[split], dataset, config, split, passed, curves=n == 0
-        )
+        ds = pipelines[split] if passed is None else None  # built only when it is read
+        report = write_split_report(model, ds, dataset, config, split, passed, curves=n == 0)
         results.update(report.pop("scores"))
         results[f"{split}_macro_f1"] = report["macro_f1"]
         results[f"{split}_weighted_f1"] = report["weighted_f1"]
