@@ -33,7 +33,7 @@ def _dead_pid() -> int:
 
 
 class _At(keras.callbacks.Callback):
-    """Runs `action` after step `step` of epoch `epoch`."""
+    """Runs `action` after step `step` of epoch `epoch` (None: its first batch hook)."""
 
     def __init__(self, epoch, step, action):
         super().__init__()
@@ -43,8 +43,9 @@ class _At(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if (self._epoch, batch) == (self.epoch, self.step):
+        if self._epoch == self.epoch and self.step in (batch, None):
             self.action()
+            self.epoch = None
 
 
 # ----------------------------------------------------------------------------- lock
@@ -121,8 +122,10 @@ def test_sigint_mid_epoch_saves_a_backup_and_the_rerun_resumes(folder, tmp_path)
 def test_head_phase_on_cached_features_resumes_too(folder, tmp_path):
     """A frozen backbone trains its head on cached features, with its own backup folder."""
     config = tiny(folder, tmp_path, unfreeze="0", cache="memory", epochs=3)
-    interrupt = _At(1, 0, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    with pytest.raises(faults.Stopped, match="SIGTERM at epoch 2"):
+    # The head runs an epoch's steps in one execution, so batch hooks run once per epoch: the
+    # signal sent at the end of epoch 2's steps stops the run while it validates that epoch.
+    interrupt = _At(1, None, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(faults.Stopped, match="SIGTERM while validating epoch 2"):
         train.train_and_evaluate(config, extra_callbacks=(interrupt,))
     assert faults.read_backup(str(tmp_path / "backup_head"))["epoch"] == 1
     assert (tmp_path / "checkpoints" / "head_best.json").exists()

@@ -175,9 +175,11 @@ def compile_model(
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.0,
     multipliers: dict[str, float] | None = None,
     label_weights: tuple[list[float], list[float]] | None = None,
+    steps_per_execution: int = 1,
 ) -> None:
     """Compiles with the configured optimizer, loss and metrics. `label_weights`: a
-    multi-label run's (positive, negative) weights per label (`--class_weight=balanced`)."""
+    multi-label run's (positive, negative) weights per label (`--class_weight=balanced`).
+    `steps_per_execution`: Keras' (callbacks' batch hooks then run once per execution)."""
     if config.task == "multi_label":
         if label_weights is not None:
             loss = WeightedBinaryCrossentropy(*label_weights, config.label_smoothing)
@@ -199,6 +201,7 @@ def compile_model(
         loss=loss,
         metrics=metrics,
         jit_compile=config.jit_compile,
+        steps_per_execution=steps_per_execution,
     )
 
 

@@ -73,9 +73,14 @@ def predict_features(
 
 
 def _load(split: data.Split, indices: np.ndarray) -> list:
-    """The loaded inputs of `split` at `indices` (positions in its source), in that order."""
+    """The loaded inputs of `split` at `indices` (positions in its source), in that order.
+
+    Loaded by one traced map: eagerly, op by op, a photo's decode took ~15 ms on 2 cores."""
+    if not len(indices):
+        return []
     keys = data.keys_at(split, indices)
-    return [split.load(tf.constant(keys[int(i)])).numpy() for i in indices]
+    wanted = tf.data.Dataset.from_tensor_slices([keys[int(i)] for i in indices])
+    return [x.numpy() for x in wanted.map(split.load, num_parallel_calls=data.AUTOTUNE)]
 
 
 def evaluate_splits(model: keras.Model, pipelines: dict) -> dict[str, float]:
