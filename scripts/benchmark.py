@@ -132,9 +132,9 @@ def make_trees(work: pathlib.Path, phone_count: int) -> dict[str, pathlib.Path]:
 
 
 # ----------------------------------------------------------------------------- the two sides
-def _env(work: pathlib.Path) -> dict:
+def _env(work: pathlib.Path, repo: pathlib.Path = REPO) -> dict:
     home = pathlib.Path(tempfile.mkdtemp(prefix="keras_home_", dir=work))  # no warm caches
-    return {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(home)}
+    return {**os.environ, "PYTHONPATH": str(repo), "KERAS_HOME": str(home)}
 
 
 def run_recipe(tree, size, epochs, seed, work) -> dict:
@@ -148,8 +148,10 @@ def run_recipe(tree, size, epochs, seed, work) -> dict:
     return {"seed": seed, "wall": float(lines["READY"]) - start, **json.loads(lines["RESULT"])}
 
 
-def run_ours(tree, size, epochs, seed, work, extra=(), wrap_rss=False) -> dict:
-    """`tf-finetune train` in a subprocess: wall = start -> the command's exit (export done)."""
+def run_ours(tree, size, epochs, seed, work, extra=(), wrap_rss=False, repo=REPO) -> dict:
+    """`tf-finetune train` in a subprocess: wall = start -> the command's exit (export done).
+    `repo`: the checkout whose package runs (the subprocess starts in `work`, so `-m` finds
+    it through PYTHONPATH, not the current directory)."""
     model_dir = pathlib.Path(tempfile.mkdtemp(prefix="ours_", dir=work))
     flags = [
         f"--data={tree}",
@@ -171,7 +173,8 @@ def run_ours(tree, size, epochs, seed, work, extra=(), wrap_rss=False) -> dict:
         [*prefix, "tf_finetune", "train", *flags],
         capture_output=True,
         text=True,
-        env=_env(work),
+        env=_env(work, repo),
+        cwd=work,
         timeout=3600,
     )
     wall = time.time() - start
