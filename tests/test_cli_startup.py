@@ -291,3 +291,14 @@ def test_a_command_imports_tensorflow_without_sklearn_and_freezes_it(tmp_path):
     proc = _run([sys.executable, "-c", _AFTER_TF_COMMAND.format(run=tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["2 False True 10000", "(1797, 8, 8)"], proc.stdout
+
+
+def test_startup_seconds_are_the_process_age_to_the_clock_tick():
+    # psutil's create_time adds Linux's boot time, which is in whole seconds: up to 1 s off.
+    code = "import time; time.sleep(0.3); from tf_finetune import timings; print(timings.process_seconds())"
+    start = time.monotonic()
+    proc = _run([sys.executable, "-c", code])
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    age = float(proc.stdout.split()[-1])
+    assert 0.3 <= age <= wall + 0.02, (age, wall)
