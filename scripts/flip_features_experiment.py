@@ -47,7 +47,8 @@ def list_files(root: pathlib.Path):
     return files, np.array(labels), np.array(part), len(classes)
 
 
-def features(files: list[str], flip: bool) -> np.ndarray:
+def features(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(plain, mirrored) features of `files`, from one model and one compiled forward."""
     model = keras.applications.MobileNetV2(
         alpha=0.35,
         input_shape=(128, 128, 3),
@@ -57,12 +58,15 @@ def features(files: list[str], flip: bool) -> np.ndarray:
     )
     forward = tf.function(lambda x: model(keras.applications.mobilenet_v2.preprocess_input(x)))
 
-    def load(path):
-        image = data.decode_and_resize(tf.io.read_file(path), 128)
-        return tf.image.flip_left_right(image) if flip else image
+    def run(flip: bool) -> np.ndarray:
+        def load(path):
+            image = data.decode_and_resize(tf.io.read_file(path), 128)
+            return tf.image.flip_left_right(image) if flip else image
 
-    images = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=2)
-    return np.concatenate([forward(batch).numpy() for batch in images.batch(64)])
+        images = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=2)
+        return np.concatenate([forward(batch).numpy() for batch in images.batch(64)])
+
+    return run(False), run(True)
 
 
 def variants(xp, xf, y, k, train, val, test) -> dict[str, np.ndarray]:
@@ -92,7 +96,7 @@ def main() -> None:
     work = pathlib.Path(tempfile.mkdtemp(prefix="tf_finetune_flip_"))
     root = benchmark.make_trees(work, phone_count=1)["third"]
     files, y, part, k = list_files(root)
-    xp, xf = features(files, False), features(files, True)
+    xp, xf = features(files)
     index = np.arange(len(y))
     fixed = variants(xp, xf, y, k, *(index[part == s] for s in SPLITS))
     print(f"benchmark split ({np.sum(part == 'test')} test images): test accuracy")
