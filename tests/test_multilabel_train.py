@@ -19,9 +19,12 @@ NAMES = ["blue", "green", "red"]
 FLAGS = (
     "--task=multi_label",
     "--image_size=32",
-    "--epochs=8",
+    "--epochs=20",
     "--batch_size=16",
-    "--learning_rate=0.01",
+    "--learning_rate=0.003",
+    # Seeded, so bit-reproducible: the exported model's labels for fresh images are checked
+    # exactly, and unseeded runs left a patch-free image 0.06-0.2 from a threshold.
+    "--seed=0",
     "--unfreeze=all",
     "--test_percent=20",
 )
