@@ -2,6 +2,7 @@
 run's files as a fit on cached features leaves them; the flags it cannot take refused."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from tests.images import write_class_folders
 from tests.test_faults import _At
-from tf_finetune import evaluate_run, faults, features, phases, rundir, train
+from tf_finetune import evaluate_run, faults, feature_fit, features, phases, rundir, train
 from tf_finetune import model as model_lib
 from tf_finetune.config import Config
 from tf_finetune.errors import UserError
@@ -123,6 +124,68 @@ def test_lbfgs_refuses_what_needs_pixels_or_a_training_backbone(
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_fit_stays_the_default_and_takes_every_flag(folder, tmp_path):
-    assert Config().head_solver == "fit"
+def test_fit_takes_every_flag_lbfgs_refuses(folder, tmp_path):
     lbfgs(folder, tmp_path, head_solver="fit", ema=0.99, unfreeze="all")  # no refusal
+
+
+AUTO_FITS = [
+    dict(ema=0.99),
+    dict(average_checkpoints=2),
+    dict(mixup=0.2),
+    dict(augment="light"),
+    dict(cache="none"),
+    dict(sampling="balanced"),
+    dict(task="multi_label"),
+]
+
+
+def _phases(config, mode):
+    return [feature_fit.head_solver(config, p, mode) for p in phases.plan(config)]
+
+
+def test_auto_is_the_default_and_solves_every_head_only_phase_on_cached_features(folder, tmp_path):
+    assert Config().head_solver == "auto"
+    config = lbfgs(folder, tmp_path, head_solver="auto")
+    assert _phases(config, "memory") == ["lbfgs"] and _phases(config, "disk") == ["lbfgs"]
+    assert _phases(config, "none") == ["fit"]  # e.g. multi-worker: no feature cache at run time
+    two = lbfgs(folder, tmp_path, head_solver="auto", unfreeze="all", warmup_epochs=2)
+    assert _phases(two, "memory") == ["lbfgs", "fit"]  # the fine-tune phase trains the backbone
+    assert _phases(lbfgs(folder, tmp_path, head_solver="auto", unfreeze="all"), "none") == ["fit"]
+    explicit = lbfgs(folder, tmp_path, head_solver="fit")
+    assert _phases(explicit, "memory") == ["fit"]
+
+
+@pytest.mark.parametrize("overrides", AUTO_FITS, ids=lambda o: next(iter(o)))
+def test_auto_falls_back_to_fit_where_lbfgs_is_refused(folder, tmp_path, overrides):
+    with pytest.raises(UserError):  # what an explicit --head_solver=lbfgs refuses ...
+        lbfgs(folder, tmp_path, **overrides)
+    config = dataclasses.replace(
+        lbfgs(folder, tmp_path, head_solver="fit", **overrides), head_solver="auto"
+    )
+    resolve(config)  # ... auto takes, and trains with fit, whatever the cache mode
+    assert _phases(config, "memory") == ["fit"]
+
+
+def test_tune_trials_fit_the_head_under_auto(folder, tmp_path):
+    from tf_finetune import tune
+
+    base = lbfgs(folder, tmp_path, head_solver="auto")
+    trial = tune.trial_config(base, {"learning_rate": 0.1}, 3, str(tmp_path / "t"))
+    assert trial.head_solver == "fit"  # the knobs a trial varies are fit's
+    explicit = tune.trial_config(
+        dataclasses.replace(base, head_solver="lbfgs"), {}, 3, str(tmp_path / "t")
+    )
+    assert explicit.head_solver == "lbfgs"
+
+
+@pytest.mark.slow
+def test_the_default_run_solves_its_head_and_says_so(folder, tmp_path, caplog):
+    config = lbfgs(folder, tmp_path, head_solver="auto")
+    with caplog.at_level("INFO", logger="absl"):
+        metrics = train.train_and_evaluate(config)
+    assert metrics["head_solver"]["solver"] == "lbfgs" and metrics["epochs"] == 1
+    assert "--head_solver=auto solves the head once by L-BFGS" in caplog.text
+    with_ema = dataclasses.replace(config, model_dir=str(tmp_path / "ema"), ema=0.99)
+    metrics = train.train_and_evaluate(with_ema)
+    assert "head_solver" not in metrics and metrics["epochs"] == 4
+    assert len(_history(tmp_path / "ema")) == 4

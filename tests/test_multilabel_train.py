@@ -121,7 +121,7 @@ def test_thresholds_in_the_graph_are_the_card_s_in_label_order():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--head_solver=lbfgs"], "--head_solver=lbfgs with --task=multi_label"),
+        (["--head_solver=lbfgs"], "--task=multi_label has a sigmoid per label"),
         (["--mixup=0.2"], "--mixup/--cutmix with --task=multi_label"),
         (["--data="], "--task=multi_label needs --data"),
     ],

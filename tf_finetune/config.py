@@ -293,13 +293,16 @@ class Config:
         ("auto", "memory", "disk", "none"),
     )
     head_solver: str = _field(
-        "fit",
-        "How a head-only phase on cached features (--unfreeze=0, or the --warmup_epochs phase) "
-        "trains the head. fit: Keras fit for the phase's epochs; lbfgs: the linear-probe "
-        "protocol, one L2-regularised softmax regression solved to optimum by L-BFGS with the "
-        "L2 strength chosen on val_loss (replaces the phase's epochs; needs the feature cache).",
+        "auto",
+        "How a head-only phase (--unfreeze=0, or the --warmup_epochs phase) trains the head. "
+        "lbfgs: the linear-probe protocol, one L2-regularised softmax regression solved to "
+        "optimum by L-BFGS on the cached features, the L2 strength chosen on val_loss (it "
+        "replaces the phase's epochs, --learning_rate and --batch_size); fit: Keras fit for the "
+        "phase's epochs; auto: lbfgs wherever the phase runs on cached features and no flag "
+        "needs per-step training (--augment, --mixup, --ema, --sampling=balanced, "
+        "--task=multi_label, ...), else fit. `tune` searches fit's knobs, so auto is fit there.",
         "training",
-        ("fit", "lbfgs"),
+        ("auto", "fit", "lbfgs"),
     )
     cache_views: int = _field(
         0,

@@ -6,8 +6,8 @@ images never change (no augmentation, mixup, cutmix) and that needs no whole-mod
 (EMA, checkpoint averaging). The head shares its layers with the classifier, so the classifier
 leaves this phase trained, and its best checkpoint is written where the pixel path writes it.
 
-The head is trained by `fit_head` (Keras fit for the phase's epochs) or, with
-`--head_solver=lbfgs`, by `solve_head` (one linear-probe solve, linear_probe.py).
+The head is trained by `fit_head` (Keras fit for the phase's epochs) or by `solve_head` (one
+linear-probe solve, linear_probe.py): `head_solver` says which.
 
 `--cache_views=N` is augmentation at cached speed: the pass also puts N augmented views of each
 training image (data.augmented_view, made from its one decode) through the backbone, cached
@@ -32,6 +32,7 @@ from tf_finetune import (
     linear_probe,
     phases,
     rundir,
+    validation,
 )
 from tf_finetune import config as config_lib
 from tf_finetune import model as model_lib
@@ -67,6 +68,16 @@ def cache_mode(config: Config, feature_dim: int, count: int, phase: phases.Phase
         rows = count * (1 + config.cache_views)
         return "memory" if feature_dim * rows * 4 <= MEMORY_CACHE_BYTES else "disk"
     return config.cache
+
+
+def head_solver(config: Config, phase: phases.Phase, mode: str) -> str:
+    """fit or lbfgs: how `phase` trains its head. `--head_solver=auto` is lbfgs where the
+    phase is head-only on cached features (`mode`) and no flag needs per-step training."""
+    if phase.unfreeze != 0:
+        return "fit"
+    if config.head_solver != "auto":
+        return config.head_solver
+    return "lbfgs" if mode != "none" and validation.lbfgs_obstacle(config) is None else "fit"
 
 
 def _file_stamp(path: str) -> str:

@@ -449,7 +449,14 @@ def _fit_phase(
         logging.info("--cache=%s is not used with multi_worker / --data_service.", mode)
         mode = "none"
     ctx.features = None
-    if config.head_solver == "lbfgs" and phase.unfreeze == 0:
+    if feature_fit.head_solver(config, phase, mode) == "lbfgs":
+        if config.head_solver == "auto":
+            logging.info(
+                "Phase %s: --head_solver=auto solves the head once by L-BFGS on the cached "
+                "features (--epochs, --learning_rate and --batch_size do not apply to it; "
+                "--head_solver=fit trains it for the phase's epochs).",
+                phase.name,
+            )
         return _solve_phase(ctx, model, phase, mode)
     phase_callbacks = callbacks.make_callbacks(
         config,

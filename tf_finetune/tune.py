@@ -162,6 +162,8 @@ def trial_config(base: Config, values: dict, epochs: int, model_dir: str) -> Con
         model_dir=model_dir,
         export_dir="",
         min_accuracy=0.0,
+        # The knobs (learning rate, batch size, dropout, epochs) are fit's: L-BFGS ignores them.
+        head_solver="fit" if base.head_solver == "auto" else base.head_solver,
         **{f"tune_{k.field}": "" for k in KNOBS},
     )
 

@@ -50,20 +50,40 @@ def cache_needs_frozen_features(config: Config) -> None:
 _LBFGS = "--head_solver=lbfgs solves the head once on cached features of a frozen backbone"
 
 
-def lbfgs_keeps_the_backbone_frozen(config: Config) -> None:
-    if config.head_solver != "lbfgs":
-        return
+def lbfgs_obstacle(config: Config) -> str | None:
+    """Why this run's head-only phase cannot be solved by L-BFGS (one line saying what to do),
+    or None. An explicit --head_solver=lbfgs is refused with it; `auto` falls back to fit."""
     if backbone_table.is_hub_backbone(config.backbone) and config.unfreeze == "all":
-        raise UserError(
+        return (
             f"{_LBFGS}; --unfreeze=all trains the hub module (e.g. a text encoder): use "
             "--unfreeze=0 with it, or --head_solver=fit."
         )
     if _only_phase_trains_the_backbone(config):
-        raise UserError(
+        return (
             f"{_LBFGS}; --unfreeze={config.unfreeze} trains the backbone in the only phase: "
             "use --unfreeze=0, add --warmup_epochs (lbfgs then solves the head phase), or "
             "--head_solver=fit."
         )
+    conflicts = _without_feature_cache(config)
+    if conflicts:
+        flag, reason = conflicts[0]
+        return f"{_LBFGS}; {flag} {reason}: drop it, or use --head_solver=fit."
+    if config.sampling == "balanced":
+        return (
+            "--sampling=balanced draws training batches; --head_solver=lbfgs solves on every "
+            "feature at once: use --class_weight=balanced with it, or --head_solver=fit."
+        )
+    if config.task == "multi_label":
+        return (
+            f"{_LBFGS} with a softmax over classes; --task=multi_label has a sigmoid per "
+            "label: use --head_solver=fit."
+        )
+    return None
+
+
+def lbfgs_can_solve_the_head(config: Config) -> None:
+    if config.head_solver == "lbfgs" and (obstacle := lbfgs_obstacle(config)):
+        raise UserError(obstacle)
 
 
 def _only_phase_trains_the_backbone(config: Config) -> bool:
@@ -86,15 +106,6 @@ def _without_feature_cache(config: Config) -> list[tuple[str, str]]:
         ("--data_service", config.data_service, "trains on pixels"),
     )
     return [(flag, why) for flag, value, why in conflicts if value]
-
-
-def lbfgs_needs_the_feature_cache(config: Config) -> None:
-    if config.head_solver != "lbfgs":
-        return
-    conflicts = _without_feature_cache(config)
-    if conflicts:
-        flag, reason = conflicts[0]
-        raise UserError(f"{_LBFGS}; {flag} {reason}: drop it, or use --head_solver=fit.")
 
 
 # --cache_views=N caches augmented views of the training images as features of the frozen
@@ -174,11 +185,6 @@ def sampling_or_class_weight(config: Config) -> None:
         raise UserError(
             f"--sampling=balanced and --class_weight={config.class_weight} both correct the "
             "same imbalance (together they over-correct it): use one of them."
-        )
-    if config.head_solver == "lbfgs":
-        raise UserError(
-            "--sampling=balanced draws training batches; --head_solver=lbfgs solves on every "
-            "feature at once: use --class_weight=balanced with it, or --head_solver=fit."
         )
 
 
@@ -301,7 +307,6 @@ def multi_label_options(config: Config) -> None:
     if config.task != "multi_label":
         return
     refused = {
-        "--head_solver=lbfgs": config.head_solver == "lbfgs",
         "--mixup/--cutmix": bool(config.mixup or config.cutmix),
         "--sampling=balanced": config.sampling == "balanced",
         "--label_issues": config.label_issues,
@@ -318,8 +323,7 @@ RULES: tuple[Callable[[Config], None], ...] = (
     unfreeze_values,
     warmup_leaves_fine_tuning,
     cache_needs_frozen_features,
-    lbfgs_keeps_the_backbone_frozen,
-    lbfgs_needs_the_feature_cache,
+    lbfgs_can_solve_the_head,
     cache_views_need_cached_features,
     weight_decay_needs_adamw,
     schedule_or_plateau,
