@@ -121,7 +121,7 @@ def test_sigint_mid_epoch_saves_a_backup_and_the_rerun_resumes(folder, tmp_path)
 @pytest.mark.slow
 def test_head_phase_on_cached_features_resumes_too(folder, tmp_path):
     """A frozen backbone trains its head on cached features, with its own backup folder."""
-    config = tiny(folder, tmp_path, unfreeze="0", cache="memory", epochs=3)
+    config = tiny(folder, tmp_path, unfreeze="0", cache="memory", epochs=3, head_solver="fit")
     # The head runs an epoch's steps in one execution, so batch hooks run once per epoch: the
     # signal sent at the end of epoch 2's steps stops the run while it validates that epoch.
     interrupt = _At(1, None, lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -141,7 +141,9 @@ def test_sigterm_in_phase_two_resumes_there_and_keeps_the_best_of_phase_one(fold
     """Two-phase runs: each phase backs up to backup/phase<i>; best.json spans the phases."""
     from tf_finetune import phases
 
-    config = tiny(folder, tmp_path, epochs=4, warmup_epochs=2, unfreeze="1", cache="memory")
+    config = tiny(
+        folder, tmp_path, epochs=4, warmup_epochs=2, unfreeze="1", cache="memory", head_solver="fit"
+    )
     # Sent after step 1 (once our callback has looked): step 2 runs, then the run stops.
     interrupt = _At(2, 0, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(faults.Stopped, match="SIGTERM at epoch 3, step 2"):

@@ -98,7 +98,7 @@ def test_cache_key_changes_with_everything_that_changes_a_feature(folder, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_cached_training_trains_the_full_model(folder, tmp_path, cache):
-    config = frozen(folder, tmp_path, cache=cache)
+    config = frozen(folder, tmp_path, cache=cache, head_solver="fit")
     metrics = train.train_and_evaluate(config)
     assert metrics["val_accuracy"] > 0.6, metrics  # evaluated by the full model on pixels
     assert (tmp_path / "checkpoints" / "head_best.weights.h5").exists()

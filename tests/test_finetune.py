@@ -133,8 +133,10 @@ def test_phase_two_learning_rate_defaults_to_a_tenth(folder, tmp_path):
 def test_killed_run_resumes_in_the_phase_it_was_in(
     folder, tmp_path, crash_epoch, resumed_phase, cache
 ):
-    # cache=memory: phase 1 trains the head on cached backbone features.
-    config = tiny(folder, tmp_path, epochs=4, warmup_epochs=2, unfreeze="1", cache=cache)
+    # cache=memory: phase 1 trains the head on cached backbone features (for its epochs).
+    config = tiny(
+        folder, tmp_path, epochs=4, warmup_epochs=2, unfreeze="1", cache=cache, head_solver="fit"
+    )
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, extra_callbacks=(Crash(crash_epoch),))
     state = phases.load_state(str(tmp_path))
@@ -322,8 +324,8 @@ def test_mixed_precision_computes_in_bfloat16_with_a_float32_output(folder, tmp_
 @pytest.mark.slow
 def test_min_accuracy_gate_exits_3_keeps_the_run_and_exports_nothing(folder, tmp_path, capsys):
     run = tmp_path / "run"
-    # --learning_rate=1e-9 learns nothing: chance accuracy.
-    flags = ["--epochs=1", "--learning_rate=1e-9", "--min_accuracy=0.99"]
+    # --learning_rate=1e-9 learns nothing with fit: chance accuracy.
+    flags = ["--epochs=1", "--learning_rate=1e-9", "--head_solver=fit", "--min_accuracy=0.99"]
     code = cli.main(["train", *tiny_flags(folder, run, *flags)])
     err = capsys.readouterr().err
     assert code == 3

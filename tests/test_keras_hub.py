@@ -289,6 +289,7 @@ def test_two_phase_run_resumes_with_the_preset(presets, folder, tmp_path):
         warmup_epochs=1,
         epochs=3,
         layer_lr_decay=0.8,
+        head_solver="fit",  # a crash inside the head phase's epochs
     )
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, extra_callbacks=(_Crash(),))
