@@ -139,8 +139,13 @@ AUTO_FITS = [
 ]
 
 
-def _phases(config, mode, train_bytes=10**6):
-    return [feature_fit.head_solver(config, p, mode, train_bytes) for p in phases.plan(config)]
+FEATURE_DIM = 128  # digits_cnn's pooled features
+
+
+def _phases(config, mode, count=48):
+    return [
+        feature_fit.head_solver(config, p, mode, FEATURE_DIM, count) for p in phases.plan(config)
+    ]
 
 
 def test_auto_is_the_default_and_solves_every_head_only_phase_on_cached_features(folder, tmp_path):
@@ -149,7 +154,9 @@ def test_auto_is_the_default_and_solves_every_head_only_phase_on_cached_features
     assert _phases(config, "memory") == ["lbfgs"] and _phases(config, "disk") == ["lbfgs"]
     assert _phases(config, "none") == ["fit"]  # e.g. multi-worker: no feature cache at run time
     # Features beyond the memory cache's budget: a fit streams them, a full-batch solve cannot.
-    assert _phases(config, "disk", feature_fit.MEMORY_CACHE_BYTES + 1) == ["fit"]
+    at_budget = feature_fit.MEMORY_CACHE_BYTES // (FEATURE_DIM * 4)
+    assert _phases(config, "disk", at_budget) == ["lbfgs"]
+    assert _phases(config, "disk", at_budget + 1) == ["fit"]
     two = lbfgs(folder, tmp_path, head_solver="auto", unfreeze="all", warmup_epochs=2)
     assert _phases(two, "memory") == ["lbfgs", "fit"]  # the fine-tune phase trains the backbone
     assert _phases(lbfgs(folder, tmp_path, head_solver="auto", unfreeze="all"), "none") == ["fit"]

@@ -67,28 +67,29 @@ def cache_mode(config: Config, feature_dim: int, count: int, phase: phases.Phase
             logging.info("Phase %s trains end to end on pixels (no feature cache).", phase.name)
         return "none"
     if config.cache == "auto":
-        return (
-            "memory" if feature_bytes(feature_dim, count, config) <= MEMORY_CACHE_BYTES else "disk"
-        )
+        return "memory" if fits_in_memory(feature_dim, count, config) else "disk"
     return config.cache
 
 
-def head_solver(config: Config, phase: phases.Phase, mode: str, train_bytes: int) -> str:
+def head_solver(
+    config: Config, phase: phases.Phase, mode: str, feature_dim: int, count: int
+) -> str:
     """fit or lbfgs: how `phase` trains its head. `--head_solver=auto` is lbfgs where the
     phase is head-only on cached features (`mode`), no flag needs per-step training, and the
-    train features (`train_bytes` as float32) fit the memory cache's budget: the full-batch
-    solve holds them in RAM, where a fit streams them from disk."""
+    train features fit the memory cache's budget: the full-batch solve holds them in RAM,
+    where a fit streams them from disk."""
     if phase.unfreeze != 0:
         return "fit"
     if config.head_solver != "auto":
         return config.head_solver
-    solvable = mode != "none" and train_bytes <= MEMORY_CACHE_BYTES
+    solvable = mode != "none" and fits_in_memory(feature_dim, count, config)
     return "lbfgs" if solvable and validation.lbfgs_obstacle(config) is None else "fit"
 
 
-def feature_bytes(feature_dim: int, count: int, config: Config) -> int:
-    """Bytes of a split's cached float32 features, its augmented views included."""
-    return feature_dim * count * (1 + config.cache_views) * 4
+def fits_in_memory(feature_dim: int, count: int, config: Config) -> bool:
+    """Whether a split's cached float32 features, augmented views included, fit the memory
+    cache's budget."""
+    return feature_dim * count * (1 + config.cache_views) * 4 <= MEMORY_CACHE_BYTES
 
 
 def _file_stamp(path: str) -> str:

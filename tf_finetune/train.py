@@ -448,8 +448,8 @@ def _fit_phase(
         logging.info("--cache=%s is not used with multi_worker / --data_service.", mode)
         mode = "none"
     ctx.features = None
-    train_bytes = feature_fit.feature_bytes(feature_dim, ctx.dataset.train.count, config)
-    if feature_fit.head_solver(config, phase, mode, train_bytes) == "lbfgs":
+    solver = feature_fit.head_solver(config, phase, mode, feature_dim, ctx.dataset.train.count)
+    if solver == "lbfgs":
         if config.head_solver == "auto":
             logging.info(
                 "Phase %s: --head_solver=auto solves the head once by L-BFGS on the cached "
