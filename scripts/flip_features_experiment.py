@@ -47,8 +47,9 @@ def list_files(root: pathlib.Path):
     return files, np.array(labels), np.array(part), len(classes)
 
 
-def features(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(plain, mirrored) features of `files`, from one model and one compiled forward."""
+def features(files: list[str], mirrored: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(plain, mirrored) features of `files`, from one model and one compiled forward (the
+    mirrored ones None unless `mirrored`)."""
     model = keras.applications.MobileNetV2(
         alpha=0.35,
         input_shape=(128, 128, 3),
@@ -66,7 +67,7 @@ def features(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
         images = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=2)
         return np.concatenate([forward(batch).numpy() for batch in images.batch(64)])
 
-    return run(False), run(True)
+    return run(False), run(True) if mirrored else None
 
 
 def variants(xp, xf, y, k, train, val, test) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@ Sections (each a block of README.md between `<!-- results:NAME -->` and `<!-- /r
   compare_warm     the same with --warmup_epochs=3 --epochs=5
   tflite           `tf-finetune export --format=tflite` with each --quantize: size, val accuracy
   performance      scripts/benchmark.py: tf-finetune vs the Keras guide's recipe, like for like
+  probe_resplits   scripts/probe_experiment.py: the L-BFGS head's gain over the recipe's head on
+                   the same features, over 30 random re-splits of the third
 
 Each section is stored in results/results.json with the commit, date, CPU, core count and the
 1-minute load average before and after; measuring one section keeps the others. Times taken
@@ -203,6 +205,15 @@ def measure_cache_views(work, quick) -> dict:
     return _json(out)
 
 
+def measure_probe_resplits(work, quick) -> dict:
+    out = work / "probe.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "probe_experiment.py"), f"--json={out}"]
+    proc = subprocess.run([*cmd, *(["--resplits=3"] if quick else [])], cwd=REPO, text=True)
+    if proc.returncode:
+        sys.exit("results.py: scripts/probe_experiment.py failed (its output is above)")
+    return _json(out)
+
+
 MEASURE = {
     "offline_default": measure_offline_default,
     "real_photos": measure_real_photos,
@@ -212,6 +223,7 @@ MEASURE = {
     "performance": measure_performance,
     "cache_views": measure_cache_views,
     "head_solver": measure_head_solver,
+    "probe_resplits": measure_probe_resplits,
 }
 NEEDS_SHARED = set(MEASURE) - {"offline_default"}
 SHORTENED_BY_QUICK = set(MEASURE) - {"offline_default"}  # the offline default is one size
@@ -550,6 +562,39 @@ def render_cache_views(s: dict) -> str:
     )
 
 
+def render_probe_resplits(s: dict) -> str:
+    d = s["data"]
+    fixed, n = d["benchmark_split"], d["resplits"]
+    images = d["images"]
+    lines = [
+        "| splits | recipe's head, **test** acc | L-BFGS head, **test** acc | gain |",
+        "| --- | ---: | ---: | ---: |",
+        f"| the benchmark's split ({images['train']:,} / {images['val']:,} / "
+        f"{images['test']:,}) | {fixed['recipe']:.3f} | {fixed['lbfgs']:.3f} "
+        f"| {fixed['lbfgs'] - fixed['recipe']:+.3f} |",
+    ]
+    if n:
+        lines.append(
+            f"| {n} random 70/15/15 re-splits (mean) | {d['recipe_mean']:.3f} "
+            f"| {d['lbfgs_mean']:.3f} | {d['gain_mean']:+.3f} ± {d['gain_se']:.3f} (se) |"
+        )
+    text = "\n".join(lines) + (
+        f"\n\nThe recipe's head: the mean of seeds {d['recipe_seeds']} per split, "
+        f"{d['epochs']} epochs. "
+    )
+    if n:
+        text += (
+            f"Per re-split the gain's sd is {d['gain_sd']:.3f}; it is >= +0.02 on "
+            f"{d['splits_gain_at_least_2_points']} of {n} re-splits, and below 0 on "
+            f"{d['splits_lbfgs_worse']}. "
+        )
+    return (
+        text
+        + "`python scripts/probe_experiment.py` alone prints the same.\n\n"
+        + provenance("probe_resplits", s)
+    )
+
+
 RENDER = {
     "offline_default": render_offline_default,
     "real_photos": render_real_photos,
@@ -559,6 +604,7 @@ RENDER = {
     "performance": render_performance,
     "cache_views": render_cache_views,
     "head_solver": render_head_solver,
+    "probe_resplits": render_probe_resplits,
 }
 
 
