@@ -135,7 +135,6 @@ AUTO_FITS = [
     dict(augment="light"),
     dict(cache="none"),
     dict(sampling="balanced"),
-    dict(task="multi_label"),
 ]
 
 
@@ -198,3 +197,67 @@ def test_the_default_run_solves_its_head_and_says_so(folder, tmp_path, caplog):
     metrics = train.train_and_evaluate(with_ema)
     assert "head_solver" not in metrics and metrics["epochs"] == 4
     assert len(_history(tmp_path / "ema")) == 4
+
+
+# ----------------------------------------------------------------------------- multi-label
+
+
+@pytest.fixture(scope="module")
+def tags(tmp_path_factory):
+    from tests.images import write_tagged_csv
+
+    return write_tagged_csv(tmp_path_factory.mktemp("tags"), count=60)
+
+
+def multi_label(tags, model_dir, **overrides) -> Config:
+    values = dict(task="multi_label", head_solver="auto", unfreeze="0", test_percent=20)
+    return lbfgs(tags, model_dir, **{**values, "image_size": 32, **overrides})  # 32: the patches
+
+
+def test_auto_solves_a_multi_label_head_and_lbfgs_takes_it(tags, tmp_path):
+    config = multi_label(tags, tmp_path)
+    assert _phases(config, "memory") == ["lbfgs"]
+    multi_label(tags, tmp_path, head_solver="lbfgs", class_weight="balanced")  # no refusal
+
+
+@pytest.mark.parametrize("class_weight", ["none", "balanced"])
+def test_the_default_multi_label_run_solves_a_sigmoid_head_and_exports_it(
+    tags, tmp_path, caplog, monkeypatch, class_weight
+):
+    import tensorflow as tf
+
+    from tests import images
+
+    solved = []
+    solve = feature_fit._solve
+    monkeypatch.setattr(feature_fit, "_solve", lambda *a: solved.append(solve(*a)) or solved[-1])
+    config = multi_label(tags, tmp_path, class_weight=class_weight)
+    with caplog.at_level("INFO", logger="absl"):
+        metrics = train.train_and_evaluate(config)
+    assert "--head_solver=auto solves the head once by L-BFGS" in caplog.text
+    assert "L-BFGS head: l2=" in caplog.text and "val_map" in caplog.text
+    (solution,) = solved
+    assert solution.multi_label and metrics["head_solver"]["l2"] == solution.l2
+    assert metrics["epochs"] == 1 and metrics["task"] == "multi_label"
+    # The logged val_loss is the compiled loss (weighted BCE under balanced) of the solved head:
+    # the loss the solver chose l2 on.
+    (row,) = _history(tmp_path)
+    assert float(row["val_loss"]) == pytest.approx(solution.val_loss, rel=1e-4, abs=1e-5)
+    assert float(row["val_accuracy"]) == pytest.approx(solution.val_accuracy, abs=1e-6)
+    # The best checkpoint is on the multi-label monitor (val_map), as fit's would be.
+    best = _best(tmp_path)
+    assert best["monitor"] == "val_map" and best["best"] == pytest.approx(float(row["val_map"]))
+    assert metrics["test_map"] > 0.8  # the patches are easy; chance is each tag's frequency
+    # The export's probabilities are the solution's sigmoids of the backbone's features.
+    model = model_lib.restore_trained(config, 3)
+    kernel = model.get_layer(features.PREDICTIONS).kernel.numpy()
+    np.testing.assert_array_equal(kernel, solution.kernel)
+    extractor, _ = features.split_classifier(model)
+    tagged = [images.tagged_image(t, seed=500 + i) for i, t in enumerate([(), (0,), (1, 2)])]
+    pixels = np.stack([np.asarray(image, np.float32) for image in tagged])
+    want = solution.predict_proba(extractor([pixels], training=False).numpy())
+    serve = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"]
+    encoded = tf.constant([images.encode(image, "PNG") for image in tagged])
+    served = serve(image_bytes=encoded)["probabilities"].numpy()
+    np.testing.assert_allclose(served, want, atol=1e-5)
+    assert not np.allclose(served.sum(axis=1), 1.0)  # a sigmoid per label, not a softmax

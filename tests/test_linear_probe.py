@@ -165,3 +165,180 @@ def test_solution_written_into_a_dense_softmax_layer():
     wrong.build((None, 7))
     with pytest.raises(ValueError, match="kernel"):
         lp.assign_to_dense(wrong, s)
+
+
+# ----------------------------------------------------------------------------- multi-label
+
+
+def tagged(n: int, d: int, k: int, noise: float, seed: int = 0):
+    """Features of uneven scale and offset, and multi-hot tags [n, k] from noisy linear scores
+    (some labels rare, none never or always on)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    scores = x @ rng.normal(size=(d, k)) + noise * rng.normal(size=(n, k)) - np.linspace(0, 1.5, k)
+    y = (scores > 0).astype(np.float32)
+    scale = rng.uniform(0.1, 5.0, d)
+    return (x * scale + rng.uniform(0, 3, d)).astype(np.float32), y
+
+
+def sklearn_per_label(x, y, C, weight=None):
+    """One scikit-learn binary LogisticRegression per label; `weight(j)` -> [n] sample weights
+    of label j's examples. Returns kernel [d, k], bias [k]."""
+    models = []
+    for j in range(y.shape[1]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = LogisticRegression(C=C, tol=1e-12, max_iter=20000)
+            w = None if weight is None else weight(j)
+            models.append(model.fit(x.astype(np.float64), y[:, j], sample_weight=w))
+    return np.stack([m.coef_[0] for m in models], 1), np.array([m.intercept_[0] for m in models])
+
+
+def bce(p, t, positive=1.0, negative=1.0):
+    """Keras's binary_crossentropy (the mean over labels), averaged over examples."""
+    return float(np.mean(-(positive * t * np.log(p) + negative * (1 - t) * np.log(1 - p))))
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_sigmoid_gradient_matches_finite_differences(smoothing):
+    rng = np.random.default_rng(11)
+    n, d, k = 40, 6, 3
+    link = lp._link(True, (rng.uniform(0.5, 3, k), rng.uniform(0.5, 3, k)), k)
+    t = link.targets(rng.integers(0, 2, (n, k)).astype(float), k, smoothing)
+    problem = lp._Problem(
+        rng.normal(size=(n, d)), t, rng.uniform(0.2, 3.0, n), rng.uniform(0.5, 2.0, d), link
+    )
+    problem.l2 = 0.3
+    theta = rng.normal(size=d * k + k)
+    error = optimize.check_grad(lambda t: problem(t)[0], lambda t: problem(t)[1], theta)
+    assert error < 1e-6 * max(1.0, np.linalg.norm(problem(theta)[1]))
+    # The value is Keras's weighted binary cross-entropy (sample-weighted mean) + the penalty.
+    kernel, bias = problem.split(theta)
+    p = sigmoid(problem.z @ kernel + bias)
+    per_example = -(link.positive * t * np.log(p) + link.negative * (1 - t) * np.log(1 - p))
+    data = np.average(per_example.mean(axis=1), weights=problem.w[:, 0])
+    penalty = 0.5 * 0.3 * np.sum(problem.penalty[:, None] * kernel**2)
+    assert problem(theta)[0] == pytest.approx(data + penalty, rel=1e-12)
+
+
+@pytest.mark.parametrize("noise", [0.2, 2.0], ids=["separable", "noisy"])
+def test_multi_label_is_sklearns_binary_solution_per_label(noise):
+    x, y = tagged(300, 10, 4, noise)
+    n, k, C = len(y), y.shape[1], 0.5
+    ours = exact(x, y, k, 1.0 / (C * n * k), multi_label=True)  # the module's l2 = 1/(C n k)
+    kernel, bias = sklearn_per_label(x, y, C)
+    p_ref = sigmoid(x.astype(np.float64) @ kernel + bias)
+    np.testing.assert_allclose(ours.predict_proba(x), p_ref, atol=1e-5)
+    np.testing.assert_allclose(ours.kernel, kernel, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.bias, bias, rtol=1e-4, atol=1e-4)  # no shift: unpenalised
+    # The fast default agrees to within what choosing an l2 needs.
+    fast = lp.fit_head(x, y, k, 1.0 / (C * n * k), multi_label=True)
+    assert bce(fast.predict_proba(x), y) == pytest.approx(bce(p_ref, y), abs=2e-4)
+
+
+def test_multi_label_smoothing_is_sklearn_on_split_soft_targets():
+    # BCE(t, p) = t BCE(1, p) + (1 - t) BCE(0, p): a smoothed target is a positive copy of the
+    # example weighted t and a negative copy weighted 1 - t, which scikit-learn can fit.
+    x, y = tagged(200, 8, 3, 0.3, seed=4)
+    n, k, C, s = len(y), y.shape[1], 2.0, 0.2
+    plain = exact(x, y, k, 1.0 / (C * n * k), multi_label=True)
+    smooth = exact(x, y, k, 1.0 / (C * n * k), multi_label=True, label_smoothing=s)
+    t = y * (1 - s) + 0.5 * s
+    both = np.concatenate([x, x])
+    ones = np.concatenate([np.ones_like(y), np.zeros_like(y)])
+    kernel, bias = sklearn_per_label(
+        both, ones, C, weight=lambda j: np.concatenate([t[:, j], 1 - t[:, j]])
+    )
+    np.testing.assert_allclose(smooth.predict_proba(x), sigmoid(x @ kernel + bias), atol=1e-5)
+    # Smoothing pulls every probability towards 1/2: less confident, a smaller kernel, and
+    # (at the optimum, no example more confident than its target) no p beyond 1 - s/2 on average.
+    p_plain, p_smooth = plain.predict_proba(x), smooth.predict_proba(x)
+    assert np.abs(p_smooth - 0.5).mean() < np.abs(p_plain - 0.5).mean() - 0.02
+    assert np.linalg.norm(smooth.kernel) < np.linalg.norm(plain.kernel)
+    assert np.where(y > 0, p_smooth, 1 - p_smooth).mean() <= 1 - s / 2 + 1e-2
+
+
+def test_multi_label_label_weights_are_per_label_sample_weights():
+    x, y = tagged(200, 8, 3, 1.0, seed=5)
+    n, k, C = len(y), y.shape[1], 1.0
+    pos = n / (2 * y.sum(0))
+    neg = n / (2 * (n - y.sum(0)))  # --class_weight=balanced's (data.balanced_label_weights)
+    ours = exact(x, y, k, 1.0 / (C * n * k), multi_label=True, label_weights=(pos, neg))
+    kernel, bias = sklearn_per_label(
+        x, y, C, weight=lambda j: np.where(y[:, j] > 0, pos[j], neg[j])
+    )
+    np.testing.assert_allclose(ours.predict_proba(x), sigmoid(x @ kernel + bias), atol=1e-5)
+    # Balancing moves the rare labels' biases up (the last label is the rarest).
+    plain = exact(x, y, k, 1.0 / (C * n * k), multi_label=True)
+    assert ours.predict_proba(x)[:, -1].mean() > plain.predict_proba(x)[:, -1].mean() + 0.05
+
+
+def test_multi_label_l2_choice_is_the_minimum_of_keras_val_bce():
+    import keras
+
+    x, y = tagged(400, 30, 4, 1.5, seed=6)
+    tr, va = slice(0, 120), slice(120, 400)
+    grid = [10.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]
+    kwargs = dict(multi_label=True, dtype=np.float64, tol=1e-12, label_smoothing=0.1)
+    s = lp.solve_head(x[tr], y[tr], x[va], y[va], 4, l2_grid=grid, patience=None, **kwargs)
+    assert s.multi_label and s.l2 == grid[int(np.argmin(s.grid_val_losses))]
+    assert 1e-5 < s.l2 < 10.0, "the curve should have an interior minimum on this data"
+    del kwargs["tol"], kwargs["dtype"]
+    for l2, loss in zip(grid, s.grid_val_losses):
+        p = exact(x[tr], y[tr], 4, l2, **kwargs).predict_proba(x[va])
+        assert bce(p, y[va]) == pytest.approx(loss, rel=1e-4)  # unsmoothed on val
+    # The val loss and accuracy are Keras's binary cross-entropy and binary accuracy.
+    p = s.predict_proba(x[va]).astype(np.float32)
+    keras_loss = float(keras.losses.BinaryCrossentropy()(y[va], p))
+    assert s.val_loss == pytest.approx(keras_loss, rel=1e-4)
+    accuracy = keras.metrics.BinaryAccuracy()
+    accuracy.update_state(y[va], p)
+    assert s.val_accuracy == pytest.approx(float(accuracy.result()), abs=1e-6)
+    assert s.val_accuracy == pytest.approx(s.grid_val_accuracies[grid.index(s.l2)])
+
+
+def test_multi_label_val_loss_is_weighted_as_the_compiled_loss_is():
+    from tf_finetune import model as model_lib
+
+    x, y = tagged(300, 12, 3, 1.0, seed=7)
+    pos, neg = 150 / (2 * y[:150].sum(0)), 150 / (2 * (150 - y[:150].sum(0)))
+    s = lp.solve_head(
+        x[:150], y[:150], x[150:], y[150:], 3, multi_label=True, label_weights=(pos, neg)
+    )
+    p = s.predict_proba(x[150:]).astype(np.float32)
+    compiled = model_lib.WeightedBinaryCrossentropy(pos, neg)
+    assert s.val_loss == pytest.approx(float(compiled(y[150:], p)), rel=1e-4)
+    assert s.val_loss == pytest.approx(bce(p, y[150:], pos, neg), rel=1e-5)
+
+
+def test_multi_label_solution_written_into_a_dense_sigmoid_layer():
+    import keras
+
+    x, y = tagged(60, 7, 3, 0.5, seed=8)
+    s = lp.fit_head(x, y, 3, 1e-2, multi_label=True)
+    layer = keras.layers.Dense(3, activation="sigmoid", name="predictions")
+    layer.build((None, 7))
+    lp.assign_to_dense(layer, s)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer(x)), s.predict_proba(x), rtol=1e-4, atol=1e-6
+    )
+    assert not np.allclose(s.predict_proba(x).sum(axis=1), 1.0)  # not a softmax
+
+
+@pytest.mark.parametrize(
+    "labels, kwargs",
+    [
+        (np.zeros(10, np.int64), dict(multi_label=True)),  # int labels, not multi-hot
+        (np.full((10, 3), 2.0), dict(multi_label=True)),  # not in [0, 1]
+        (np.zeros((10, 4)), dict(multi_label=True)),  # the wrong number of labels
+        (np.zeros(10, np.int64), dict(label_weights=([1.0] * 3, [1.0] * 3))),  # softmax
+        (np.zeros((10, 3)), dict(multi_label=True, label_weights=([1.0] * 2, [1.0] * 2))),
+    ],
+)
+def test_multi_label_refuses_what_is_not_its_problem(labels, kwargs):
+    with pytest.raises(ValueError):
+        lp.fit_head(np.ones((10, 2), np.float32), labels, 3, 1e-2, **kwargs)

@@ -295,12 +295,13 @@ class Config:
     head_solver: str = _field(
         "auto",
         "How a head-only phase (--unfreeze=0, or the --warmup_epochs phase) trains the head. "
-        "lbfgs: the linear-probe protocol, one L2-regularised softmax regression solved to "
-        "optimum by L-BFGS on the cached features, the L2 strength chosen on val_loss (it "
-        "replaces the phase's epochs, --learning_rate and --batch_size); fit: Keras fit for the "
-        "phase's epochs; auto: lbfgs wherever the phase runs on cached features and no flag "
-        "needs per-step training (--augment, --mixup, --ema, --sampling=balanced, "
-        "--task=multi_label, ...), else fit. `tune` searches fit's knobs, so auto is fit there.",
+        "lbfgs: the linear-probe protocol, one L2-regularised softmax regression (a sigmoid "
+        "per label with --task=multi_label) solved to optimum by L-BFGS on the cached features, "
+        "the L2 strength chosen on val_loss (it replaces the phase's epochs, --learning_rate "
+        "and --batch_size); fit: Keras fit for the phase's epochs; auto: lbfgs wherever the "
+        "phase runs on cached features and no flag needs per-step training (--augment, "
+        "--mixup, --ema, --sampling=balanced, ...), else fit. `tune` searches fit's knobs, so "
+        "auto is fit there.",
         "training",
         ("auto", "fit", "lbfgs"),
     )

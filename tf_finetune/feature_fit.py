@@ -333,50 +333,67 @@ def solve_head(
     phase: phases.Phase,
     verbose: int = 0,
     timings: Timings | None = None,
+    label_weights: tuple[list[float], list[float]] | None = None,
 ) -> tuple[keras.callbacks.History, float, dict, dict[str, features.Features]]:
     """`--head_solver=lbfgs`: the head of `model` solved once on features computed once.
 
     One `linear_probe.solve_head` (L2 strength chosen on validation loss; label smoothing and
-    balanced class weights as set) replaces the phase's epochs. The solution goes into the
-    `predictions` layer, and the run's files are left as a fit on features leaves them: the
-    best checkpoint (+ best.json, its val_loss as Keras computes it) and one history.csv row,
-    numbered as the phase's first epoch.
+    balanced class weights as set) replaces the phase's epochs: a softmax head, or with
+    --task=multi_label a sigmoid per label on the multi-hot targets (`label_weights`: the
+    run's per-label weights of --class_weight=balanced, as `fit_head` takes them; they weigh
+    the solve's objective and its val loss as they weigh the compiled loss). The solution goes
+    into the `predictions` layer, and the run's files are left as a fit on features leaves
+    them: the best checkpoint (+ best.json, its monitored value as Keras computes it: val_loss,
+    or val_map for multi-label) and one history.csv row, numbered as the phase's first epoch.
 
     Returns:
-      (a History of that one row, the val_loss, the solver's facts for metrics.json, the train
-      and val features).
+      (a History of that one row, its monitored value (`config.monitor`), the solver's facts
+      for metrics.json, the train and val features).
     """
     with strategy.scope():
         extractor, head = features.split_classifier(model)
-        model_lib.compile_model(head, config, dataset.num_classes)
+        model_lib.compile_model(head, config, dataset.num_classes, label_weights=label_weights)
     timings = timings or Timings()
     with timings.stage("features"):
         cached = extract_splits(extractor, config, dataset, mode, verbose)
     timings.feature_images += cached["train"].count + cached["val"].count  # views too
     with timings.stage("fit"):
-        solution = _solve(cached, config, dataset.num_classes)
+        solution = _solve(cached, config, dataset.num_classes, label_weights)
         linear_probe.assign_to_dense(model.get_layer(features.PREDICTIONS), solution)
         logs = _scores(head, cached, config, strategy.num_replicas_in_sync)
+    monitor = config.monitor[0]
+    shown = dict.fromkeys(("val_loss", "val_accuracy", monitor))
     logging.info(
-        "L-BFGS head: l2=%g, val_loss %.4f, val_accuracy %.4f (%d iterations, %.1f s)",
+        "L-BFGS head: l2=%g, %s (%d iterations, %.1f s)",
         solution.l2,
-        logs["val_loss"],
-        logs["val_accuracy"],
+        ", ".join(f"{name} {logs[name]:.4f}" for name in shown),
         solution.iterations,
         solution.seconds,
     )
-    _write_solved(model, head, config.model_dir, phase.initial_epoch, logs)
+    _write_solved(model, head, config, phase.initial_epoch, logs)
     history = keras.callbacks.History()
     history.epoch = [phase.initial_epoch]
     history.history = {k: [v] for k, v in logs.items()}
-    return history, logs["val_loss"], solver_facts(solution), cached
+    return history, logs[monitor], solver_facts(solution), cached
 
 
-def _solve(cached: dict[str, features.Features], config: Config, num_classes: int):
-    train_y = np.asarray(cached["train"].labels).argmax(axis=1)
+def _solve(
+    cached: dict[str, features.Features],
+    config: Config,
+    num_classes: int,
+    label_weights: tuple[list[float], list[float]] | None = None,
+) -> linear_probe.Solution:
+    """The solve on the cached features: int labels for a softmax head (balanced class weights
+    as per-example weights), the multi-hot targets as cached for a multi-label head."""
+    multi_label = config.task == "multi_label"
+    train_y = np.asarray(cached["train"].labels)
     weight = None
-    if config.class_weight == "balanced":
-        weight = linear_probe.balanced_sample_weight(train_y, num_classes)
+    if not multi_label:
+        train_y = train_y.argmax(axis=1)
+        if config.class_weight == "balanced":
+            weight = linear_probe.balanced_sample_weight(train_y, num_classes)
+    elif config.class_weight == "balanced" and label_weights is None:
+        raise ValueError("a balanced multi-label solve needs the run's label_weights")
     return linear_probe.solve_head(
         cached["train"].features,
         train_y,
@@ -385,6 +402,8 @@ def _solve(cached: dict[str, features.Features], config: Config, num_classes: in
         num_classes,
         label_smoothing=config.label_smoothing,
         sample_weight=weight,
+        multi_label=multi_label,
+        label_weights=label_weights if multi_label else None,
         tol=LBFGS_TOL,
         patience=LBFGS_PATIENCE,
     )
@@ -418,10 +437,11 @@ def _scores(
 
 
 def _write_solved(
-    model: keras.Model, head: keras.Model, model_dir: str, epoch: int, logs: dict
+    model: keras.Model, head: keras.Model, config: Config, epoch: int, logs: dict
 ) -> None:
     """The history row, then the best checkpoint and its best.json (in that order, as fit's
-    callbacks write them)."""
+    callbacks write them), on the run's monitor (val_loss; val_map for multi-label)."""
+    model_dir = config.model_dir
     os.makedirs(os.path.join(model_dir, "checkpoints"), exist_ok=True)
     logger = keras.callbacks.CSVLogger(os.path.join(model_dir, rundir.HISTORY), append=True)
     logger.set_model(head)
@@ -430,7 +450,8 @@ def _write_solved(
     logger.on_train_end()
     best = os.path.join(model_dir, rundir.BEST_WEIGHTS)
     atomic.save_weights(model, best, "best checkpoint")
-    state = {"monitor": "val_loss", "best": logs["val_loss"], "epoch": epoch}
+    monitor = config.monitor[0]
+    state = {"monitor": monitor, "best": logs[monitor], "epoch": epoch}
     atomic.write_json(rundir.state_file(best), state, "best checkpoint")
 
 

@@ -499,7 +499,7 @@ def _solve_phase(
     # The phase's one "epoch" is the solve and its scoring (the "fit" stage), not the feature
     # pass before it: a fit on cached features times its epochs the same way.
     fit_before = ctx.timings.seconds.get("fit", 0.0)
-    history, val_loss, ctx.head_solver, cached = feature_fit.solve_head(
+    history, best, ctx.head_solver, cached = feature_fit.solve_head(
         model,
         ctx.config,
         ctx.dataset,
@@ -508,11 +508,12 @@ def _solve_phase(
         phase=phase,
         verbose=ctx.verbose,
         timings=ctx.timings,
+        label_weights=ctx.label_weights,
     )
     solve_seconds = ctx.timings.seconds.get("fit", 0.0) - fit_before
     ctx.timer.seconds[phase.initial_epoch] = round(solve_seconds, 3)
     ctx.features = (mode, cached)
-    return history, val_loss
+    return history, best  # the monitored value: val_loss, or val_map for multi-label
 
 
 def _fit_on_pixels(ctx: _FitContext, model, phase: phases.Phase, every: list):

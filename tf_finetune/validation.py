@@ -73,11 +73,6 @@ def lbfgs_obstacle(config: Config) -> str | None:
             "--sampling=balanced draws training batches; --head_solver=lbfgs solves on every "
             "feature at once: use --class_weight=balanced with it, or --head_solver=fit."
         )
-    if config.task == "multi_label":
-        return (
-            f"{_LBFGS} with a softmax over classes; --task=multi_label has a sigmoid per "
-            "label: use --head_solver=fit."
-        )
     return None
 
 
