@@ -124,10 +124,14 @@ def test_l2_choice_is_the_minimum_of_the_val_loss_curve():
     assert s.l2 == grid[int(np.argmin(s.grid_val_losses))]
     assert s.val_loss == pytest.approx(np.min(s.grid_val_losses))
     assert 1e-5 < s.l2 < 10.0, "the curve should have an interior minimum on this data"
-    # Each point of the curve is the val loss of an independent solve at that l2.
+    # Each point of the curve is the val loss of an independent (cold-started) solve at that
+    # l2. At l2 = 1e-5 the objective is nearly flat along weakly penalised directions (its
+    # curvature there is ~l2), so two solves that stop ~1e-11 apart in objective differ by
+    # ~1e-4 in val loss (scipy 1.17); neighbouring grid points differ by > 10%, so 1e-3 still
+    # ties each point to its own l2.
     for l2, loss in zip(grid, s.grid_val_losses):
         p = exact(x[tr], y[tr], 4, l2).predict_proba(x[va])
-        assert mean_nll(p, y[va]) == pytest.approx(loss, rel=1e-4)
+        assert mean_nll(p, y[va]) == pytest.approx(loss, rel=1e-3)
     assert s.val_loss == pytest.approx(mean_nll(s.predict_proba(x[va]), y[va]), rel=1e-5)
 
 
