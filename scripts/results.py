@@ -69,6 +69,13 @@ def tf_finetune(args, work: pathlib.Path) -> float:
     return time.time() - start
 
 
+def _script(name: str, *args: str) -> None:
+    """Runs scripts/<name> with `args` (its output shown); a failure ends results.py."""
+    cmd = [sys.executable, str(REPO / "scripts" / name), *args]
+    if subprocess.run(cmd, cwd=REPO, text=True).returncode:
+        sys.exit(f"results.py: scripts/{name} failed (its output is above)")
+
+
 def _json(path) -> dict:
     return json.loads(pathlib.Path(path).read_text())
 
@@ -135,9 +142,7 @@ def measure_head_solver(work, quick) -> dict:
     with a frozen backbone, the same seeds for both solvers."""
     seeds = (42,) if quick else (42, 43, 44)
     mosaics = work / "mosaics"
-    script = REPO / "scripts" / "flower_mosaics.py"
-    if subprocess.run([sys.executable, str(script), str(mosaics)], cwd=REPO).returncode:
-        sys.exit("results.py: scripts/flower_mosaics.py failed (its output is above)")
+    _script("flower_mosaics.py", str(mosaics))
     jobs = {
         "flowers": (FLOWERS, *SPLIT_70_15_15),
         "offline default, `--unfreeze=0`": ("--unfreeze=0",),
@@ -195,31 +200,21 @@ def measure_tflite(work, quick) -> dict:
 
 
 def measure_performance(work, quick) -> dict:
-    out = work / "benchmark.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), f"--json={out}"]
-    proc = subprocess.run([*cmd, *(["--quick"] if quick else [])], cwd=REPO, text=True)
-    if proc.returncode:
-        sys.exit("results.py: scripts/benchmark.py failed (its output is above)")
-    return _json(out)
+    _script("benchmark.py", f"--json={work / 'out.json'}", *(["--quick"] if quick else []))
+    return _json(work / "out.json")
 
 
 def measure_cache_views(work, quick) -> dict:
-    out = work / "cache_views.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "cache_views.py"), f"--json={out}"]
     quick_flags = ["--seeds=1", "--views=0,1", "--no_steps", "--no_pixels"] if quick else []
-    proc = subprocess.run([*cmd, *quick_flags], cwd=REPO, text=True)
-    if proc.returncode:
-        sys.exit("results.py: scripts/cache_views.py failed (its output is above)")
-    return _json(out)
+    _script("cache_views.py", f"--json={work / 'out.json'}", *quick_flags)
+    return _json(work / "out.json")
 
 
 def measure_probe_resplits(work, quick) -> dict:
-    out = work / "probe.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "probe_experiment.py"), f"--json={out}"]
-    proc = subprocess.run([*cmd, *(["--resplits=3"] if quick else [])], cwd=REPO, text=True)
-    if proc.returncode:
-        sys.exit("results.py: scripts/probe_experiment.py failed (its output is above)")
-    return _json(out)
+    _script(
+        "probe_experiment.py", f"--json={work / 'out.json'}", *(["--resplits=3"] if quick else [])
+    )
+    return _json(work / "out.json")
 
 
 MEASURE = {
