@@ -422,3 +422,24 @@ def test_curl_example_of_a_big_photo_is_a_small_png_of_it(tmp_path):
     body = json.loads(example["command"].split("-d '", 1)[1].rstrip("'"))
     with Image.open(io.BytesIO(base64.b64decode(body["instances"][0]["image_bytes"]["b64"]))) as im:
         assert im.format == "PNG" and im.size == (48, 36)
+
+
+def test_an_image_table_run_is_an_image_run(tmp_path):
+    """A CSV of image files is image data: the page must not call the run text, and its curl
+    line sends one of the table's images (a CSV of texts stays text)."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(encode(class_image(0, (20, 20)), "PNG"))
+    images = tmp_path / "labels.csv"
+    images.write_text("file,label\nimg/a.png,red|blue\n")
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text,label\na fine film,pos\n")
+    image_card = {"signatures": {"serving_default": "image_bytes: tf.string [batch]"}}
+    for card in (image_card, {}):  # with an export, and without one (the table decides)
+        assert not report._is_text(str(tmp_path), card, [f"--data={images}"])
+    assert report._is_text(str(tmp_path), {}, [f"--data={texts}"])
+    text_card = {"signatures": {"serving_default": "text: tf.string [batch]"}}
+    assert report._is_text(str(tmp_path), text_card, [f"--data={images}"])
+    example = report.serving_example(False, [f"--data={images}"], None, None)
+    assert example["source"] == str(tmp_path / "img" / "a.png")
+    body = json.loads(example["command"].split("-d '", 1)[1].rstrip("'"))
+    assert "image_bytes" in body["instances"][0]

@@ -206,9 +206,11 @@ def _offline_digits_dir() -> str | None:
 
 
 def _data_image(data: str) -> str | None:
-    """A real image file of an image folder: from test/ or val/ when the folder has them
-    (the offline default: one of its digits)."""
+    """A real image file of an image folder (or of an image table's folder): from test/ or
+    val/ when the folder has them (the offline default: one of its digits)."""
     data = data or _offline_digits_dir() or ""
+    if config_lib.is_table_file(data):
+        data = os.path.dirname(os.path.abspath(data))
     if not data or not os.path.isdir(data):
         return None
     for sub in ("test", "val", "validation", ""):
@@ -473,12 +475,20 @@ def _export_section(model_dir, card, is_text, flags, text_mistakes) -> dict | No
     }
 
 
-def _is_text(model_dir: str, card: dict, data: str) -> bool:
-    serving_input = str((card.get("signatures") or {}).get("serving_default", ""))
-    return (
-        serving_input.startswith("text")
-        or config_lib.is_table_file(data)
-        or any(os.path.exists(os.path.join(model_dir, f"mistakes_{s}.txt")) for s in SPLITS)
+def _is_text(model_dir: str, card: dict, flags: list[str]) -> bool:
+    """The export's serving input says; without an export, a table of texts (not of image
+    files) or a text mistakes file does."""
+    serving_input = (card.get("signatures") or {}).get("serving_default")
+    if serving_input:
+        return str(serving_input).startswith("text")
+    data = _flag_value(flags, "data") or ""
+    images = config_lib.table_holds_images(
+        data,
+        _flag_value(flags, "file_column") or "file",
+        _flag_value(flags, "text_column") or "text",
+    )
+    return (config_lib.is_table_file(data) and not images) or any(
+        os.path.exists(os.path.join(model_dir, f"mistakes_{s}.txt")) for s in SPLITS
     )
 
 
@@ -497,7 +507,7 @@ def collect(model_dir: str) -> dict:
     model_dir = os.path.abspath(model_dir)
     metrics, has_metrics, flags, card, reports = _run_files(model_dir)
     data = _flag_value(flags, "data") or ""
-    is_text = _is_text(model_dir, card, data)
+    is_text = _is_text(model_dir, card, flags)
     headline = _headline(metrics)
     counts, count_splits = _class_counts(metrics, card, reports)
     split_order = [headline["split"]] + [s for s in SPLITS if s != headline["split"]]
