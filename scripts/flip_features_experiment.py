@@ -94,10 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--resplits", type=int, default=30)
     args = parser.parse_args()
-    work = pathlib.Path(tempfile.mkdtemp(prefix="tf_finetune_flip_"))
-    root = benchmark.make_trees(work, phone_count=1)["third"]
-    files, y, part, k = list_files(root)
-    xp, xf = features(files)
+    with tempfile.TemporaryDirectory(prefix="tf_finetune_flip_") as work:  # its trees of symlinks
+        root = benchmark.make_trees(pathlib.Path(work), phone_count=1)["third"]
+        files, y, part, k = list_files(root)
+        xp, xf = features(files)
     index = np.arange(len(y))
     fixed = variants(xp, xf, y, k, *(index[part == s] for s in SPLITS))
     print(f"benchmark split ({np.sum(part == 'test')} test images): test accuracy")

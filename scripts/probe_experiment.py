@@ -133,10 +133,10 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also the protocol's variations")
     args = parser.parse_args()
     start = time.time()
-    work = pathlib.Path(tempfile.mkdtemp(prefix="tf_finetune_probe_"))
-    root = benchmark.make_trees(work, phone_count=1)["third"]
-    files, y, part, k = flips.list_files(root)
-    x, _ = flips.features(files, mirrored=False)
+    with tempfile.TemporaryDirectory(prefix="tf_finetune_probe_") as work:  # its trees of symlinks
+        root = benchmark.make_trees(pathlib.Path(work), phone_count=1)["third"]
+        files, y, part, k = flips.list_files(root)
+        x, _ = flips.features(files, mirrored=False)
     index = np.arange(len(y))
     fixed = one_split(x, y, k, *(index[part == s] for s in flips.SPLITS), RECIPE_SEEDS, args.epochs)
     print(

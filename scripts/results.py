@@ -597,7 +597,7 @@ def render_probe_resplits(s: dict) -> str:
         )
     return (
         text
-        + "`python scripts/probe_experiment.py` alone prints the same.\n\n"
+        + "`python scripts/probe_experiment.py` alone prints these numbers.\n\n"
         + provenance("probe_resplits", s)
     )
 

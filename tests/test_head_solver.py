@@ -51,9 +51,12 @@ def _best(run) -> dict:
 
 
 @pytest.mark.slow
-def test_one_solve_replaces_the_head_epochs_and_leaves_the_usual_files(folder, tmp_path):
+def test_one_solve_replaces_the_head_epochs_and_leaves_the_usual_files(folder, tmp_path, caplog):
     config = lbfgs(folder, tmp_path, label_smoothing=0.1, class_weight="balanced")
-    metrics = train.train_and_evaluate(config)
+    with caplog.at_level("INFO", logger="absl"):
+        metrics = train.train_and_evaluate(config)
+    assert "--head_solver=lbfgs solves the head once by L-BFGS" in caplog.text
+    assert "--epochs, --learning_rate and --batch_size do not apply" in caplog.text
     assert metrics["val_accuracy"] > 0.9, metrics  # scored by the full model on pixels
     solver = metrics["head_solver"]
     assert solver["solver"] == "lbfgs" and solver["l2"] in solver["grid"]

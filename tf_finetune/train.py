@@ -450,13 +450,13 @@ def _fit_phase(
     ctx.features = None
     solver = feature_fit.head_solver(config, phase, mode, feature_dim, ctx.dataset.train.count)
     if solver == "lbfgs":
-        if config.head_solver == "auto":
-            logging.info(
-                "Phase %s: --head_solver=auto solves the head once by L-BFGS on the cached "
-                "features (--epochs, --learning_rate and --batch_size do not apply to it; "
-                "--head_solver=fit trains it for the phase's epochs).",
-                phase.name,
-            )
+        logging.info(
+            "Phase %s: --head_solver=%s solves the head once by L-BFGS on the cached features "
+            "(--epochs, --learning_rate and --batch_size do not apply to it; "
+            "--head_solver=fit trains it for the phase's epochs).",
+            phase.name,
+            config.head_solver,
+        )
         return _solve_phase(ctx, model, phase, mode)
     phase_callbacks = callbacks.make_callbacks(
         config,
