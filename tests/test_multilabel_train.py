@@ -346,13 +346,22 @@ def test_tflite_has_the_threshold_mask_and_predict_reads_its_labels(run, tagged_
     assert got == WANT_TAGS
 
 
-def test_a_frozen_backbone_trains_the_sigmoid_head_on_cached_features(table, tmp_path):
-    from tf_finetune import train
+def test_a_frozen_backbone_trains_the_sigmoid_head_on_cached_features(table, tmp_path, monkeypatch):
+    from tf_finetune import evaluate, train
 
     config = tiny(table, tmp_path / "run", task="multi_label", image_size=32, unfreeze="0")
     # Fit's epochs on the features (the default solves the head: tests/test_head_solver.py).
     config = dataclasses.replace(config, epochs=2, cache="memory", head_solver="fit")
+    scores, plot_curves = [], evaluate.plot_curves
+
+    def spy(*args, score="accuracy"):
+        scores.append(score)
+        return plot_curves(*args, score=score)
+
+    monkeypatch.setattr(evaluate, "plot_curves", spy)
     metrics = train.train_and_evaluate(config)
+    # curves.png as a single-label run draws it, with the run's score (mAP) beside the loss.
+    assert scores == ["map"] and (tmp_path / "run" / "curves.png").stat().st_size > 0
     assert metrics["timings"]["feature_images_per_second"] > 0  # the cached-feature path ran
     assert metrics["epochs"] == 2 and "head_solver" not in metrics
     assert 0.0 <= metrics["val_map"] <= 1.0 and (tmp_path / "run" / rundir.THRESHOLDS).exists()

@@ -562,9 +562,12 @@ def read_history(history_csv_path: str) -> dict[str, list[float]]:
 
 
 def plot_curves(
-    history_csv_path: str, out_png: str, phase_boundary_epoch: int | None = None
+    history_csv_path: str,
+    out_png: str,
+    phase_boundary_epoch: int | None = None,
+    score: str = "accuracy",
 ) -> str:
-    """Loss and accuracy per epoch, train and validation, from a CSVLogger file.
+    """Loss and `score` per epoch, train and validation, from a CSVLogger file.
 
     The x axis counts completed epochs (CSV epoch 0 is plotted at 1).
 
@@ -573,6 +576,7 @@ def plot_curves(
       out_png: where to write the PNG.
       phase_boundary_epoch: the first epoch (0-based, as in the CSV and Keras' `initial_epoch`)
         of the fine-tuning phase; a dashed line labelled "unfreeze" is drawn just before it.
+      score: the history's column for the second panel, a score in [0, 1] (multi-label: map).
 
     Returns:
       out_png.
@@ -583,7 +587,7 @@ def plot_curves(
     x = [e + 1 for e in history["epoch"]]
     fig = Figure(figsize=(11, 4.2))
     panels = fig.subplots(1, 2)
-    for ax, metric in zip(panels, ("loss", "accuracy")):
+    for ax, metric in zip(panels, ("loss", score)):
         plotted = False
         for key, label, style in ((metric, "train", "-o"), (f"val_{metric}", "val", "-s")):
             if key in history and not all(math.isnan(v) for v in history[key]):
@@ -603,7 +607,7 @@ def plot_curves(
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-        if metric == "accuracy" and plotted:
+        if metric == score and plotted:
             ax.set_ylim(0, 1.02)
         if x:
             ax.xaxis.get_major_locator().set_params(integer=True)

@@ -35,11 +35,17 @@ def binary_cross_entropy(targets: np.ndarray, probabilities: np.ndarray) -> floa
 
 
 def evaluate_and_report(
-    model, config: Config, dataset, pipelines: dict, passed: dict | None = None
+    model,
+    config: Config,
+    dataset,
+    pipelines: dict,
+    passed: dict | None = None,
+    phase_boundary_epoch: int | None = None,
 ) -> dict:
-    """Thresholds from val, then each split's report and predictions CSV; metrics.json's flat
-    scores. `passed`: (targets, probabilities) of the splits already predicted (e.g. from
-    cached features); the others get a pass of `model`."""
+    """curves.png from history.csv (loss and mAP; `phase_boundary_epoch` as
+    `evaluate.plot_curves` takes it), thresholds from val, then each split's report and
+    predictions CSV; metrics.json's flat scores. `passed`: (targets, probabilities) of the
+    splits already predicted (e.g. from cached features); the others get a pass of `model`."""
     passed = passed or {}
     passes = {
         s: passed[s] if s in passed else predict(model, pipelines[s])
@@ -58,6 +64,10 @@ def evaluate_and_report(
             "labels": dict(zip(names, (float(t) for t in thresholds))),
         },
     )
+    history = os.path.join(config.model_dir, rundir.HISTORY)
+    if os.path.exists(history):  # as a single-label run's, with the run's score: mAP
+        curves = os.path.join(config.model_dir, "curves.png")
+        evaluate.plot_curves(history, curves, phase_boundary_epoch, score="map")
     results = {"task": "multi_label"}
     for split, (targets, probabilities) in passes.items():
         report = write_split_report(

@@ -160,7 +160,9 @@ def evaluate_and_report(
     """
     if config.task == "multi_label":
         passes = cached.multi_label_passes() if cached else None
-        return multilabel_scoring.evaluate_and_report(model, config, dataset, pipelines, passes)
+        return multilabel_scoring.evaluate_and_report(
+            model, config, dataset, pipelines, passes, phase_boundary(config)
+        )
     results = {}
     for n, split in enumerate(s for s in pipelines if s != "train"):
         passed = cached.predictions(dataset, split) if cached else None
