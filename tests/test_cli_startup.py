@@ -302,3 +302,34 @@ def test_startup_seconds_are_the_process_age_to_the_clock_tick():
     assert proc.returncode == 0, proc.stderr
     age = float(proc.stdout.split()[-1])
     assert 0.3 <= age <= wall + 0.02, (age, wall)
+
+
+def test_a_multi_label_summary_shows_map_and_the_files_the_run_kept(capsys, tmp_path):
+    metrics = {
+        "class_names": ["red", "green", "blue"],
+        "train_images": 40,
+        "val_images": 10,
+        "test_images": 10,
+        "skipped_files": [],
+        "wall_time_seconds": 3.0,
+        "export_path": "x",
+        "val_accuracy": 0.3,  # exact-match share: not the run's score
+        "val_loss": 0.4,
+        "val_map": 0.812,
+        "test_accuracy": 0.2,
+        "test_loss": 0.5,
+        "test_map": 0.798,
+    }
+    run = config.Config(
+        data=str(tmp_path), backbone="x", task="multi_label", model_dir=str(tmp_path)
+    )
+    cli._print_train_summary(run, metrics)
+    out = capsys.readouterr().out
+    assert "mAP" in out.splitlines()[1] and "0.812" in out and "0.798" in out
+    assert "0.300" not in out and "(metrics.json, flags.cfg)" in out  # no logs/ written
+    (tmp_path / "logs").mkdir()
+    cli._print_train_summary(
+        config.Config(data=str(tmp_path), backbone="x", model_dir=str(tmp_path)), metrics
+    )
+    out = capsys.readouterr().out
+    assert "accuracy" in out.splitlines()[1] and "0.300" in out and "flags.cfg, logs/)" in out

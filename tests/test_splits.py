@@ -146,7 +146,8 @@ def test_choose_eval_split():
     split, note = splits.choose_eval_split("auto", False)
     assert split == "val" and "chose the best checkpoint" in note and "optimistic" in note
     assert "\n" not in note
-    assert splits.choose_eval_split("val", True)[0] == "val"
+    split, note = splits.choose_eval_split("val", True)
+    assert split == "val" and "--split=test" in note and "retrain" not in note
     with pytest.raises(UserError, match="no test split.*--test_percent") as e:
         splits.choose_eval_split("test", False)
     assert "\n" not in str(e.value)

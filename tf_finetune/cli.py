@@ -239,14 +239,16 @@ def format_timings(timings: dict) -> str:
 
 
 def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
-    rows = [("model", "accuracy", "loss")]
+    # A multi-label run's score is mAP (its `accuracy` is the exact-match share).
+    score = "map" if config.task == "multi_label" else "accuracy"
+    rows = [("model", "mAP" if score == "map" else "accuracy", "loss")]
     comparison = metrics.get("offline_comparison")
     for prefix, label in (
         ("", "fine-tuned " + config.backbone),
         ("scratch_", "same net from scratch"),
     ):
         for split in ("val", "test"):
-            acc = metrics.get(f"{prefix}{split}_accuracy")
+            acc = metrics.get(f"{prefix}{split}_{score}")
             if acc is None:
                 continue
             loss = f"{metrics[f'{prefix}{split}_loss']:.3f}"
@@ -281,7 +283,10 @@ def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
             f"on the digits 0-4, then fine-tuned {how} on the digits 5-9 from "
             f"{metrics['train_images'] // len(metrics['class_names'])} images per class."
         )
-    print(f"Run directory: {config.model_dir}  (metrics.json, flags.cfg, logs/)")
+    kept = ["metrics.json", "flags.cfg"] + (
+        ["logs/"] if os.path.isdir(os.path.join(config.model_dir, "logs")) else []
+    )
+    print(f"Run directory: {config.model_dir}  ({', '.join(kept)})")
     print(f"Export:        {metrics['export_path']}")
 
 

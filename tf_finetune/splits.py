@@ -72,7 +72,10 @@ def choose_eval_split(requested: str, has_test: bool) -> tuple[str, str | None]:
         )
     if requested == "test" or (requested == "auto" and has_test):
         return "test", None
+    optimistic = "Reporting on the validation split: it chose the best checkpoint, so its "
+    if has_test:  # asked for val although there is a test split
+        return "val", optimistic + "numbers are optimistic; --split=test scores the untouched one."
     return "val", (
-        "Reporting on the validation split: it chose the best checkpoint, so its numbers are "
-        "optimistic; retrain with --test_percent (e.g. 15) for an untouched test split."
+        optimistic + "numbers are optimistic; retrain with --test_percent (e.g. 15) for an "
+        "untouched test split."
     )
