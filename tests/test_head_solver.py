@@ -116,6 +116,8 @@ def test_a_kill_in_phase_two_resumes_there_from_the_solved_head(folder, tmp_path
         (dict(cache="none"), "--cache=none"),
         (dict(unfreeze="all"), "--unfreeze=all trains the backbone in the only phase"),
         (dict(unfreeze="3"), "add --warmup_epochs"),
+        (dict(sampling="balanced"), "use --class_weight=balanced with it"),
+        (dict(sampling="balanced", class_weight="balanced"), "drop --sampling"),
         (dict(backbone="https://tfhub.dev/google/nnlm-en-dim50/2", unfreeze="all"), "hub module"),
     ],
 )

@@ -69,9 +69,14 @@ def lbfgs_obstacle(config: Config) -> str | None:
         flag, reason = conflicts[0]
         return f"{_LBFGS}; {flag} {reason}: drop it, or use --head_solver=fit."
     if config.sampling == "balanced":
+        instead = (
+            "drop --sampling"
+            if config.class_weight == "balanced"
+            else ("use --class_weight=balanced with it")
+        )
         return (
             "--sampling=balanced draws training batches; --head_solver=lbfgs solves on every "
-            "feature at once: use --class_weight=balanced with it, or --head_solver=fit."
+            f"feature at once: {instead}, or --head_solver=fit."
         )
     return None
 
