@@ -309,8 +309,19 @@ def test_the_report_page_shows_each_label_and_the_subset_accuracy(run):
     page = (run / "report.html").read_text()
     for name in NAMES:
         assert f'data-class="{name}"' in page
-    subset = _json(run / "report_test.json")["subset_accuracy"]
+    report = _json(run / "report_test.json")
+    subset = report["subset_accuracy"]
     assert f'id="accuracy-test" data-value="{subset}"' in page
+    # A multi-label page: mAP first, each label's AP and threshold, supports summed over the
+    # labels (positives, not examples), the label confusion, the headline named exact match.
+    assert f'id="map-test" data-value="{report["map"]}"' in page
+    assert '<h2 id="classes">Per label: test split</h2>' in page
+    assert "<th>AP</th><th>threshold</th>" in page and "<h3>Label confusion (test)</h3>" in page
+    for row in report["per_label"].values():
+        assert f'data-sort="{row["threshold"]}"' in page
+    positives = sum(row["support"] for row in report["per_label"].values())
+    assert f"<td>{positives}</td></tr>" in page and positives != report["num_examples"]
+    assert "test exact-match accuracy" in page
 
 
 @pytest.mark.slow

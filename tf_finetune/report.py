@@ -320,7 +320,8 @@ def _signatures(card: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- the page
 def _split_section(model_dir: str, split: str, report: dict, is_text: bool) -> dict:
     confusion_png = f"confusion_matrix_{split}.png"
-    if "per_label" in report:  # multi-label: per-label rows, subset accuracy, label confusion
+    multi_label = "per_label" in report
+    if multi_label:  # per-label rows (with AP and threshold), mAP, label confusion
         report = {
             **report,
             "class_names": report.get("label_names"),
@@ -343,6 +344,8 @@ def _split_section(model_dir: str, split: str, report: dict, is_text: bool) -> d
     return {
         "split": split,
         "report": report,
+        "multi_label": multi_label,
+        "positives": sum(int(r.get("support") or 0) for r in rows),
         "rows": rows,
         "matrix": matrix,
         "class_names": names,
