@@ -168,7 +168,9 @@ def test_predict_prints_every_label_above_its_threshold(
     got = {row["file"].split("/")[-1]: row["labels"] for row in json.loads(out)}
     assert got == WANT_TAGS
     cli.main(["predict", flag, "--model_name=tags", str(tagged_photos / "green_blue.png")])
-    assert "tags  blue, green" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "tags  blue, green" in out
+    assert "top_k" not in err  # 3 labels < the default --top_k=5: no note for tags
 
 
 @pytest.mark.slow

@@ -959,9 +959,11 @@ def predict_main(config: Config, inputs: Sequence[str], out=None, err=None) -> i
 
     print(format_json(results) if config.json else format_table(results), file=out)
     shown = [len(r.top_k) for r in results if r.error is None]
-    if shown and max(shown) < config.top_k:
+    tags = any(r.labels is not None for r in results)  # multi-label: the tags are the answer
+    if shown and max(shown) < config.top_k and not tags:
         print(
-            f"note: the model exports its top {max(shown)} classes only; showing {max(shown)}",
+            f"note: the model returns its top {max(shown)} classes per image; showing "
+            f"{max(shown)} of the --top_k={config.top_k} asked for",
             file=err,
         )
     failed = sum(r.error is not None for r in results)
