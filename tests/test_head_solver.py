@@ -77,11 +77,14 @@ def test_one_solve_replaces_the_head_epochs_and_leaves_the_usual_files(folder, t
 
 
 @pytest.mark.slow
-def test_two_phases_fine_tune_after_the_solved_head(folder, tmp_path):
+def test_two_phases_fine_tune_after_the_solved_head(folder, tmp_path, recwarn):
     config = lbfgs(folder, tmp_path, unfreeze="all", warmup_epochs=2, epochs=4)
     seen = []
     record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))
     metrics = train.train_and_evaluate(config, extra_callbacks=(record,))
+    # Keras's spurious "ran out of data" warning (keras#23360) on the first epoch of a fit
+    # whose input length it has not counted yet: every epoch ran whole, a user must not see it.
+    assert not [w for w in recwarn if "ran out of data" in str(w.message)]
     assert seen == [2, 3]  # phase 1 ran no fit epoch; phase 2 is numbered as with fit
     assert [int(r["epoch"]) for r in _history(tmp_path)] == [0, 2, 3]
     assert metrics["epochs"] == 4 and metrics["head_solver"]["solver"] == "lbfgs"

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import shutil
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -518,17 +519,23 @@ def _solve_phase(
 
 def _fit_on_pixels(ctx: _FitContext, model, phase: phases.Phase, every: list):
     train_ds, val_ds, steps = ctx.fit_inputs or (ctx.pipelines["train"], ctx.pipelines["val"], {})
-    return model.fit(
-        train_ds,
-        validation_data=val_ds,
-        initial_epoch=phase.initial_epoch,
-        epochs=phase.epochs,
-        class_weight=ctx.class_weight,
-        callbacks=every,
-        verbose=ctx.verbose,
-        shuffle=False,  # the pipeline shuffles with the seed; Keras cannot shuffle a Dataset
-        **steps,
-    )
+    with warnings.catch_warnings():
+        if not steps:
+            # Without steps_per_epoch Keras counts an input of unknown length by running it
+            # out, and warns "Your input ran out of data; interrupting training" although
+            # the epoch ran whole (keras#23360, fixed after Keras 3.15).
+            warnings.filterwarnings("ignore", "Your input ran out of data", UserWarning)
+        return model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=phase.initial_epoch,
+            epochs=phase.epochs,
+            class_weight=ctx.class_weight,
+            callbacks=every,
+            verbose=ctx.verbose,
+            shuffle=False,  # the pipeline shuffles with the seed; Keras cannot shuffle a Dataset
+            **steps,
+        )
 
 
 def _end_phase(
