@@ -121,7 +121,11 @@ def test_thresholds_in_the_graph_are_the_card_s_in_label_order():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--mixup=0.2"], "--mixup/--cutmix with --task=multi_label"),
+        (["--mixup=0.2"], "--mixup/--cutmix with --task=multi_label is not supported: it "),
+        (
+            ["--mixup=0.2", "--sampling=balanced"],
+            "--sampling=balanced with --task=multi_label is not supported: they ",
+        ),
         (["--data="], "--task=multi_label needs --data"),
     ],
 )

@@ -314,8 +314,8 @@ def multi_label_options(config: Config) -> None:
     named = [flag for flag, on in refused.items() if on]
     if named:
         raise UserError(
-            f"{', '.join(named)} with --task=multi_label is not supported: they assume one "
-            "class per example."
+            f"{', '.join(named)} with --task=multi_label is not supported: "
+            f"{'it assumes' if len(named) == 1 else 'they assume'} one class per example."
         )
 
 
