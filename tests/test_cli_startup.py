@@ -327,9 +327,13 @@ def test_a_multi_label_summary_shows_map_and_the_files_the_run_kept(capsys, tmp_
     out = capsys.readouterr().out
     assert "mAP" in out.splitlines()[1] and "0.812" in out and "0.798" in out
     assert "0.300" not in out and "(metrics.json, flags.cfg)" in out  # no logs/ written
+    assert "frozen x + head [test]" in out and "fine-tuned" not in out  # --unfreeze=0
     (tmp_path / "logs").mkdir()
     cli._print_train_summary(
         config.Config(data=str(tmp_path), backbone="x", model_dir=str(tmp_path)), metrics
     )
     out = capsys.readouterr().out
     assert "accuracy" in out.splitlines()[1] and "0.300" in out and "flags.cfg, logs/)" in out
+    tuned = config.Config(data=str(tmp_path), backbone="x", model_dir=str(tmp_path), unfreeze="all")
+    cli._print_train_summary(tuned, metrics)
+    assert "fine-tuned x [val]" in capsys.readouterr().out

@@ -243,8 +243,11 @@ def _print_train_summary(config: config_lib.Config, metrics: dict) -> None:
     score = "map" if config.task == "multi_label" else "accuracy"
     rows = [("model", "mAP" if score == "map" else "accuracy", "loss")]
     comparison = metrics.get("offline_comparison")
+    # --unfreeze=0 (with or without --warmup_epochs) never trains the backbone.
+    frozen = all(config_lib.parse_unfreeze(v) == 0 for v in config.unfreeze.split(","))
+    ours = f"frozen {config.backbone} + head" if frozen else f"fine-tuned {config.backbone}"
     for prefix, label in (
-        ("", "fine-tuned " + config.backbone),
+        ("", ours),
         ("scratch_", "same net from scratch"),
     ):
         for split in ("val", "test"):
