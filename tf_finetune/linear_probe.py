@@ -120,7 +120,6 @@ def _as_labels(y: np.ndarray, num_classes: int) -> np.ndarray:
 class _Softmax:
     """One label per example: a softmax over the classes, categorical cross-entropy."""
 
-    multi_label = False
     # The data term's Hessian diagonal for a feature of unit scale is ~ this / k (p(1 - p)
     # summed over the classes' logits, p ~ 1/k).
     curvature = 1.0
@@ -153,7 +152,6 @@ class _Sigmoid:
     """Multi-label: one sigmoid per label, Keras's binary cross-entropy (the mean over labels),
     each label's positive and negative terms weighted by `positive` / `negative` [k]."""
 
-    multi_label = True
     curvature = 0.25  # p(1 - p) <= 1/4 per label, the mean over labels dividing it by k
 
     def __init__(self, positive: np.ndarray, negative: np.ndarray):

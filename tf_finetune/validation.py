@@ -69,11 +69,8 @@ def lbfgs_obstacle(config: Config) -> str | None:
         flag, reason = conflicts[0]
         return f"{_LBFGS}; {flag} {reason}: drop it, or use --head_solver=fit."
     if config.sampling == "balanced":
-        instead = (
-            "drop --sampling"
-            if config.class_weight == "balanced"
-            else ("use --class_weight=balanced with it")
-        )
+        balanced = config.class_weight == "balanced"
+        instead = "drop --sampling" if balanced else "use --class_weight=balanced with it"
         return (
             "--sampling=balanced draws training batches; --head_solver=lbfgs solves on every "
             f"feature at once: {instead}, or --head_solver=fit."
